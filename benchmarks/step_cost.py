@@ -1,0 +1,118 @@
+"""Milliseconds per stream step of st, gc, at and dsc on the same model and batches, in one run.
+
+SmallCNN, batches of 100 3x32x32 CIFAR-10 images (from the data directory: ../shared/data or
+$DSCGUARD_DATA_DIR), CPU by default, after a short cached burn-in. dsc is calibrated on clean data.
+Two streams: clean batches, and PGD-poisoned batches (error-maximising, radius --epsilon) crafted
+against the start model. Strategies take turns batch by batch so that machine noise hits them alike.
+
+    python benchmarks/step_cost.py --json step_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from attacker_sim.attacks import Budget, PGDDelusive
+from service.config import ExperimentConfig
+from service.data import DatasetNotFoundError
+from service.experiment import Experiment
+
+STRATEGIES = ("st", "gc", "at", "dsc")
+
+
+def _experiment(args) -> tuple[Experiment, str]:
+    config = ExperimentConfig.from_profile(
+        "cifar10-small", seed=args.seed, device=args.device,
+        data={"burnin": 5000, "stream": 2000, "calibration": 500, "test": 1000},
+        burnin={"epochs": 4, "checkpoint_every": 1, "auxiliary_epoch": 2},
+        stream={"batch_size": args.batch_size},
+    )
+    try:
+        return Experiment.prepare(config, progress=not args.no_progress), "cifar10"
+    except DatasetNotFoundError as exc:
+        raise SystemExit(f"step_cost needs CIFAR-10: {exc}") from exc
+
+
+def _time_streams(experiment: Experiment, batches, warmup: int) -> dict:
+    learners = {name: experiment.new_learner(experiment.config.strategy.model_copy(update={"name": name}))
+                for name in STRATEGIES}
+    times = {name: [] for name in STRATEGIES}
+    flagged = {name: 0 for name in STRATEGIES}
+    samples = 0
+    for index, (x, y) in enumerate(batches):
+        for name, learner in learners.items():
+            started = time.perf_counter()
+            report = learner.step(x, y)
+            elapsed = time.perf_counter() - started
+            if index >= warmup:
+                times[name].append(elapsed)
+                flagged[name] += report.flagged_count
+        samples += len(x) if index >= warmup else 0
+    result = {}
+    for name in STRATEGIES:
+        ms = [1000 * t for t in times[name]]
+        result[name] = {"ms_per_step_mean": statistics.fmean(ms), "ms_per_step_median": statistics.median(ms),
+                        "ms_per_step_std": statistics.pstdev(ms), "flagged_rate": flagged[name] / samples}
+    st = result["st"]["ms_per_step_mean"]
+    for name in STRATEGIES:
+        result[name]["ratio_to_st"] = result[name]["ms_per_step_mean"] / st
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per stream")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--epsilon", type=float, default=8 / 255, help="PGD poison radius")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    experiment, dataset = _experiment(args)
+    total = args.batches + args.warmup
+    clean = list(experiment.stream_batches(total, seed=args.seed))
+    start_model = experiment.burnin.model.eval()
+    pgd = PGDDelusive(Budget(epsilon=args.epsilon, steps=10, step_size=args.epsilon / 4))
+    poisoned = [(pgd(start_model, x.to(experiment.device), y.to(experiment.device)).cpu(), y) for x, y in clean]
+    calibration = experiment.calibration_for("kl")
+    results = {
+        "benchmark": "step_cost",
+        "config": {"model": "smallcnn", "dataset": dataset, "batch_size": args.batch_size, "batches": args.batches,
+                   "warmup": args.warmup, "poison": f"pgd eps={args.epsilon:.4f} steps=10", "seed": args.seed,
+                   "strategy": experiment.config.strategy.model_dump()},
+        "calibration": calibration.to_dict(),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "device": str(experiment.device), "threads": torch.get_num_threads(),
+                        "machine": platform.machine(), "processor": platform.processor() or platform.machine()},
+        "clean": _time_streams(experiment, clean, args.warmup),
+        "poisoned": _time_streams(experiment, poisoned, args.warmup),
+    }
+    print(f"{'stream':<9}{'strategy':<9}{'ms/step':>9}{'ratio':>7}{'flagged':>9}")
+    for stream in ("clean", "poisoned"):
+        for name in STRATEGIES:
+            r = results[stream][name]
+            print(f"{stream:<9}{name:<9}{r['ms_per_step_mean']:9.1f}{r['ratio_to_st']:7.2f}{r['flagged_rate']:9.1%}")
+    ratio = results["clean"]["dsc"]["ratio_to_st"]
+    results["target"] = {"dsc_over_st_clean": ratio, "bound": 2.5, "met": ratio <= 2.5}
+    print(f"dsc/st on the clean stream: {ratio:.2f} (target <= 2.5: {'met' if ratio <= 2.5 else 'NOT met'})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The `dscguard` command line: burn-in, stream (and more as the product grows)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import ValidationError
+
+from service.config import PROFILES, ExperimentConfig
+
+
+def _parse_overrides(pairs: Sequence[str]) -> dict:
+    """`--set strategy.mu=0.5` -> {"strategy": {"mu": 0.5}}; values are read as JSON when they parse."""
+    overrides: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set expects SECTION.FIELD=VALUE, got {pair!r}")
+        section, name = key.split(".", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.setdefault(section, {})[name] = value
+    return overrides
+
+
+def _experiment_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="digits", choices=sorted(PROFILES), help="preset (default: digits)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", help="where datasets live (default: $DSCGUARD_DATA_DIR, ./data, ../shared/data)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override any config field, e.g. --set strategy.early_stop=batch (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_config(args: argparse.Namespace, **extra: dict) -> ExperimentConfig:
+    overrides = _parse_overrides(args.set)
+    for section, fields in extra.items():
+        overrides.setdefault(section, {}).update(fields)
+    if args.data_dir:
+        overrides.setdefault("data", {})["data_dir"] = args.data_dir
+    try:
+        return ExperimentConfig.from_profile(args.profile, seed=args.seed, device=args.device, **overrides)
+    except ValidationError as exc:
+        raise SystemExit(f"invalid configuration:\n{exc}") from exc
+
+
+def cmd_burn_in(args: argparse.Namespace) -> int:
+    from service.experiment import Experiment
+
+    experiment = Experiment.prepare(build_config(args), progress=not args.no_progress)
+    result = experiment.burnin
+    print(f"burn-in {'loaded from cache' if result.cached else 'trained'}: {result.directory}")
+    for record in result.history:
+        print("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    print(f"test accuracy at the start of the stream: {experiment.test_accuracy(experiment.new_learner()):.4f}")
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from service.experiment import Experiment
+
+    extra = {"strategy": {"name": args.strategy}}
+    if args.dataset:
+        extra["data"] = {"dataset": args.dataset}
+    config = build_config(args, **extra)
+    experiment = Experiment.prepare(config, progress=not args.no_progress)
+    learner = experiment.new_learner()
+    batches = args.batches or max(1, len(experiment.splits.stream) // config.stream.batch_size)
+    if learner.calibration is not None:
+        cal = learner.calibration
+        print(f"calibration: mu={cal.mu:.4f} tau={cal.tau:.5f} (target false-flag rate "
+              f"{cal.target_false_flag_rate:.0%}, {cal.samples} clean samples, {cal.warmup_batches} warm-up batches)")
+    print(f"{'batch':>5}  {'test_acc':>8}  {'flagged':>7}  {'md_mean':>8}  {'threshold':>9}  {'ms/step':>7}")
+    print(f"{'start':>5}  {experiment.test_accuracy(learner):8.4f}")
+    scores, flagged, seconds = [], 0, []
+    for index, (x, y) in enumerate(experiment.stream_batches(batches), start=1):
+        report = learner.step(x, y)
+        seconds.append(report.seconds["total"])
+        flagged += report.flagged_count
+        if report.discrepancy_before is not None:
+            scores.append(report.discrepancy_before)
+        if index % args.eval_every == 0 or index == batches:
+            md = f"{report.discrepancy_before.mean():8.4f}" if report.discrepancy_before is not None else f"{'-':>8}"
+            thr = f"{report.threshold:9.4f}" if report.threshold is not None else f"{'-':>9}"
+            print(f"{index:5d}  {experiment.test_accuracy(learner):8.4f}  {report.flagged_count:7d}  {md}  {thr}  "
+                  f"{1000 * report.seconds['total']:7.1f}")
+    samples = batches * config.stream.batch_size
+    print(f"strategy {args.strategy}: {batches} clean batches, {flagged}/{samples} samples flagged "
+          f"({flagged / samples:.1%}), {1000 * float(np.mean(seconds)):.1f} ms per step")
+    if scores:
+        md = np.concatenate(scores)
+        q = np.quantile(md, [0.5, 0.9, 0.99])
+        print(f"memorization discrepancy of clean stream samples: mean {md.mean():.4f}, median {q[0]:.4f}, "
+              f"p90 {q[1]:.4f}, p99 {q[2]:.4f}, max {md.max():.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dscguard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("burn-in", help="train (or load from cache) the burn-in model and its checkpoints")
+    _experiment_options(p)
+    p.set_defaults(func=cmd_burn_in)
+
+    p = sub.add_parser("stream", help="stream clean batches through a strategy; print accuracy and discrepancy")
+    _experiment_options(p)
+    p.add_argument("--strategy", default="dsc", choices=("st", "gc", "at", "dsc"))
+    p.add_argument("--dataset", choices=("digits", "mnist", "cifar10", "cifar100", "svhn"),
+                   help="dataset (default: the profile's)")
+    p.add_argument("--batches", type=int, default=0, help="stream batches (default: one pass over the stream split)")
+    p.add_argument("--eval-every", type=int, default=5, help="print test accuracy every N batches")
+    p.set_defaults(func=cmd_stream)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batches", 1) < 0 or getattr(args, "eval_every", 1) < 1:
+        raise SystemExit("--batches must be >= 0 and --eval-every >= 1")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

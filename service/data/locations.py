@@ -1,0 +1,46 @@
+"""Where datasets are looked for and where decoded arrays are cached."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "DSCGUARD_CACHE_DIR"
+DATA_ENV = "DSCGUARD_DATA_DIR"
+
+# service/data/locations.py -> parents[2] is the repository root.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_cache_dir() -> Path:
+    """$DSCGUARD_CACHE_DIR, else ~/.cache/dscguard; created on demand.
+
+    >>> default_cache_dir().is_dir()
+    True
+    """
+    env = os.environ.get(CACHE_ENV)
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "dscguard"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def candidate_data_dirs() -> list[Path]:
+    """Every place a data directory may be, in the order they are tried (existing or not)."""
+    candidates = []
+    env = os.environ.get(DATA_ENV)
+    if env:
+        candidates.append(Path(env).expanduser())
+    candidates += [Path("data"), Path("..") / "shared" / "data", _REPO_ROOT.parent / "shared" / "data"]
+    # The same directory may be reached twice (CWD is the repo root); keep the first mention.
+    unique: dict[Path, Path] = {}
+    for path in candidates:
+        unique.setdefault(path.resolve(), path.resolve())
+    return list(unique.values())
+
+
+def find_data_dir() -> Path | None:
+    """The first existing of $DSCGUARD_DATA_DIR, ./data, ../shared/data and <repo>/../shared/data.
+
+    Relative candidates are resolved against the current working directory. None if none exists.
+    """
+    return next((path for path in candidate_data_dirs() if path.is_dir()), None)

@@ -1,0 +1,172 @@
+"""Defense strategies behind one interface: prepare the batch, then take the step.
+
+`st` is the plain SGD step, `gc` clips the gradient norm, `at` corrects every sample with
+reverse-PGD and adds KL(p_nat || p_adv) (Tao et al. 2021), `dsc` corrects only the samples whose
+Memorization Discrepancy exceeds P = mu + tau * m (Zhu et al. 2023). The learner calls the same
+three methods whatever the strategy, and never branches on its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from service.config import StrategyConfig
+from service.defense.calibration import Calibration
+from service.defense.correction import CorrectionResult, ReversePGD
+from service.defense.discrepancy import divergence_from_logits
+from service.defense.eval_mode import eval_mode
+from service.models.trunk import split_mode_invariant
+
+STRATEGIES = ("st", "gc", "at", "dsc")
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """The batch the model will learn from, with what the strategy decided about each sample."""
+
+    x: torch.Tensor
+    correction: CorrectionResult | None = None
+    threshold: float | None = None
+    features: torch.Tensor | None = None  # mode-invariant trunk output of the received x, with its graph
+
+
+class Strategy:
+    """Plain SGD (`st`): learn from the batch as received."""
+
+    name = "st"
+    uses_auxiliary = False
+
+    def __init__(self, config: StrategyConfig):
+        self.config = config
+
+    def prepare(self, model: nn.Module, auxiliary: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
+                batch_index: int) -> PreparedBatch:
+        return PreparedBatch(x)
+
+    def loss(self, model: nn.Module, prepared: PreparedBatch, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(prepared.x), y)
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        """Hook between backward and the optimizer step (gradient clipping lives here)."""
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+class GradientClipping(Strategy):
+    """`gc`: bound the gradient norm (inf-norm at 0.01 in the research code) before each step."""
+
+    name = "gc"
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        norm_type = float("inf") if self.config.clip_norm == "inf" else 2.0
+        nn.utils.clip_grad_norm_(model.parameters(), self.config.clip_value, norm_type=norm_type)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "clip_value": self.config.clip_value, "clip_norm": self.config.clip_norm}
+
+
+class AdversarialTraining(Strategy):
+    """`at`: reverse-PGD on every sample for all K steps, loss CE(x_adv) + w * KL(p_nat || p_adv)."""
+
+    name = "at"
+
+    def __init__(self, config: StrategyConfig):
+        super().__init__(config)
+        self.correct = ReversePGD(config.steps, config.step_size, config.epsilon, early_stop="none")
+
+    def prepare(self, model, auxiliary, x, y, batch_index):
+        result = self.correct(model, x, y)
+        return PreparedBatch(result.x, result)
+
+    def loss(self, model, prepared, x, y):
+        # one forward for both views, so BatchNorm sees the same batch statistics for each
+        logits = model(torch.cat([x, prepared.x]))
+        logits_nat, logits_adv = logits[: len(x)], logits[len(x) :]
+        kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_nat, dim=1),
+                      reduction="batchmean", log_target=True)
+        return F.cross_entropy(logits_adv, y) + self.config.at_kl_weight * kl
+
+    def describe(self) -> dict:
+        c = self.config
+        return {"name": self.name, "steps": c.steps, "step_size": c.step_size, "epsilon": c.epsilon,
+                "at_kl_weight": c.at_kl_weight}
+
+
+class DiscrepancyAwareCorrection(Strategy):
+    """`dsc`: correct only samples whose discrepancy exceeds P = mu + tau * m, then learn."""
+
+    name = "dsc"
+    uses_auxiliary = True
+
+    def __init__(self, config: StrategyConfig, calibration: Calibration | None = None):
+        super().__init__(config)
+        self.calibration = calibration
+        self.correct = ReversePGD(config.steps, config.step_size, config.epsilon, early_stop=config.early_stop,
+                                  divergence=config.divergence)
+
+    def threshold(self, batch_index: int) -> float:
+        """P for the m-th stream batch; hand-set mu/tau win over the calibrated ones."""
+        mu = self.config.mu if self.config.mu is not None else getattr(self.calibration, "mu", None)
+        tau = self.config.tau if self.config.tau is not None else getattr(self.calibration, "tau", None)
+        if mu is None or tau is None:
+            raise RuntimeError("dsc has no threshold: calibrate on clean data first or set mu and tau")
+        return mu + tau * batch_index
+
+    def prepare(self, model, auxiliary, x, y, batch_index):
+        if auxiliary is None:
+            raise RuntimeError("dsc needs the frozen auxiliary checkpoint")
+        threshold = self.threshold(batch_index)
+        split = split_mode_invariant(model)
+        if split is None:
+            result = self.correct(model, x, y, auxiliary=auxiliary, threshold=threshold)
+            return PreparedBatch(result.x, result, threshold)
+        trunk, head = split
+        features = trunk(x)  # kept with its graph: the update reuses it for the samples left alone
+        with torch.no_grad(), eval_mode(head, auxiliary):
+            discrepancy = divergence_from_logits(auxiliary(x), head(features.detach()), self.config.divergence)
+        result = self.correct(model, x, y, auxiliary=auxiliary, threshold=threshold, discrepancy=discrepancy)
+        return PreparedBatch(result.x, result, threshold, features)
+
+    def loss(self, model, prepared, x, y):
+        if prepared.features is None:
+            return super().loss(model, prepared, x, y)
+        _, head = split_mode_invariant(model)
+        changed = prepared.correction.steps_taken > 0
+        logits = head(prepared.features[~changed])
+        labels = y[~changed]
+        if changed.any():
+            logits = torch.cat([logits, model(prepared.x[changed])])
+            labels = torch.cat([labels, y[changed]])
+        return F.cross_entropy(logits, labels)
+
+    def describe(self) -> dict:
+        c = self.config
+        return {"name": self.name, "steps": c.steps, "step_size": c.step_size, "epsilon": c.epsilon,
+                "early_stop": c.early_stop, "divergence": c.divergence, "mu": c.mu, "tau": c.tau,
+                "calibration": self.calibration.to_dict() if self.calibration else None}
+
+
+_STRATEGY_CLASSES: dict[str, type[Strategy]] = {
+    "st": Strategy, "gc": GradientClipping, "at": AdversarialTraining, "dsc": DiscrepancyAwareCorrection,
+}
+
+
+def build_strategy(config: StrategyConfig | str, calibration: Calibration | None = None) -> Strategy:
+    """The strategy named in `config` (or by a bare name, with default budgets).
+
+    >>> build_strategy("gc").name
+    'gc'
+    """
+    if isinstance(config, str):
+        if config not in _STRATEGY_CLASSES:
+            raise ValueError(f"unknown strategy {config!r}; expected one of {', '.join(STRATEGIES)}")
+        config = StrategyConfig(name=config)
+    strategy = _STRATEGY_CLASSES[config.name](config)
+    if calibration is not None and isinstance(strategy, DiscrepancyAwareCorrection):
+        strategy.calibration = calibration
+    return strategy

@@ -1,0 +1,38 @@
+import numpy as np
+import pytest
+
+from service.defense.calibration import calibrate
+from service.defense.discrepancy import memorization_discrepancy
+
+
+@pytest.mark.parametrize("target", [0.1, 0.25])
+def test_calibration_hits_its_false_flag_target_on_held_out_clean_data(digits_experiment, target):
+    exp = digits_experiment
+    x_cal, y_cal = exp.calibration_tensors
+    cal = calibrate(exp.burnin.model, exp.burnin.auxiliary, x_cal, y_cal, target_false_flag_rate=target,
+                    warmup_batches=0)
+    held_out, _ = exp.splits.stream.tensors()  # clean, disjoint from the calibration split
+    scores = memorization_discrepancy(exp.burnin.auxiliary, exp.burnin.model, held_out).numpy()
+    rate = float((scores > cal.threshold(0)).mean())
+    # 500 held-out samples: a binomial standard error of ~1.5 points; allow ~3 of them
+    assert rate == pytest.approx(target, abs=0.05)
+    assert cal.samples == len(x_cal) and cal.tau == 0.0
+
+
+def test_drift_is_measured_on_a_copy_and_is_non_negative(digits_experiment):
+    exp = digits_experiment
+    before = [p.detach().clone() for p in exp.burnin.model.parameters()]
+    x_cal, y_cal = exp.calibration_tensors
+    cal = calibrate(exp.burnin.model, exp.burnin.auxiliary, x_cal, y_cal, warmup_batches=6, seed=3)
+    assert len(cal.quantile_per_warmup_batch) == 7
+    assert cal.tau >= 0
+    slope = np.polyfit(np.arange(7), cal.quantile_per_warmup_batch, 1)[0]
+    assert cal.tau == pytest.approx(max(slope, 0.0))
+    assert all((a == b).all() for a, b in zip(before, exp.burnin.model.parameters(), strict=True))
+
+
+def test_calibration_rejects_bad_targets(digits_experiment):
+    x_cal, y_cal = digits_experiment.calibration_tensors
+    with pytest.raises(ValueError, match="target_false_flag_rate"):
+        calibrate(digits_experiment.burnin.model, digits_experiment.burnin.auxiliary, x_cal, y_cal,
+                  target_false_flag_rate=0.0)

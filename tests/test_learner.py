@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from service.checkpoint import CheckpointError
+from service.config import StrategyConfig
+from service.defense.calibration import Calibration
+from service.defense.strategies import build_strategy
+from service.learner import OnlineLearner
+from service.models import build_model
+
+SPEC = {"name": "smallcnn", "num_classes": 10, "input_shape": [1, 16, 16]}
+
+
+def _learner():
+    torch.manual_seed(0)
+    model, aux = build_model(**SPEC), build_model(**SPEC)
+    cal = Calibration(mu=0.0001, tau=0.0, target_false_flag_rate=0.1, divergence="kl")
+    return OnlineLearner(model, aux, build_strategy(StrategyConfig(name="dsc", steps=3)), model_spec=SPEC,
+                         lr=0.05, momentum=0.9, calibration=cal)
+
+
+def test_save_load_round_trip_gives_identical_predictions_and_next_step(tmp_path):
+    learner = _learner()
+    x, y = torch.rand(20, 1, 16, 16), torch.randint(0, 10, (20,))
+    for _ in range(3):
+        learner.step(x, y)  # momentum buffers and counters are non-trivial now
+    learner.save(tmp_path / "ckpt")
+    restored = OnlineLearner.load(tmp_path / "ckpt")
+    assert torch.equal(learner.predict_proba(x), restored.predict_proba(x))
+    assert (restored.batches_applied, restored.model_version) == (3, 3)
+    assert restored.calibration == learner.calibration
+
+    torch.manual_seed(123)  # the dropout in smallcnn draws from the global generator
+    a = learner.step(x, y)
+    torch.manual_seed(123)
+    b = restored.step(x, y)
+    assert a.loss == b.loss
+    np.testing.assert_array_equal(a.discrepancy_before, b.discrepancy_before)
+    for p, q in zip(learner.model.parameters(), restored.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_holds_no_pickle_and_names_its_parts(tmp_path):
+    learner = _learner()
+    learner.step(torch.rand(4, 1, 16, 16), torch.randint(0, 10, (4,)))
+    path = learner.save(tmp_path / "ckpt")
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "tensors.safetensors"]
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["strategy"]["name"] == "dsc" and meta["calibration"]["mu"] == pytest.approx(0.0001)
+    assert meta["batches_applied"] == 1
+
+
+def test_corrupt_checkpoint_is_refused_with_a_clear_error(tmp_path):
+    path = _learner().save(tmp_path / "ckpt")
+    data = (path / "tensors.safetensors").read_bytes()
+    (path / "tensors.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="tensors.safetensors is corrupt"):
+        OnlineLearner.load(path)
+    (path / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="meta.json is missing"):
+        OnlineLearner.load(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        OnlineLearner.load(tmp_path / "nowhere")
+
+
+def test_saving_over_an_existing_checkpoint_replaces_it(tmp_path):
+    learner = _learner()
+    learner.save(tmp_path / "ckpt")
+    learner.step(torch.rand(4, 1, 16, 16), torch.randint(0, 10, (4,)))
+    learner.save(tmp_path / "ckpt")
+    assert OnlineLearner.load(tmp_path / "ckpt").batches_applied == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
