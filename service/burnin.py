@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from service.atomic import atomic_write_text
 from service.config import ExperimentConfig
 from service.data import ArrayDataset
 from service.models import Normalized, build_model
@@ -89,7 +90,7 @@ def burn_in(config: ExperimentConfig, data: ArrayDataset, cache_dir: Path, test:
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             _save(directory, epoch, model)
     # written last: its presence marks a complete cache entry
-    done_marker.write_text(json.dumps(history, indent=2))
+    atomic_write_text(done_marker, json.dumps(history, indent=2))
     auxiliary = _load(directory, cfg.auxiliary_epoch, spec, device)
     return BurnInResult(model, auxiliary, spec, history, False, directory)
 
@@ -108,6 +109,15 @@ def _save(directory: Path, epoch: int, model) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     tmp.replace(path)
+
+
+def load_checkpoint_epoch(result: BurnInResult, epoch: int) -> Normalized:
+    """The burn-in model as it was after `epoch` (a kept checkpoint), e.g. a black-box surrogate."""
+    path = result.directory / f"epoch_{epoch:04d}.safetensors"
+    if not path.is_file():
+        kept = sorted(int(p.stem.split("_")[1]) for p in result.directory.glob("epoch_*.safetensors"))
+        raise ValueError(f"no burn-in checkpoint for epoch {epoch}; kept epochs: {kept}")
+    return _load(result.directory, epoch, result.model_spec, next(result.model.parameters()).device)
 
 
 def _load(directory: Path, epoch: int, spec: dict, device) -> Normalized:

@@ -1,4 +1,4 @@
-"""The `dscguard` command line: burn-in, stream (and more as the product grows)."""
+"""The `dscguard` command line: burn-in, stream, demo, eval, analyze-md."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import ValidationError
 
+from service.commands import add_service_commands
 from service.config import PROFILES, ExperimentConfig
 
 
@@ -102,6 +103,57 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_and_report(config: ExperimentConfig, args: argparse.Namespace, out: str) -> int:
+    from attacker_sim.evaluation import evaluate
+    from attacker_sim.report import bar_checks, table_markdown, write_reports
+
+    evaluation = evaluate(config, strategies=args.strategies, scenarios=args.scenarios, seeds=args.seeds,
+                          progress=not args.no_progress)
+    written = write_reports(evaluation, out, plots=not args.no_plots)
+    print(table_markdown(evaluation))
+    for name, check in (bar_checks(evaluation) or {}).items():
+        print(f"{name}: {'PASS' if check['passed'] else 'FAIL'}")
+    print(f"wrote {', '.join(str(p) for p in written.values())} ({evaluation.seconds:.0f} s)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    return _evaluate_and_report(build_config(args), args, args.out)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.profile = "digits"
+    return _evaluate_and_report(build_config(args), args, args.out)
+
+
+def cmd_analyze_md(args: argparse.Namespace) -> int:
+    from attacker_sim.analysis import backtracking_rows
+    from attacker_sim.plots import plot_backtracking
+    from service.atomic import atomic_write_text
+
+    rows = backtracking_rows(build_config(args), ks=args.k, seeds=args.seeds, progress=not args.no_progress)
+    print(f"{'k':>4}  {'clean MD':>18}  {'poisoned MD':>18}  ratio")
+    for row in rows:
+        clean, poisoned = row["clean"], row["poisoned"]
+        print(f"{row['k']:4d}  {clean['mean']:9.4f} ± {clean['std']:6.4f}  {poisoned['mean']:9.4f} ± "
+              f"{poisoned['std']:6.4f}  {poisoned['mean'] / max(clean['mean'], 1e-12):5.1f}x")
+    from pathlib import Path
+
+    out = Path(args.out)
+    atomic_write_text(out / "backtracking.json", json.dumps({"rows": rows}, indent=2))
+    print(f"wrote {plot_backtracking(rows, out / 'backtracking.png')} and {out / 'backtracking.json'}")
+    return 0
+
+
+def _eval_options(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("--out", default=default_out, help=f"report directory (default: {default_out})")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the profile's, 0 1 2)")
+    parser.add_argument("--strategies", nargs="+", default=["st", "gc", "at", "dsc"],
+                        choices=("st", "gc", "at", "dsc"))
+    parser.add_argument("--scenarios", nargs="+", default=["clean", "poison"], choices=("clean", "poison"))
+    parser.add_argument("--no-plots", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dscguard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=0, help="stream batches (default: one pass over the stream split)")
     p.add_argument("--eval-every", type=int, default=5, help="print test accuracy every N batches")
     p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("eval", help="every strategy vs the clean oracle and the accumulative attack, over seeds")
+    _experiment_options(p)
+    _eval_options(p, "reports/eval")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the attack-vs-defense demo on digits: table, results.json, report.md, plots")
+    _experiment_options(p)
+    _eval_options(p, "reports/demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("analyze-md", help="mean discrepancy vs backtracking interval k, clean vs poisoned")
+    _experiment_options(p)
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 5, 10, 20], help="backtracking intervals")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--out", default="reports/analyze-md")
+    p.set_defaults(func=cmd_analyze_md)
+    add_service_commands(sub)
     return parser
 
 

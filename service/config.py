@@ -67,9 +67,9 @@ class BurnInConfig(_Section):
 class StreamConfig(_Section):
     """The online phase: one SGD step per incoming batch (fresh optimizer state at the start)."""
 
-    batch_size: int = Field(25, ge=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(50, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
 
 
@@ -96,6 +96,32 @@ class CalibrationConfig(_Section):
     warmup_batches: int = Field(8, ge=0)
 
 
+class AttackConfig(_Section):
+    """The adversary: accumulative poisoning (Pang et al.) or a plain poison generator, and its budget."""
+
+    kind: Literal["accumulative", "pgd", "trades_kl", "cw_inf"] = "accumulative"
+    epsilon: float = Field(0.2, gt=0, le=1)
+    steps: int = Field(2, ge=1)
+    step_size: float = Field(0.2, gt=0)
+    trigger_steps: int = Field(2, ge=1)
+    trigger_step_size: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, ge=0, description="weight of the clean-gradient term")
+    objective: Literal["full", "second_order_only", "clean_only"] = "full"
+    model_mode: Literal["eval", "train"] = Field("eval", description="mode of the model while crafting")
+    beta: float = Field(0.0, ge=0, description="adaptive attacker: weight of the discrepancy penalty")
+    setting: Literal["white_box", "black_box"] = "white_box"
+    surrogate_epoch: int = Field(0, ge=0, description="black box: burn-in checkpoint used as surrogate")
+
+
+class CampaignConfig(_Section):
+    """How long the attacker accumulates and when it fires the trigger."""
+
+    max_batches: int = Field(20, ge=1, description="accumulative batches before the trigger at the latest")
+    monitor_drop: float = Field(0.05, gt=0, lt=1, description="fire once monitor accuracy fell this much")
+    clean_batches: int | None = Field(None, ge=1, description="clean-oracle length (default: max_batches + 1)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+
+
 class ExperimentConfig(_Section):
     """Everything one run needs; `fingerprint()` hashes the parts that decide the burn-in."""
 
@@ -108,6 +134,8 @@ class ExperimentConfig(_Section):
     stream: StreamConfig = StreamConfig()
     strategy: StrategyConfig = StrategyConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    attack: AttackConfig = AttackConfig()
+    campaign: CampaignConfig = CampaignConfig()
 
     @classmethod
     def from_profile(cls, profile: str, **overrides: Any) -> ExperimentConfig:

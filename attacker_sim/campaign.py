@@ -1,0 +1,154 @@
+"""Campaigns: the clean oracle and the accumulative poisoning run, against any `Target`.
+
+Accumulative poison (Pang et al. 2021): the attacker crafts a trigger batch once, then perturbs each
+incoming clean batch so that learning from it makes the model fragile to the trigger, while its
+own monitor (accuracy on the attacker's validation split, never the test set) stays within
+`monitor_drop` of the start. When the monitor fires, or after `max_batches`, it re-crafts the
+trigger against the current model and submits it. Test accuracy is measured by the harness, for
+reporting only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from attacker_sim.attacks import AccumulativePoison, Budget, TriggerCrafter, build_attack
+from attacker_sim.targets import StepOutcome, Target
+from service.config import AttackConfig, CampaignConfig
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class RunResult:
+    """One scenario of one strategy with one seed. Accuracies are fractions in [0, 1]."""
+
+    scenario: str
+    strategy: str
+    seed: int
+    start_acc: float
+    batches: int
+    final_acc: float
+    poison_acc: float | None = None
+    trigger_acc: float | None = None
+    flagged_rate: float = 0.0
+    corrected_rate: float = 0.0
+    trigger_flagged_rate: float | None = None
+    seconds_per_step: float = 0.0
+    trace: list[float] = field(default_factory=list)  # test accuracy at the start and after every step
+    discrepancy: list[np.ndarray] = field(default_factory=list, repr=False)  # per submitted batch, if exposed
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.trigger_acc is None else self.trigger_acc - self.poison_acc
+
+    @property
+    def attack_success_rate(self) -> float | None:
+        """Share of poisoned samples the defense did not flag (paper Table 8)."""
+        return 1.0 - self.flagged_rate if self.scenario == "poison" else None
+
+
+def accuracy(target: Target, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((target.predict(x) == y).float().mean())
+
+
+class _Tally:
+    """Counts of what the defense did over the submitted batches of one run."""
+
+    def __init__(self):
+        self.samples = self.flagged = self.corrected = 0
+        self.seconds: list[float] = []
+        self.discrepancy: list[np.ndarray] = []
+
+    def add(self, outcome: StepOutcome) -> None:
+        self.samples += outcome.samples
+        self.flagged += outcome.flagged
+        self.corrected += outcome.corrected
+        self.seconds.append(outcome.seconds)
+        if outcome.discrepancy is not None:
+            self.discrepancy.append(outcome.discrepancy)
+
+    def fill(self, result: RunResult) -> RunResult:
+        result.flagged_rate = self.flagged / max(self.samples, 1)
+        result.corrected_rate = self.corrected / max(self.samples, 1)
+        result.seconds_per_step = float(np.mean(self.seconds)) if self.seconds else 0.0
+        result.discrepancy = self.discrepancy
+        return result
+
+
+def run_clean_oracle(target: Target, batches: Batches, count: int, test: tuple[torch.Tensor, torch.Tensor],
+                     strategy: str, seed: int, on_step: Callable[[], None] | None = None) -> RunResult:
+    """`count` clean batches through the target's defense; the accuracy it would have without an attacker."""
+    trace = [accuracy(target, *test)]
+    tally = _Tally()
+    for _ in range(count):
+        tally.add(target.step(*next(batches)))
+        trace.append(accuracy(target, *test))
+        if on_step:
+            on_step()
+    result = RunResult("clean", strategy, seed, start_acc=trace[0], batches=count, final_acc=trace[-1], trace=trace)
+    return tally.fill(result)
+
+
+class AccumulativeCampaign:
+    """The attacker of Pang et al., configured once, run against a target with `run`."""
+
+    def __init__(self, attack: AttackConfig, campaign: CampaignConfig, surrogate: nn.Module | None = None,
+                 auxiliary: nn.Module | None = None):
+        if attack.setting == "black_box" and surrogate is None:
+            raise ValueError("a black-box attack needs a surrogate model")
+        if attack.beta > 0 and auxiliary is None:
+            raise ValueError("the adaptive attacker (beta > 0) needs the defender's auxiliary model")
+        self.attack, self.campaign = attack, campaign
+        self.surrogate, self.auxiliary = surrogate, auxiliary
+        budget = Budget(attack.epsilon, attack.steps, attack.step_size)
+        adaptive = {"auxiliary": auxiliary, "beta": attack.beta} if attack.beta > 0 else {}
+        if attack.kind == "accumulative":
+            self.poison = AccumulativePoison(budget, gamma=attack.gamma, objective=attack.objective,
+                                             model_mode=attack.model_mode, **adaptive)
+        else:
+            self.poison = build_attack(attack.kind, budget, model_mode=attack.model_mode, **adaptive)
+        self.trigger = TriggerCrafter(Budget(attack.epsilon, attack.trigger_steps, attack.trigger_step_size),
+                                      model_mode=attack.model_mode)
+
+    def _attacker_model(self, target: Target) -> nn.Module:
+        return self.surrogate if self.attack.setting == "black_box" else target.white_box_model()
+
+    def craft(self, model: nn.Module, x, y, trigger, validation) -> torch.Tensor:
+        """Poison one clean batch against `model` (the trigger and validation feed the accumulative objective)."""
+        if isinstance(self.poison, AccumulativePoison):
+            return self.poison(model, x, y, trigger=trigger, validation=validation)
+        return self.poison(model, x, y)
+
+    def run(self, target: Target, batches: Batches, test: tuple[torch.Tensor, torch.Tensor],
+            validation: tuple[torch.Tensor, torch.Tensor], strategy: str, seed: int,
+            on_step: Callable[[], None] | None = None) -> RunResult:
+        x_val, y_val = validation
+        trace = [accuracy(target, *test)]
+        monitor_start = accuracy(target, x_val, y_val)
+        x_base, y_trigger = next(batches)
+        x_trigger = self.trigger(self._attacker_model(target), x_base, y_trigger, x_val, y_val)
+        tally = _Tally()
+        for _ in range(self.campaign.max_batches):
+            x, y = next(batches)
+            x_poison = self.craft(self._attacker_model(target), x, y, (x_trigger, y_trigger), validation)
+            tally.add(target.step(x_poison, y))
+            trace.append(accuracy(target, *test))
+            if on_step:
+                on_step()
+            if monitor_start - accuracy(target, x_val, y_val) > self.campaign.monitor_drop:
+                break
+        batches_survived = len(tally.seconds)
+        poison_acc = trace[-1]
+        x_trigger = self.trigger(self._attacker_model(target), x_base, y_trigger, x_val, y_val)
+        fired = target.step(x_trigger, y_trigger)
+        trace.append(accuracy(target, *test))
+        result = RunResult("poison", strategy, seed, start_acc=trace[0], batches=batches_survived,
+                           final_acc=trace[-1], poison_acc=poison_acc, trigger_acc=trace[-1], trace=trace,
+                           trigger_flagged_rate=fired.flagged / fired.samples)
+        return tally.fill(result)

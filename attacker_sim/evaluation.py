@@ -1,0 +1,103 @@
+"""`dscguard eval`: every strategy through the clean oracle and the accumulative attack, over seeds.
+
+For each seed the data is split and the model burnt in with that seed (cached); every strategy then
+starts from the same burn-in state and sees the same clean batches and the same trigger base.
+Thresholds are calibrated on the trusted clean split only; the test split is only ever measured.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from attacker_sim.campaign import AccumulativeCampaign, RunResult, run_clean_oracle
+from attacker_sim.targets import InProcessTarget
+from service.burnin import load_checkpoint_epoch
+from service.config import ExperimentConfig
+from service.experiment import Experiment
+
+SCENARIOS = ("clean", "poison")
+STRATEGY_ORDER = ("st", "gc", "at", "dsc")
+
+
+@dataclass
+class Evaluation:
+    """All runs of one `evaluate` call, with the config and environment that produced them."""
+
+    config: ExperimentConfig
+    strategies: list[str]
+    scenarios: list[str]
+    runs: list[RunResult] = field(default_factory=list)
+    burnin: dict[int, dict] = field(default_factory=dict)
+    calibration: dict[int, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def runs_for(self, strategy: str, scenario: str) -> list[RunResult]:
+        return [r for r in self.runs if r.strategy == strategy and r.scenario == scenario]
+
+
+def environment() -> dict:
+    """Versions and hardware, recorded in every result file."""
+    import sklearn
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "scikit_learn": sklearn.__version__, "platform": platform.platform(), "machine": platform.machine(),
+            "cpu_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def evaluate(config: ExperimentConfig, strategies: Sequence[str] = STRATEGY_ORDER,
+             scenarios: Sequence[str] = SCENARIOS, seeds: Sequence[int] | None = None, cache_dir=None,
+             progress: bool = True) -> Evaluation:
+    """Run `scenarios` x `strategies` x `seeds` in process and collect the results."""
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {sorted(unknown)}; expected {', '.join(SCENARIOS)}")
+    seeds = list(config.campaign.seeds if seeds is None else seeds)
+    evaluation = Evaluation(config, list(strategies), list(scenarios))
+    started = time.perf_counter()
+    campaign = config.campaign
+    clean_batches = campaign.clean_batches or campaign.max_batches + 1
+    steps_per_run = {"clean": clean_batches, "poison": campaign.max_batches}
+    total = len(seeds) * len(strategies) * sum(steps_per_run[s] for s in scenarios)
+    bar = tqdm(total=total, desc=f"eval {config.profile}", unit="step", disable=not progress)
+    for seed in seeds:
+        experiment = Experiment.prepare(config.model_copy(update={"seed": seed}), cache_dir=cache_dir,
+                                        progress=progress)
+        evaluation.burnin[seed] = {"cached": experiment.burnin.cached, "history": experiment.burnin.history}
+        test = experiment.test_tensors
+        validation = experiment.splits.attacker_val.tensors()
+        for strategy in strategies:
+            strategy_config = config.strategy.model_copy(update={"name": strategy})
+            for scenario in scenarios:
+                bar.set_postfix(seed=seed, strategy=strategy, scenario=scenario)
+                learner = experiment.new_learner(strategy_config)
+                if learner.calibration is not None:
+                    evaluation.calibration[seed] = learner.calibration.to_dict()
+                target = InProcessTarget(learner)
+                # the same stream seed for every strategy: identical clean batches and trigger base
+                batches = experiment.stream_batches(10_000, seed=seed * 7919 + 1)
+                if scenario == "clean":
+                    run = run_clean_oracle(target, batches, clean_batches, test, strategy, seed, bar.update)
+                else:
+                    run = _campaign(experiment).run(target, batches, test, validation, strategy, seed, bar.update)
+                    bar.update(campaign.max_batches - run.batches)
+                evaluation.runs.append(run)
+    bar.close()
+    evaluation.seconds = time.perf_counter() - started
+    return evaluation
+
+
+def _campaign(experiment: Experiment) -> AccumulativeCampaign:
+    attack = experiment.config.attack
+    surrogate = None
+    if attack.setting == "black_box":
+        surrogate = load_checkpoint_epoch(experiment.burnin, attack.surrogate_epoch).eval()
+    auxiliary = experiment.burnin.auxiliary if attack.beta > 0 else None
+    return AccumulativeCampaign(attack, experiment.config.campaign, surrogate=surrogate, auxiliary=auxiliary)

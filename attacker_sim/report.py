@@ -1,0 +1,187 @@
+"""Reports of an evaluation: `results.json` (validated by a schema), `report.md`, and PNG plots.
+
+The markdown table follows the paper's Table 1: clean-oracle final accuracy, start, accumulative
+batches survived, accuracy after the poison phase, after the trigger, and the trigger's delta,
+as mean ± std over seeds, in percent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from attacker_sim.evaluation import Evaluation, environment
+from service.atomic import atomic_write_text
+
+METRICS = ("start_acc", "batches", "poison_acc", "trigger_acc", "delta", "final_acc", "flagged_rate",
+           "corrected_rate", "attack_success_rate", "trigger_flagged_rate", "seconds_per_step")
+
+_STAT = {"type": ["object", "null"], "required": ["mean", "std", "values"],
+         "properties": {"mean": {"type": "number"}, "std": {"type": "number"},
+                        "values": {"type": "array", "items": {"type": "number"}}}}
+_FRACTION_STAT = {**_STAT, "properties": {**_STAT["properties"], "mean": {"type": "number", "minimum": 0,
+                                                                          "maximum": 1}}}
+RESULTS_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["rows", "config", "seeds", "environment", "seconds"],
+    "properties": {
+        "rows": {"type": "array", "minItems": 1, "items": {
+            "type": "object",
+            "required": ["dataset", "model", "strategy", "scenario", "seed_count", "start_acc", "batches",
+                         "poison_acc", "trigger_acc", "delta", "clean_final_acc", "flagged_rate",
+                         "attack_success_rate", "seconds_per_step"],
+            "properties": {
+                "dataset": {"type": "string"}, "model": {"type": "string"},
+                "strategy": {"enum": ["st", "gc", "at", "dsc"]}, "scenario": {"enum": ["clean", "poison"]},
+                "seed_count": {"type": "integer", "minimum": 1},
+                "start_acc": _FRACTION_STAT, "poison_acc": _FRACTION_STAT, "trigger_acc": _FRACTION_STAT,
+                "clean_final_acc": _FRACTION_STAT, "flagged_rate": _FRACTION_STAT,
+                "attack_success_rate": _FRACTION_STAT, "delta": _STAT, "batches": _STAT,
+                "seconds_per_step": _STAT,
+            },
+        }},
+        "config": {"type": "object"}, "seeds": {"type": "array", "items": {"type": "integer"}},
+        "environment": {"type": "object"}, "seconds": {"type": "number"},
+    },
+}
+
+
+def _stat(values: list[float | None]) -> dict | None:
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+
+
+def rows(evaluation: Evaluation) -> list[dict]:
+    """One row per (strategy, scenario), every metric as mean, std and the per-seed values."""
+    cfg = evaluation.config
+    out = []
+    for strategy in evaluation.strategies:
+        for scenario in evaluation.scenarios:
+            runs = evaluation.runs_for(strategy, scenario)
+            if not runs:
+                continue
+            row = {"dataset": cfg.data.dataset, "model": cfg.model.name, "strategy": strategy, "scenario": scenario,
+                   "seed_count": len(runs)}
+            for metric in METRICS:
+                row[metric] = _stat([getattr(r, metric) for r in runs])
+            row["clean_final_acc"] = row.pop("final_acc") if scenario == "clean" else None
+            if scenario == "poison":
+                row.pop("final_acc")
+            out.append(row)
+    return out
+
+
+def results_document(evaluation: Evaluation) -> dict:
+    return {
+        "rows": rows(evaluation),
+        "config": evaluation.config.model_dump(),
+        "seeds": sorted({r.seed for r in evaluation.runs}),
+        "calibration": {str(k): v for k, v in evaluation.calibration.items()},
+        "burnin": {str(k): v for k, v in evaluation.burnin.items()},
+        "traces": [{"strategy": r.strategy, "scenario": r.scenario, "seed": r.seed, "test_acc": r.trace}
+                   for r in evaluation.runs],
+        "environment": environment(),
+        "seconds": evaluation.seconds,
+    }
+
+
+def _pm(stat: dict | None, percent: bool = True, digits: int = 1) -> str:
+    if stat is None:
+        return "–"
+    scale = 100 if percent else 1
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def table_markdown(evaluation: Evaluation) -> str:
+    """The paper's Table 1 layout, one line per strategy."""
+    by_key = {(r["strategy"], r["scenario"]): r for r in rows(evaluation)}
+    lines = ["| strategy | clean oracle final | start | batch | +poison | +trigger | delta | poisons flagged "
+             "| clean flagged | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for strategy in evaluation.strategies:
+        clean, poison = by_key.get((strategy, "clean")), by_key.get((strategy, "poison"))
+        start = (poison or clean)["start_acc"]
+        lines.append("| " + " | ".join([
+            strategy.upper(), _pm(clean and clean["clean_final_acc"]), _pm(start),
+            _pm(poison and poison["batches"], percent=False), _pm(poison and poison["poison_acc"]),
+            _pm(poison and poison["trigger_acc"]), _pm(poison and poison["delta"]),
+            _pm(poison and poison["flagged_rate"], digits=0), _pm(clean and clean["flagged_rate"], digits=0),
+            f"{(poison or clean)['seconds_per_step']['mean']:.3f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def bar_checks(evaluation: Evaluation) -> dict | None:
+    """The product's bar (issue 3), computed from the means; None when a needed row is missing."""
+    by_key = {(r["strategy"], r["scenario"]): r for r in rows(evaluation)}
+    need = [("st", "clean"), ("st", "poison"), ("dsc", "clean"), ("dsc", "poison")]
+    if any(k not in by_key for k in need):
+        return None
+    st_clean = by_key["st", "clean"]["clean_final_acc"]["mean"]
+    st_trigger = by_key["st", "poison"]["trigger_acc"]["mean"]
+    dsc_clean = by_key["dsc", "clean"]["clean_final_acc"]["mean"]
+    dsc_trigger = by_key["dsc", "poison"]["trigger_acc"]["mean"]
+    checks = {
+        "attack_is_real": {"st_clean_final": st_clean, "st_trigger": st_trigger,
+                           "drop": st_clean - st_trigger, "passed": st_clean - st_trigger >= 0.10},
+        "dsc_keeps_clean_accuracy": {"dsc_clean_final": dsc_clean, "st_clean_final": st_clean,
+                                     "gap": st_clean - dsc_clean, "passed": st_clean - dsc_clean <= 0.01},
+        "dsc_recovers_half": {"recovered": dsc_trigger - st_trigger, "needed": 0.5 * (st_clean - st_trigger),
+                              "passed": dsc_trigger - st_trigger >= 0.5 * (st_clean - st_trigger)},
+    }
+    for other in ("gc", "at"):
+        if (other, "poison") in by_key:
+            other_trigger = by_key[other, "poison"]["trigger_acc"]["mean"]
+            checks[f"dsc_at_least_{other}"] = {"dsc_trigger": dsc_trigger, f"{other}_trigger": other_trigger,
+                                               "passed": dsc_trigger >= other_trigger}
+    return checks
+
+
+def report_markdown(evaluation: Evaluation, plots: list[str]) -> str:
+    cfg = evaluation.config
+    seeds = sorted({r.seed for r in evaluation.runs})
+    lines = [f"# dscguard evaluation: {cfg.data.dataset} / {cfg.model.name} (profile `{cfg.profile}`)", "",
+             f"Seeds {seeds}; mean ± std over seeds; accuracies in percent on the test split. "
+             f"Attack: {cfg.attack.kind}, eps {cfg.attack.epsilon}, {cfg.attack.steps} steps of "
+             f"{cfg.attack.step_size}, {cfg.attack.setting.replace('_', '-')}, beta {cfg.attack.beta}; "
+             f"monitor fires at a {cfg.campaign.monitor_drop:.0%} drop on the attacker's validation split, "
+             f"at most {cfg.campaign.max_batches} accumulative batches. DSC: early stop per "
+             f"{cfg.strategy.early_stop}, divergence {cfg.strategy.divergence}, calibrated for a "
+             f"{cfg.calibration.target_false_flag_rate:.0%} false-flag rate on the trusted clean split.", "",
+             table_markdown(evaluation), ""]
+    checks = bar_checks(evaluation)
+    if checks:
+        lines += ["## The bar", ""]
+        for name, check in checks.items():
+            figures = ", ".join(f"{k} {v * 100:.1f}" for k, v in check.items() if k != "passed")
+            lines.append(f"- {name}: {'PASS' if check['passed'] else 'FAIL'} ({figures})")
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    lines.append(f"Wall time: {evaluation.seconds:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(evaluation: Evaluation, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
+    """Write results.json, report.md and the plots into `out_dir`; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    plot_paths: list[str] = []
+    if plots:
+        from attacker_sim.plots import plot_accuracy_traces, plot_discrepancy_histogram
+
+        written["accuracy"] = plot_accuracy_traces(evaluation, out_dir / "accuracy_along_stream.png")
+        histogram = plot_discrepancy_histogram(evaluation, out_dir / "discrepancy_histogram.png")
+        if histogram:
+            written["histogram"] = histogram
+        plot_paths = [str(p) for p in written.values()]
+    written["results"] = atomic_write_text(out_dir / "results.json",
+                                           json.dumps(results_document(evaluation), indent=2))
+    written["report"] = atomic_write_text(out_dir / "report.md", report_markdown(evaluation, plot_paths))
+    return written

@@ -1,0 +1,95 @@
+"""Campaign metrics on a scripted fake target, whose accuracy follows a script step by step."""
+
+import pytest
+import torch
+
+from attacker_sim.campaign import AccumulativeCampaign, run_clean_oracle
+from attacker_sim.targets import StepOutcome
+from service.config import AttackConfig, CampaignConfig
+from service.models import build_model
+
+
+def _labelled(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose first pixel encodes the label (k / 10), so the fake target can grade itself."""
+    y = torch.arange(n) % 10
+    x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 0.5 + 0.25
+    x[:, 0, 0, 0] = y.float() / 10
+    return x, y
+
+
+class ScriptedTarget:
+    """Accuracy after k submitted batches is script[k]; flags `flags[k]` samples of batch k."""
+
+    def __init__(self, script, flags):
+        self.script, self.flags, self.steps = script, flags, 0
+        self.model = build_model("digitscnn", num_classes=10, input_shape=(1, 8, 8))
+
+    def step(self, x, y):
+        flagged = self.flags[self.steps]
+        self.steps += 1
+        return StepOutcome(samples=len(x), flagged=flagged, corrected=flagged // 2, threshold=0.5, seconds=0.01)
+
+    def predict(self, x):
+        labels = torch.round(x[:, 0, 0, 0] * 10).long()
+        wrong = int(round((1 - self.script[self.steps]) * len(x)))
+        labels[:wrong] = (labels[:wrong] + 1) % 10
+        return labels
+
+    def white_box_model(self):
+        return self.model
+
+    def close(self):
+        pass
+
+
+def _batches():
+    seed = 100
+    while True:
+        seed += 1
+        yield _labelled(20, seed)
+
+
+def test_accumulative_campaign_metrics_follow_the_script():
+    # start 0.9; the monitor (validation accuracy) falls 0.01, 0.03, then 0.10 > 0.05 at batch 3; trigger -> 0.5
+    target = ScriptedTarget(script=[0.9, 0.89, 0.87, 0.80, 0.5], flags=[4, 4, 4, 10])
+    campaign = AccumulativeCampaign(AttackConfig(epsilon=0.01, steps=1, step_size=0.01, trigger_steps=1,
+                                                 trigger_step_size=0.01),
+                                    CampaignConfig(max_batches=10, monitor_drop=0.05))
+    run = campaign.run(target, _batches(), _labelled(100, 1), _labelled(100, 2), "dsc", seed=7)
+    assert run.batches == 3
+    assert run.start_acc == pytest.approx(0.9)
+    assert run.poison_acc == pytest.approx(0.80)
+    assert run.trigger_acc == pytest.approx(0.5)
+    assert run.delta == pytest.approx(-0.30)
+    assert run.trace == pytest.approx([0.9, 0.89, 0.87, 0.80, 0.5])
+    assert run.flagged_rate == pytest.approx(12 / 60)
+    assert run.attack_success_rate == pytest.approx(1 - 12 / 60)
+    assert run.corrected_rate == pytest.approx(6 / 60)
+    assert run.trigger_flagged_rate == pytest.approx(10 / 20)
+    assert target.steps == 4  # three poisoned batches and the trigger
+
+
+def test_campaign_fires_at_the_batch_cap_when_the_monitor_stays_quiet():
+    target = ScriptedTarget(script=[0.9] * 6 + [0.7], flags=[0] * 7)
+    campaign = AccumulativeCampaign(AttackConfig(epsilon=0.01, steps=1, step_size=0.01, trigger_steps=1,
+                                                 trigger_step_size=0.01),
+                                    CampaignConfig(max_batches=5, monitor_drop=0.05))
+    run = campaign.run(target, _batches(), _labelled(50, 1), _labelled(50, 2), "st", seed=0)
+    assert (run.batches, run.poison_acc, run.trigger_acc) == (5, pytest.approx(0.9), pytest.approx(0.7))
+    assert run.attack_success_rate == 1.0
+
+
+def test_clean_oracle_metrics():
+    target = ScriptedTarget(script=[0.9, 0.92, 0.95, 0.94], flags=[1, 2, 3])
+    run = run_clean_oracle(target, _batches(), 3, _labelled(100, 1), "dsc", seed=1)
+    assert (run.scenario, run.batches) == ("clean", 3)
+    assert (run.start_acc, run.final_acc) == (pytest.approx(0.9), pytest.approx(0.94))
+    assert run.flagged_rate == pytest.approx(6 / 60)
+    assert run.attack_success_rate is None and run.delta is None
+
+
+def test_campaign_configuration_errors():
+    with pytest.raises(ValueError, match="surrogate"):
+        AccumulativeCampaign(AttackConfig(setting="black_box"), CampaignConfig())
+    with pytest.raises(ValueError, match="auxiliary"):
+        AccumulativeCampaign(AttackConfig(beta=0.1), CampaignConfig())

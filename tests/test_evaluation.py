@@ -1,0 +1,61 @@
+"""The evaluation end to end on a reduced budget: results.json validates, report and plots exist."""
+
+import json
+
+import jsonschema
+import pytest
+
+from attacker_sim.report import RESULTS_SCHEMA
+from service.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("demo")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DSCGUARD_CACHE_DIR", str(cache_dir))
+    overrides = ["campaign.max_batches=3", "burnin.epochs=10", "burnin.auxiliary_epoch=5"]
+    argv = ["demo", "--seeds", "0", "1", "--out", str(out), "--no-progress"]
+    assert main(argv + [a for o in overrides for a in ("--set", o)]) == 0
+    mp.undo()
+    return out
+
+
+def test_demo_writes_a_valid_results_file(demo_dir):
+    document = json.loads((demo_dir / "results.json").read_text())
+    jsonschema.validate(document, RESULTS_SCHEMA)
+    rows = {(r["strategy"], r["scenario"]): r for r in document["rows"]}
+    assert set(rows) == {(s, c) for s in ("st", "gc", "at", "dsc") for c in ("clean", "poison")}
+    assert all(r["seed_count"] == 2 for r in rows.values())
+    assert document["seeds"] == [0, 1]
+    poison = rows["st", "poison"]
+    assert 1 <= poison["batches"]["mean"] <= 3
+    for values in zip(poison["poison_acc"]["values"], poison["trigger_acc"]["values"], poison["delta"]["values"],
+                      strict=True):
+        assert values[2] == pytest.approx(values[1] - values[0])
+    assert rows["at", "clean"]["flagged_rate"]["mean"] == 1.0  # at corrects every sample
+    assert rows["st", "clean"]["flagged_rate"]["mean"] == 0.0
+    assert document["environment"]["torch"] and document["config"]["profile"] == "digits"
+
+
+def test_demo_writes_the_table_and_plots(demo_dir):
+    report = (demo_dir / "report.md").read_text()
+    assert "| strategy | clean oracle final | start | batch | +poison | +trigger | delta |" in report
+    assert sum(line.startswith(("| ST ", "| GC ", "| AT ", "| DSC ")) for line in report.splitlines()) == 4
+    for name in ("accuracy_along_stream.png", "discrepancy_histogram.png"):
+        assert (demo_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schema_rejects_accuracies_out_of_range(demo_dir):
+    document = json.loads((demo_dir / "results.json").read_text())
+    document["rows"][0]["start_acc"]["mean"] = 97.4  # a percentage where a fraction belongs
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(document, RESULTS_SCHEMA)
+
+
+def test_unknown_scenario_is_rejected():
+    from attacker_sim.evaluation import evaluate
+    from service.config import ExperimentConfig
+
+    with pytest.raises(ValueError, match="unknown scenario"):
+        evaluate(ExperimentConfig(), scenarios=["sideways"])
