@@ -145,6 +145,25 @@ def cmd_analyze_md(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from attacker_sim.sweep import sweep, sweep_markdown
+    from service.atomic import atomic_write_text
+
+    try:
+        results = sweep(build_config(args), args.vary, seeds=args.seeds, progress=not args.no_progress)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    table = sweep_markdown(results)
+    print(table)
+    out = Path(args.out)
+    atomic_write_text(out / "sweep.json", json.dumps(results, indent=2))
+    atomic_write_text(out / "sweep.md", table + "\n")
+    print(f"wrote {out / 'sweep.json'} and {out / 'sweep.md'}")
+    return 0
+
+
 def _eval_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--out", default=default_out, help=f"report directory (default: {default_out})")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the profile's, 0 1 2)")
@@ -180,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_options(p)
     _eval_options(p, "reports/demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sweep", help="DSC under one-at-a-time changes of its settings (threshold, early stop, ...)")
+    _experiment_options(p)
+    p.add_argument("--vary", action="append", required=True, metavar="SECTION.FIELD=V1,V2",
+                   help="e.g. --vary strategy.early_stop=sample,batch "
+                        "--vary calibration.target_false_flag_rate=0.05,0.2")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--out", default="reports/sweep")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("analyze-md", help="mean discrepancy vs backtracking interval k, clean vs poisoned")
     _experiment_options(p)

@@ -83,7 +83,8 @@ class StrategyConfig(_Section):
     step_size: float = Field(0.02, gt=0, description="at/dsc: step delta in [0,1] pixel units")
     epsilon: float = Field(0.2, gt=0, le=1, description="at/dsc: L-inf radius around the received sample")
     at_kl_weight: float = Field(1.0, ge=0, description="at: weight of KL(p_nat || p_adv)")
-    early_stop: Literal["sample", "batch"] = "sample"
+    early_stop: Literal["sample", "batch"] = Field(
+        "batch", description="dsc: judge each sample (paper's Algorithm 1) or the batch mean (research code)")
     divergence: Literal["kl", "reverse_kl", "js"] = "kl"
     mu: float | None = Field(None, ge=0, description="dsc: hand-set threshold base (None: calibrated)")
     tau: float | None = Field(None, ge=0, description="dsc: hand-set threshold drift per batch")
@@ -171,20 +172,20 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "burnin": 10000, "test": 2000},
         "model": {"name": "smallcnn"},
         "burnin": {"epochs": 4, "lr": 0.05, "batch_size": 100, "checkpoint_every": 1, "auxiliary_epoch": 2},
-        "stream": {"batch_size": 100, "lr": 0.01},
+        "stream": {"batch_size": 100, "lr": 0.01, "momentum": 0.9},
     },
     "cifar10-small": {
         "data": {"dataset": "cifar10", "stream": 5000, "attacker_val": 500, "calibration": 1000,
                  "burnin": 10000, "test": 2000},
         "model": {"name": "smallcnn"},
         "burnin": {"epochs": 8, "lr": 0.05, "batch_size": 100, "checkpoint_every": 2, "auxiliary_epoch": 4},
-        "stream": {"batch_size": 100, "lr": 0.01},
+        "stream": {"batch_size": 100, "lr": 0.01, "momentum": 0.9},
     },
     "paper": {
         "data": {"dataset": "cifar10", "stream": 10000, "attacker_val": 500, "calibration": 1000,
                  "burnin": None, "test": None},
         "model": {"name": "resnet18"},
         "burnin": {"epochs": 40, "lr": 0.1, "batch_size": 100, "checkpoint_every": 10, "auxiliary_epoch": 20},
-        "stream": {"batch_size": 100, "lr": 0.1},
+        "stream": {"batch_size": 100, "lr": 0.1, "momentum": 0.9},
     },
 }

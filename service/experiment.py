@@ -53,10 +53,10 @@ class Experiment:
     def calibration_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.splits.calibration.tensors()
 
-    def calibration_for(self, divergence: str = "kl") -> Calibration:
-        """The threshold schedule calibrated on the trusted clean split (computed once per divergence)."""
+    def calibration_for(self, divergence: str = "kl", unit: str = "sample") -> Calibration:
+        """The threshold schedule calibrated on the trusted clean split (computed once per setting)."""
         cal = self.config.calibration
-        key = (divergence, cal.target_false_flag_rate, cal.warmup_batches)
+        key = (divergence, unit, cal.target_false_flag_rate, cal.warmup_batches)
         if key not in self._calibrations:
             x, y = self.calibration_tensors
             stream = self.config.stream
@@ -64,14 +64,16 @@ class Experiment:
                 self.burnin.model, self.burnin.auxiliary, x.to(self.device), y.to(self.device),
                 target_false_flag_rate=cal.target_false_flag_rate, divergence=divergence,
                 warmup_batches=cal.warmup_batches, batch_size=stream.batch_size, lr=stream.lr,
-                momentum=stream.momentum, seed=self.config.seed,
+                momentum=stream.momentum, seed=self.config.seed, unit=unit,
             )
         return self._calibrations[key]
 
     def new_learner(self, strategy: StrategyConfig | None = None) -> OnlineLearner:
         """A learner at the end of burn-in, with a fresh optimizer, defended by `strategy`."""
         strategy = strategy or self.config.strategy
-        calibration = self.calibration_for(strategy.divergence) if strategy.name == "dsc" else None
+        calibration = None
+        if strategy.name == "dsc":
+            calibration = self.calibration_for(strategy.divergence, strategy.early_stop)
         stream = self.config.stream
         return OnlineLearner(
             copy.deepcopy(self.burnin.model), copy.deepcopy(self.burnin.auxiliary),

@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 
 from service.defense.calibration import calibrate
@@ -36,3 +37,20 @@ def test_calibration_rejects_bad_targets(digits_experiment):
     with pytest.raises(ValueError, match="target_false_flag_rate"):
         calibrate(digits_experiment.burnin.model, digits_experiment.burnin.auxiliary, x_cal, y_cal,
                   target_false_flag_rate=0.0)
+
+
+def test_batch_unit_calibrates_on_batch_means(digits_experiment):
+    exp = digits_experiment
+    x, y = exp.splits.stream.tensors()  # 500 clean samples: calibrate on one half, judge the other
+    cal = calibrate(exp.burnin.model, exp.burnin.auxiliary, x[:250], y[:250], target_false_flag_rate=0.1,
+                    warmup_batches=0, batch_size=10, unit="batch")
+    assert cal.unit == "batch"
+    scores = memorization_discrepancy(exp.burnin.auxiliary, exp.burnin.model, x[250:])
+    generator = torch.Generator().manual_seed(0)
+    means = scores[torch.randint(250, (2000, 10), generator=generator)].mean(dim=1)
+    rate = float((means > cal.mu).float().mean())
+    assert rate == pytest.approx(0.1, abs=0.08)  # clean batches judged by their mean: ~10% flagged
+    per_sample = calibrate(exp.burnin.model, exp.burnin.auxiliary, x[:250], y[:250], warmup_batches=0)
+    assert per_sample.mu != pytest.approx(cal.mu)
+    with pytest.raises(ValueError, match="unit"):
+        calibrate(exp.burnin.model, exp.burnin.auxiliary, x, y, unit="pixel")

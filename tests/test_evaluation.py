@@ -59,3 +59,19 @@ def test_unknown_scenario_is_rejected():
 
     with pytest.raises(ValueError, match="unknown scenario"):
         evaluate(ExperimentConfig(), scenarios=["sideways"])
+
+
+def test_sweep_runs_one_variant_per_value(cache_dir, monkeypatch):
+    from attacker_sim.sweep import parse_vary, sweep, sweep_markdown
+    from service.config import ExperimentConfig
+
+    monkeypatch.setenv("DSCGUARD_CACHE_DIR", str(cache_dir))
+    config = ExperimentConfig.from_profile("digits", campaign={"max_batches": 2},
+                                           burnin={"epochs": 10, "auxiliary_epoch": 5})
+    results = sweep(config, ["strategy.early_stop=sample,batch"], seeds=[0], progress=False)
+    assert [(r["parameter"], r["value"]) for r in results] == [("strategy.early_stop", "sample"),
+                                                               ("strategy.early_stop", "batch")]
+    assert sweep_markdown(results).count("| strategy.early_stop |") == 2
+    assert parse_vary("calibration.target_false_flag_rate=0.05,0.2")[2] == [0.05, 0.2]
+    with pytest.raises(ValueError, match="SECTION.FIELD=V1,V2"):
+        parse_vary("early_stop")

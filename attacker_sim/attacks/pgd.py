@@ -6,34 +6,26 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attacker_sim.attacks.budget import Budget
-from service.defense.eval_mode import eval_mode
+from attacker_sim.attacks.base import ErrorMaximizingAttack, Objective
 
 
-class PGDDelusive:
+class PGDDelusive(ErrorMaximizingAttack):
     """Maximise CE(f(x'), y) by signed-gradient ascent inside the L-inf ball.
 
     >>> import torch
+    >>> from attacker_sim.attacks import Budget
     >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    >>> x = torch.rand(3, 1, 2, 2)
-    >>> x_adv = PGDDelusive(Budget(epsilon=0.1, steps=2, step_size=0.05))(net, x, torch.tensor([0, 1, 0]))
+    >>> x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 0])
+    >>> x_adv = PGDDelusive(Budget(epsilon=0.1, steps=2, step_size=0.05))(net, x, y)
     >>> bool(((x_adv - x).abs() <= 0.1 + 1e-6).all())
+    True
+    >>> bool(torch.nn.functional.cross_entropy(net(x_adv), y) > torch.nn.functional.cross_entropy(net(x), y))
     True
     """
 
-    def __init__(self, budget: Budget | None = None, random_start: bool = False):
-        self.budget = budget or Budget()
-        self.random_start = random_start
+    def _objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Objective:
+        def objective(x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = model(x_adv)
+            return F.cross_entropy(logits, y), logits
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        b = self.budget
-        x_adv = x.detach().clone()
-        if self.random_start:
-            x_adv = b.project(x_adv + torch.empty_like(x_adv).uniform_(-b.epsilon, b.epsilon), x)
-        with eval_mode(model):
-            for _ in range(b.steps):
-                x_adv.requires_grad_(True)
-                loss = F.cross_entropy(model(x_adv), y)
-                (grad,) = torch.autograd.grad(loss, x_adv)
-                x_adv = b.project(x_adv + b.step_size * grad.sign(), x)
-        return x_adv.detach()
+        return objective

@@ -37,6 +37,7 @@ class Calibration:
     quantile_per_warmup_batch: list[float] = field(default_factory=list)
     clean_discrepancy_mean: float = 0.0
     clean_discrepancy_median: float = 0.0
+    unit: str = "sample"  # what a verdict judges: one sample's score, or a batch's mean score
 
     def threshold(self, batch_index: int) -> float:
         return round(self.mu + self.tau * batch_index, 12)
@@ -62,32 +63,48 @@ def calibrate(
     lr: float = 0.05,
     momentum: float = 0.9,
     seed: int = 0,
+    unit: str = "sample",
 ) -> Calibration:
     """Calibrate mu and tau on trusted clean samples (`clean_x` in [0,1], labels `clean_y`).
 
-    mu: the (1 - target) quantile of the clean discrepancy of every calibration sample now.
+    mu: the (1 - target) quantile of the clean discrepancy now: of every calibration sample
+    (`unit="sample"`, per-sample early stop), or of the mean over random clean batches of
+    `batch_size` (`unit="batch"`, the research code's batch-mean early stop).
     tau: the least-squares slope of that quantile over `warmup_batches` plain SGD steps on clean
     batches, measured on a held-out half of the calibration samples; never negative.
     """
+    if unit not in ("sample", "batch"):
+        raise ValueError(f"unit must be 'sample' or 'batch', got {unit!r}")
     if not 0 < target_false_flag_rate < 1:
         raise ValueError(f"target_false_flag_rate must be in (0, 1), got {target_false_flag_rate}")
     if len(clean_x) < 2:
         raise ValueError("calibration needs at least 2 clean samples")
     level = 1.0 - target_false_flag_rate
     scores = memorization_discrepancy(auxiliary, model, clean_x, divergence)
-    mu = float(torch.quantile(scores.double(), level))
+
+    def statistic(values: torch.Tensor) -> float:
+        if unit == "batch":
+            # bootstrap clean batches (with replacement, as fresh stream batches are drawn from a far
+            # larger population than the calibration split): the verdict judges batch means
+            generator = torch.Generator().manual_seed(seed + 1)
+            picks = torch.randint(len(values), (512, batch_size), generator=generator)
+            values = values[picks].mean(dim=1)
+        return float(torch.quantile(values.double(), level))
+
+    mu = statistic(scores)
     tau, quantiles = 0.0, [mu]
     if warmup_batches > 0:
-        tau, quantiles = _drift(model, auxiliary, clean_x, clean_y, level, divergence, warmup_batches, batch_size,
-                                lr, momentum, seed)
+        tau, quantiles = _drift(model, auxiliary, clean_x, clean_y, statistic, divergence, warmup_batches,
+                                batch_size, lr, momentum, seed)
     return Calibration(
         mu=mu, tau=tau, target_false_flag_rate=target_false_flag_rate, divergence=divergence,
         samples=len(clean_x), warmup_batches=warmup_batches, quantile_per_warmup_batch=quantiles,
-        clean_discrepancy_mean=float(scores.mean()), clean_discrepancy_median=float(scores.median()),
+        clean_discrepancy_mean=float(scores.mean()), clean_discrepancy_median=float(scores.median()), unit=unit,
     )
 
 
-def _drift(model, auxiliary, clean_x, clean_y, level, divergence, warmup_batches, batch_size, lr, momentum, seed):
+def _drift(model, auxiliary, clean_x, clean_y, statistic, divergence, warmup_batches, batch_size, lr, momentum,
+           seed):
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(clean_x), generator=generator)
     train_idx, probe_idx = order[: len(order) // 2], order[len(order) // 2 :]
@@ -97,8 +114,7 @@ def _drift(model, auxiliary, clean_x, clean_y, level, divergence, warmup_batches
     optimizer = torch.optim.SGD(warm.parameters(), lr=lr, momentum=momentum)
     quantiles = []
     for m in range(warmup_batches + 1):
-        scores = memorization_discrepancy(auxiliary, warm, probe, divergence)
-        quantiles.append(float(torch.quantile(scores.double(), level)))
+        quantiles.append(statistic(memorization_discrepancy(auxiliary, warm, probe, divergence)))
         if m == warmup_batches:
             break
         pick = train_idx[torch.randint(len(train_idx), (batch_size,), generator=generator)]

@@ -1,0 +1,336 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from attacker_sim.attacks import (
+    ATTACKS,
+    AccumulativePoison,
+    Budget,
+    CarliniWagnerInf,
+    PGDDelusive,
+    TradesKL,
+    TriggerCrafter,
+    build_attack,
+)
+from attacker_sim.attacks.carlini_wagner import cw_margin
+from service.data import load_dataset
+from service.defense.discrepancy import memorization_discrepancy
+from service.models import build_model
+
+# name -> factory(budget, **adaptive options); covers every generator and every accumulative ablation
+FACTORIES = {
+    "pgd": lambda b, **kw: PGDDelusive(b, **kw),
+    "pgd_random_start": lambda b, **kw: PGDDelusive(b, random_start=True, **kw),
+    "trades_kl": lambda b, **kw: TradesKL(b, **kw),
+    "cw_inf": lambda b, **kw: CarliniWagnerInf(b, kappa=5.0, **kw),
+    "trigger": lambda b, **kw: TriggerCrafter(b, **kw),
+    "accumulative_full": lambda b, **kw: AccumulativePoison(b, **kw),
+    "accumulative_second_order_only": lambda b, **kw: AccumulativePoison(b, objective="second_order_only", **kw),
+    "accumulative_clean_only": lambda b, **kw: AccumulativePoison(b, objective="clean_only", **kw),
+}
+ADAPTIVE = ["pgd", "trades_kl", "cw_inf", "trigger", "accumulative_full"]
+
+
+def _attack(attack, model, x, y, reference):
+    """Call any generator; `reference` = (x_ref, y_ref) is the validation batch and also the trigger."""
+    if isinstance(attack, TriggerCrafter):
+        return attack(model, x, y, *reference)
+    if isinstance(attack, AccumulativePoison):
+        return attack(model, x, y, trigger=reference, validation=reference)
+    return attack(model, x, y)
+
+
+def _batch(n, shape=(1, 8, 8), classes=10):
+    return torch.rand(n, *shape), torch.randint(0, classes, (n,))
+
+
+def _tanh_net():
+    # float64 and smooth activations so finite differences of (second) derivatives are accurate
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+
+
+def _accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A digitscnn trained on sklearn digits (~98% held-out), with its epoch-6 checkpoint as auxiliary."""
+    train, _ = load_dataset("digits")
+    x, y = train.tensors()
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(y), generator=generator)
+    train_idx, test_idx = order[:1297], order[1297:]
+    torch.manual_seed(0)
+    model = build_model("digitscnn", 10, (1, 8, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    auxiliary = None
+    for epoch in range(12):
+        for batch in train_idx[torch.randperm(len(train_idx), generator=generator)].split(64):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+        if epoch == 5:
+            auxiliary = copy.deepcopy(model)
+    model.zero_grad(set_to_none=True)
+    return {
+        "model": model.eval(),
+        "auxiliary": auxiliary.eval(),
+        "train": (x[train_idx], y[train_idx]),
+        "test": (x[test_idx], y[test_idx]),
+    }
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_output_stays_in_the_epsilon_ball_and_unit_box(name):
+    torch.manual_seed(1)
+    model = build_model("digitscnn", 10, (1, 8, 8))
+    x, y = _batch(24)
+    x[:8] = 0.0  # pixels on both edges of the box: steps must not leave [0, 1]
+    x[8:16] = 1.0
+    x_before = x.clone()
+    budget = Budget(epsilon=0.15, steps=3, step_size=0.1)  # steps overshoot the radius: projection must act
+    x_adv = _attack(FACTORIES[name](budget), model, x, y, _batch(24))
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+    assert torch.equal(x, x_before)
+    assert (x_adv - x).abs().max() <= 0.15 + 1e-6
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    assert (x_adv - x).abs().max() >= 0.15 - 1e-6  # it did move, to the ball's edge somewhere
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (lambda: Budget(epsilon=-0.1), ValueError, "epsilon must be in"),
+        (lambda: Budget(steps=0), ValueError, "steps must be >= 1"),
+        (lambda: Budget(step_size=0.0), ValueError, "step_size must be > 0"),
+        (lambda: PGDDelusive(Budget(), beta=-0.1), ValueError, "beta .* must be a finite number >= 0"),
+        (lambda: TradesKL(Budget(), beta=0.1), ValueError, "needs the defender's auxiliary"),
+        (lambda: TriggerCrafter(Budget(), beta=0.1), ValueError, "needs the defender's auxiliary"),
+        (lambda: AccumulativePoison(Budget(), beta=0.05), ValueError, "needs the defender's auxiliary"),
+        (lambda: AccumulativePoison(Budget(), gamma=-1.0), ValueError, "gamma .* >= 0"),
+        (lambda: AccumulativePoison(Budget(), objective="both"), ValueError, "objective must be one of"),
+        (lambda: PGDDelusive(Budget(), model_mode="training"), ValueError, "model_mode must be one of"),
+        (lambda: CarliniWagnerInf(Budget(), kappa=-1.0), ValueError, "kappa .* >= 0"),
+        (lambda: PGDDelusive(0.1), TypeError, "budget must be a Budget"),
+        (lambda: build_attack("fgsm", Budget()), ValueError, "unknown attack 'fgsm'; expected one of pgd, trades_kl"),
+    ],
+)
+def test_bad_construction_is_a_clear_error(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_accumulative_poison_needs_trigger_and_validation_unless_clean_only():
+    model = build_model("digitscnn", 10, (1, 8, 8))
+    x, y = _batch(8)
+    with pytest.raises(ValueError, match="needs trigger=.* and validation="):
+        AccumulativePoison(Budget())(model, x, y, trigger=_batch(8))
+    assert AccumulativePoison(Budget(), objective="clean_only")(model, x, y).shape == x.shape
+
+
+def test_registry_builds_each_simple_attack_with_its_budget_and_options():
+    budget = Budget(epsilon=0.1, steps=3, step_size=0.03)
+    assert {"pgd": PGDDelusive, "trades_kl": TradesKL, "cw_inf": CarliniWagnerInf} == ATTACKS
+    for name, cls in ATTACKS.items():
+        attack = build_attack(name, budget, model_mode="train")
+        assert type(attack) is cls and attack.budget is budget and attack.model_mode == "train"
+    assert build_attack("cw_inf", budget, kappa=2.0).kappa == 2.0
+
+
+def test_second_order_direction_matches_central_finite_difference():
+    torch.manual_seed(2)
+    model = _tanh_net()
+    trigger = (torch.rand(10, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    validation = (torch.rand(12, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    second_order = AccumulativePoison(Budget()).second_order_direction(model, trigger, validation)
+    params = list(model.parameters())
+    assert [h.shape for h in second_order] == [p.shape for p in params]
+
+    def similarity():  # C(theta) = sum_l cos(g_l(S_T), g_l(S_val))
+        return TriggerCrafter(Budget()).cosine_objective(model, *trigger, *validation)
+
+    direction = [torch.randn_like(p) for p in params]
+    h = 1e-5
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, v in zip(params, direction, strict=True):
+                p.add_(sign * h * v)
+        values.append(similarity())
+        with torch.no_grad():
+            for p, v in zip(params, direction, strict=True):
+                p.sub_(sign * h * v)
+    finite_difference = (values[0] - values[1]) / (2 * h)
+    analytic = sum((hl * v).sum() for hl, v in zip(second_order, direction, strict=True)).item()
+    assert abs(analytic) > 1e-2  # a zero H would pass a loose check
+    assert analytic == pytest.approx(finite_difference, rel=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["full", "second_order_only", "clean_only"])
+def test_objective_gradient_wrt_input_matches_finite_difference(objective):
+    torch.manual_seed(3)
+    model = _tanh_net()
+    x = torch.rand(10, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    reference = (torch.rand(10, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    attack = AccumulativePoison(Budget(), gamma=0.7, objective=objective)
+    second_order = attack.second_order_direction(model, reference, reference)
+    x_adv = (x + 0.2 * torch.randn_like(x)).requires_grad_(True)  # away from x, where clean_only peaks
+    (gradient,) = torch.autograd.grad(attack.objective_value(model, x_adv, x, y, second_order), x_adv)
+    direction = torch.randn_like(x)
+    h = 1e-6
+    with torch.no_grad():
+        plus = attack.objective_value(model, x_adv + h * direction, x, y, second_order).item()
+        minus = attack.objective_value(model, x_adv - h * direction, x, y, second_order).item()
+    analytic = (gradient * direction).sum().item()
+    assert abs(analytic) > 1e-3
+    assert analytic == pytest.approx((plus - minus) / (2 * h), rel=1e-6)
+
+
+def test_accumulative_objective_is_the_sum_of_its_ablations():
+    torch.manual_seed(4)
+    model = _tanh_net()
+    x, y = torch.rand(8, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    x_adv = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    reference = (torch.rand(8, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    second_order = AccumulativePoison(Budget()).second_order_direction(model, reference, reference)
+
+    def value(objective, gamma):
+        return AccumulativePoison(Budget(), gamma, objective).objective_value(model, x_adv, x, y, second_order).item()
+
+    assert value("full", 2.0) == pytest.approx(value("clean_only", 2.0) + value("second_order_only", 2.0), abs=1e-12)
+    assert value("clean_only", 2.0) == pytest.approx(2 * value("clean_only", 1.0), abs=1e-12)
+    assert value("second_order_only", 2.0) == value("second_order_only", 1.0)  # gamma weighs only the clean term
+    assert value("clean_only", 1.0) != pytest.approx(value("second_order_only", 1.0), abs=1e-3)
+    # per-tensor normalisation: a batch's gradient against itself scores one per parameter tensor
+    attack = AccumulativePoison(Budget(), objective="clean_only")
+    assert attack.objective_value(model, x, x, y).item() == pytest.approx(4.0, abs=1e-9)
+    assert TriggerCrafter(Budget()).cosine_objective(model, x, y, x, y) == pytest.approx(4.0, abs=1e-9)
+
+
+def test_trigger_lowers_the_gradient_cosine_with_validation(digits):
+    model = digits["model"]
+    x, y = digits["train"][0][:100], digits["train"][1][:100]
+    x_val, y_val = digits["test"][0][:200], digits["test"][1][:200]
+    crafter = TriggerCrafter(Budget(epsilon=0.1, steps=4, step_size=0.03))
+    before = crafter.cosine_objective(model, x, y, x_val, y_val)
+    after = crafter.cosine_objective(model, crafter(model, x, y, x_val, y_val), y, x_val, y_val)
+    assert after < before - 1.0  # a sum of 8 per-tensor cosines, in [-8, 8]
+
+
+def test_error_maximising_attacks_raise_their_own_objective(digits):
+    model = digits["model"]
+    x, y = digits["test"][0][:200], digits["test"][1][:200]
+    budget = Budget(epsilon=0.1, steps=5, step_size=0.03)
+    with torch.no_grad():
+        clean_logits = model(x)
+        pgd_logits = model(PGDDelusive(budget)(model, x, y))
+        trades_logits = model(TradesKL(budget)(model, x, y))
+        cw_logits = model(CarliniWagnerInf(budget, kappa=0.0)(model, x, y))
+    assert F.cross_entropy(pgd_logits, y) > F.cross_entropy(clean_logits, y) + 1.0
+    assert F.kl_div(trades_logits.log_softmax(1), clean_logits.softmax(1), reduction="batchmean") > 0.5
+    clean_cw = cw_margin(clean_logits, y).clamp(max=0).mean()
+    assert clean_cw < -1.0  # a trained model: most samples correct by a margin
+    assert cw_margin(cw_logits, y).clamp(max=0).mean() > clean_cw / 2
+
+
+def test_trades_first_step_follows_the_kl_landscape(digits):
+    # KL(f(x) || f(x')) is flat at x' = x; from the 1e-3 start one step already raises it about as much
+    # as a CE step does (from x itself only rounding noise steers the sign: about a third of that)
+    model = digits["model"]
+    x, y = digits["test"][0][:200], digits["test"][1][:200]
+    budget = Budget(epsilon=0.05, steps=1, step_size=0.05)
+    with torch.no_grad():
+        p_clean = model(x).softmax(1)
+        kl = {name: F.kl_div(model(attack(model, x, y)).log_softmax(1), p_clean, reduction="batchmean").item()
+              for name, attack in (("trades", TradesKL(budget)), ("pgd", PGDDelusive(budget)))}
+    assert kl["trades"] > 0.5 * kl["pgd"] > 0.01
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_term_lowers_the_memorization_discrepancy(digits, name):
+    model, auxiliary = digits["model"], digits["auxiliary"]
+    x, y = digits["train"][0][:100], digits["train"][1][:100]
+    reference = (digits["test"][0][:100], digits["test"][1][:100])
+    budget = Budget(epsilon=0.1, steps=4, step_size=0.03)
+    discrepancy = {}
+    for beta in (0.0, 5.0):  # larger than the paper's <= 0.2: the objectives' scales differ, the direction is tested
+        torch.manual_seed(5)  # TradesKL's start noise: the same for both
+        attack = FACTORIES[name](budget, auxiliary=auxiliary, beta=beta)
+        discrepancy[beta] = memorization_discrepancy(auxiliary, model, _attack(attack, model, x, y, reference)).mean()
+    assert discrepancy[5.0] < 0.7 * discrepancy[0.0]
+
+
+def test_poisoned_sgd_step_costs_more_accuracy_than_the_clean_step(digits):
+    model = digits["model"]
+    (x_train, y_train), (x_test, y_test) = digits["train"], digits["test"]
+    attack = PGDDelusive(Budget(epsilon=0.1, steps=5, step_size=0.03))
+    differences = []
+    for seed in range(10):
+        batch = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))[:100]
+        x, y = x_train[batch], y_train[batch]
+        accuracies = []
+        for inputs in (x, attack(model, x, y)):
+            learner = copy.deepcopy(model).train()
+            optimizer = torch.optim.SGD(learner.parameters(), lr=0.3)
+            F.cross_entropy(learner(inputs), y).backward()
+            optimizer.step()
+            accuracies.append(_accuracy(learner.eval(), x_test, y_test))
+        differences.append(accuracies[0] - accuracies[1])
+    differences = torch.tensor(differences)
+    assert _accuracy(model, x_test, y_test) > 0.9
+    assert differences.mean() > 0.1
+    assert (differences > 0).sum() >= 8
+
+
+def _bn_dropout_net():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(), nn.Linear(64, 10)
+    )
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("crafting_mode", ["eval", "train"])
+def test_attacks_restore_mode_and_leave_grads_and_buffers_alone(name, crafting_mode):
+    torch.manual_seed(6)
+    model, auxiliary = _bn_dropout_net(), _bn_dropout_net()
+    model[1].eval()  # a frozen BatchNorm inside a training model: per-module modes must survive
+    auxiliary.train()
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, 7.0) if i % 2 else None
+    grads_before = [None if p.grad is None else p.grad.clone() for p in params]
+    modes_before = [m.training for m in model.modules()]
+    states_before = [copy.deepcopy(net.state_dict()) for net in (model, auxiliary)]
+    attack = FACTORIES[name](Budget(epsilon=0.1, steps=2, step_size=0.05), model_mode=crafting_mode,
+                             auxiliary=auxiliary, beta=0.1)
+    x, y = _batch(16, shape=(1, 4, 4))
+    with torch.no_grad():  # callers may hold no_grad; attacks still need gradients
+        _attack(attack, model, x, y, _batch(16, shape=(1, 4, 4)))
+    assert [m.training for m in model.modules()] == modes_before
+    assert auxiliary.training and all(m.training for m in auxiliary.modules())
+    for p, before in zip(params, grads_before, strict=True):
+        assert (p.grad is None) if before is None else torch.equal(p.grad, before)
+    assert all(p.grad is None for p in auxiliary.parameters())
+    for net, before in zip((model, auxiliary), states_before, strict=True):
+        after = net.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_model_mode_is_a_real_choice_for_batchnorm():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10))
+    x, y = _batch(32, shape=(1, 4, 4))
+    x = 0.5 * x + 0.5  # batch statistics far from the fresh running statistics (mean 0, var 1)
+    budget = Budget(epsilon=0.1, steps=3, step_size=0.05)
+    crafted = {mode: PGDDelusive(budget, model_mode=mode)(model, x, y) for mode in ("eval", "train")}
+    assert not torch.equal(crafted["eval"], crafted["train"])
+    with torch.no_grad():  # each raises the loss of the forward it was crafted against
+        model.train()
+        model[1].track_running_stats = False  # batch statistics, without moving the running ones
+        assert F.cross_entropy(model(crafted["train"]), y) > F.cross_entropy(model(crafted["eval"]), y)
