@@ -75,3 +75,18 @@ def test_sweep_runs_one_variant_per_value(cache_dir, monkeypatch):
     assert parse_vary("calibration.target_false_flag_rate=0.05,0.2")[2] == [0.05, 0.2]
     with pytest.raises(ValueError, match="SECTION.FIELD=V1,V2"):
         parse_vary("early_stop")
+
+
+def test_backtracking_rows_compare_clean_and_poisoned(cache_dir, monkeypatch):
+    from attacker_sim.analysis import backtracking_rows
+    from service.config import ExperimentConfig
+
+    monkeypatch.setenv("DSCGUARD_CACHE_DIR", str(cache_dir))
+    config = ExperimentConfig.from_profile("digits", burnin={"epochs": 10, "auxiliary_epoch": 5})
+    rows = backtracking_rows(config, ks=[1, 3], seeds=[0], probe_batches=1, progress=False)
+    assert [r["k"] for r in rows] == [1, 3]
+    for row in rows:
+        assert row["clean"]["mean"] > 0 and row["poisoned"]["mean"] > 0
+        assert row["clean"]["values"] and len(row["poisoned"]["values"]) == 1
+    with pytest.raises(ValueError, match="backtracking intervals"):
+        backtracking_rows(config, ks=[0])
