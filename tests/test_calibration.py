@@ -1,6 +1,6 @@
 import numpy as np
-import torch
 import pytest
+import torch
 
 from service.defense.calibration import calibrate
 from service.defense.discrepancy import memorization_discrepancy

@@ -110,7 +110,7 @@ def test_dsc_shares_the_trunk_forward_without_changing_the_loss():
     x, y = torch.rand(12, 3, 16, 16), torch.randint(0, 10, (12,))
     median = float(memorization_discrepancy(aux, model, x).median())
     cal = Calibration(mu=median, tau=0.0, target_false_flag_rate=0.5, divergence="kl")
-    strategy = build_strategy(StrategyConfig(name="dsc", steps=2), cal)
+    strategy = build_strategy(StrategyConfig(name="dsc", steps=2, early_stop="sample"), cal)
     prepared = strategy.prepare(model, aux, x, y, 0)
     assert prepared.features is not None  # smallcnn's conv trunk has no dropout or batch norm
     corrected = int((prepared.correction.steps_taken > 0).sum())
