@@ -1,0 +1,152 @@
+"""The running service as a campaign target: the same campaigns as in-process, end to end over HTTP.
+
+`step` POSTs the batch (safetensors, a fresh batch_id) to /v1/ingest and waits, bounded, until the
+worker has applied it, then reads what the defense did from the batch's audit record. `predict`
+asks /v1/predict; `white_box_model` downloads /v1/model with the admin token (a black-box attacker
+uses its own surrogate instead and never calls it).
+
+`evaluate_target` runs the scenarios of `dscguard eval` against one running service (or any target)
+and returns the same `Evaluation` object, so `dscguard attack` prints the same table as `dscguard eval`.
+The service holds one model, so the scenarios run one after the other on it: each starts where the
+previous one left the model.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+import httpx
+import numpy as np
+import torch
+from torch import nn
+
+from attacker_sim.targets import StepOutcome, Target
+from service.codec import encode_safetensors_batch
+from service.config import ExperimentConfig
+from service.model_store import model_from_bytes
+
+SAFETENSORS = "application/vnd.safetensors"
+
+
+class TargetError(RuntimeError):
+    """The service refused a request or did not apply a batch in time."""
+
+
+class HttpTarget:
+    """A `Target` backed by a running dscguard service at `url`.
+
+    >>> target = HttpTarget("http://127.0.0.1:9", api_key="key")  # nothing is contacted until used
+    >>> target.close()
+    """
+
+    def __init__(self, url: str, api_key: str, admin_token: str | None = None, *, timeout_seconds: float = 120.0,
+                 predict_chunk: int = 512):
+        self.admin_token = admin_token
+        self.timeout_seconds, self.predict_chunk = timeout_seconds, predict_chunk
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers={"X-API-Key": api_key},
+                                   timeout=httpx.Timeout(30.0, connect=5.0))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutcome:
+        """Submit one batch for learning and wait until the worker has applied it."""
+        batch_id = f"attack-{uuid.uuid4().hex}"
+        body = encode_safetensors_batch(x, y, batch_id=batch_id)
+        deadline = time.monotonic() + self.timeout_seconds
+        while True:
+            response = self.client.post("/v1/ingest", content=body, headers={"Content-Type": SAFETENSORS})
+            if response.status_code != 429 or time.monotonic() >= deadline:
+                break
+            time.sleep(min(float(response.headers.get("Retry-After", 1)), max(0.0, deadline - time.monotonic())))
+        _check(response, "ingest")
+        state = self._wait_applied(batch_id, deadline)
+        record = state["record"]
+        discrepancy = state.get("discrepancy")
+        return StepOutcome(samples=record["samples"], flagged=record["flagged"], corrected=record["corrected"],
+                           threshold=record["threshold"], seconds=record["step_seconds"],
+                           discrepancy=np.asarray(discrepancy, dtype=np.float32) if discrepancy is not None else None)
+
+    def _wait_applied(self, batch_id: str, deadline: float) -> dict:
+        while True:  # the service holds each request until the batch leaves the queue (or 10 s pass)
+            wait = min(10.0, max(0.0, deadline - time.monotonic()))
+            response = self.client.get(f"/v1/batches/{batch_id}", params={"wait": wait})
+            _check(response, "batch state")
+            state = response.json()
+            if state["state"] == "applied":
+                return state
+            if state["state"] in ("dead_letter", "skipped"):
+                raise TargetError(f"batch {batch_id} was not applied ({state['state']}): {state.get('reason')}")
+            if time.monotonic() >= deadline:
+                raise TargetError(f"batch {batch_id} was not applied within {self.timeout_seconds} s "
+                                  "(is the worker running?)")
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        labels = []
+        for start in range(0, len(x), self.predict_chunk):
+            body = encode_safetensors_batch(x[start : start + self.predict_chunk])
+            response = self.client.post("/v1/predict", content=body, headers={"Content-Type": SAFETENSORS})
+            _check(response, "predict")
+            labels += response.json()["labels"]
+        return torch.tensor(labels, dtype=torch.long)
+
+    def white_box_model(self) -> nn.Module:
+        if self.admin_token is None:
+            raise TargetError("a white-box attack needs the admin token (/v1/model)")
+        response = self.client.get("/v1/model", headers={"X-API-Key": self.admin_token})
+        _check(response, "model")
+        return model_from_bytes(response.content).model
+
+    def status(self) -> dict:
+        response = self.client.get("/v1/status", params={"audit": 0})
+        _check(response, "status")
+        return response.json()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _check(response: httpx.Response, what: str) -> None:
+    if response.is_success:
+        return
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    raise TargetError(f"{what}: HTTP {response.status_code}: {detail}")
+
+
+def evaluate_target(config: ExperimentConfig, target: Target, strategy: str,
+                    scenarios: Sequence[str] = ("clean", "poison"), cache_dir=None, progress: bool = True):
+    """The scenarios of `dscguard eval` for `config.seed` against one target that keeps its state.
+
+    Unlike `evaluate`, which gives every scenario a fresh learner, a running service holds one
+    model: each scenario starts where the previous one left it. The attacker prepares the same
+    experiment as the service (same profile and seed: the same data splits and burn-in) for its
+    batches, its validation split, its black-box surrogate, and the test split the harness measures.
+    In-process (`InProcessTarget`) and over HTTP, the same seeds give the same runs.
+    """
+    from attacker_sim.campaign import run_clean_oracle
+    from attacker_sim.evaluation import SCENARIOS, Evaluation, _campaign
+    from service.experiment import Experiment
+
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {sorted(unknown)}; expected {', '.join(SCENARIOS)}")
+    started = time.perf_counter()
+    experiment = Experiment.prepare(config, cache_dir=cache_dir, progress=progress)
+    evaluation = Evaluation(config, [strategy], list(scenarios))
+    test = experiment.test_tensors
+    validation = experiment.splits.attacker_val.tensors()
+    seed, campaign = config.seed, config.campaign
+    for scenario in scenarios:
+        torch.manual_seed(seed)
+        # the stream seed `evaluate` uses: the same clean batches and trigger base as `dscguard eval`
+        batches = experiment.stream_batches(10_000, seed=seed * 7919 + 1)
+        if scenario == "clean":
+            run = run_clean_oracle(target, batches, campaign.clean_batches or campaign.max_batches + 1, test,
+                                   strategy, seed)
+        else:
+            run = _campaign(experiment).run(target, batches, test, validation, strategy, seed)
+        evaluation.runs.append(run)
+    evaluation.seconds = time.perf_counter() - started
+    return evaluation

@@ -1,0 +1,245 @@
+"""End-to-end throughput of the service (HTTP -> Redis -> worker) beside the in-process learner, and ingest latency.
+
+For each workload (digits: DigitsCNN on 25x1x8x8 batches; cifar10: SmallCNN on 100x3x32x32 batches,
+the `step_cost.py` burn-in), in one run, from the same starting model and on the same batches: the
+in-process learner steps, and a running `dscguard serve` + `dscguard worker` pair (separate
+processes, as deployed) is sent the batches over HTTP, taking turns chunk by chunk; samples per
+second applied are compared (end to end: from the first POST of a chunk until the worker has
+applied its last batch). Then
+100x3x32x32 uint8 batches are POSTed at a fixed request rate while the worker runs, and the ingest
+latency (client-side, request to 202) is reported as p50/p99.
+
+Needs Redis (default redis://127.0.0.1:6379/0; a random namespace, deleted afterwards) and, for the
+cifar10 workload, CIFAR-10 in the data directory (../shared/data or $DSCGUARD_DATA_DIR).
+
+    python benchmarks/service_throughput.py --json service_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import torch
+
+from service.codec import encode_json_batch
+from service.config import ExperimentConfig
+from service.data import DatasetNotFoundError
+from service.experiment import Experiment
+from service.redis_queue import RedisQueue, connect
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = f"bench-{uuid.uuid4().hex}"
+WORKLOADS = {
+    "digits": {"profile": "digits", "overrides": {}},
+    "cifar10": {"profile": "cifar10-small", "overrides": {
+        "data": {"burnin": 5000, "stream": 2000, "calibration": 500, "test": 1000},
+        "burnin": {"epochs": 4, "checkpoint_every": 1, "auxiliary_epoch": 2}, "stream": {"batch_size": 100}}},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Service:
+    """`dscguard serve` and `dscguard worker` as subprocesses on one fresh namespace; stopped on exit."""
+
+    def __init__(self, args, workload: dict, workdir: Path):
+        self.namespace = f"bench-{uuid.uuid4().hex[:10]}"
+        self.port = _free_port()
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "DSCGUARD_REDIS_URL": args.redis_url,
+                    "DSCGUARD_NAMESPACE": self.namespace, "DSCGUARD_API_KEY": API_KEY,
+                    "DSCGUARD_PROFILE": workload["profile"], "DSCGUARD_SEED": str(args.seed),
+                    "DSCGUARD_DEVICE": args.device, "DSCGUARD_CONFIG_OVERRIDES": json.dumps(workload["overrides"]),
+                    "DSCGUARD_CHECKPOINT_DIR": str(workdir / self.namespace),
+                    "DSCGUARD_CHECKPOINT_EVERY": str(args.checkpoint_every), "DSCGUARD_WORKER_METRICS_PORT": "0",
+                    "DSCGUARD_QUEUE_MAX_LENGTH": "100000", "DSCGUARD_MAX_BATCH_SAMPLES": "1024",
+                    "DSCGUARD_TORCH_THREADS": str(args.worker_threads)}
+        self.logs = workdir / f"{self.namespace}.log"
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Service:
+        with open(self.logs, "wb") as log:
+            for command in (["worker", "--log-level", "warning"],
+                            ["serve", "--port", str(self.port), "--log-level", "warning"]):
+                self.processes.append(subprocess.Popen([sys.executable, "-m", "service.cli", *command], env=self.env,
+                                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers={"X-API-Key": API_KEY},
+                                   timeout=60)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.processes):
+                raise SystemExit(f"the service exited early:\n{self.logs.read_text()}")
+            try:
+                if self.client.get("/health/ready").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"the service was not ready within 600 s:\n{self.logs.read_text()}")
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        RedisQueue(connect(self.env["DSCGUARD_REDIS_URL"]), self.namespace).purge()
+
+    def post(self, batch_id: str, x: torch.Tensor, y: torch.Tensor) -> float:
+        """POST one batch as uint8 JSON; returns the client-side latency in seconds."""
+        body = json.dumps(encode_json_batch(batch_id, (x * 255).round().to(torch.uint8), y)).encode()
+        started = time.perf_counter()
+        response = self.client.post("/v1/ingest", content=body, headers={"Content-Type": "application/json"})
+        elapsed = time.perf_counter() - started
+        if response.status_code != 202:
+            raise SystemExit(f"ingest refused: {response.status_code} {response.text}")
+        return elapsed
+
+    def wait_applied(self, batch_id: str, timeout: float = 1800) -> None:
+        """Until the worker has applied `batch_id` (the API holds the request: no polling to steal CPU)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.client.get(f"/v1/batches/{batch_id}", params={"wait": 30}).json()
+            if state["state"] == "applied":
+                return
+            if state["state"] != "queued":
+                raise SystemExit(f"batch {batch_id} was not applied: {state}")
+        raise SystemExit(f"batch {batch_id} was not applied within {timeout} s")
+
+
+def _throughput(args, name: str, workload: dict, workdir: Path) -> dict:
+    config = ExperimentConfig.from_profile(workload["profile"], seed=args.seed, device=args.device,
+                                           **workload["overrides"])
+    experiment = Experiment.prepare(config, progress=not args.no_progress)
+    batches = list(experiment.stream_batches(args.warmup + args.batches, seed=args.seed + 1))
+    samples = sum(len(y) for _, y in batches[args.warmup :])
+
+    learner = experiment.new_learner()
+    in_process = end_to_end = 0.0
+    flagged = 0
+    with Service(args, workload, workdir) as service:
+        for index, (x, y) in enumerate(batches[: args.warmup]):
+            learner.step(x, y)
+            service.post(f"w{index}", x, y)
+        if args.warmup:
+            service.wait_applied(f"w{args.warmup - 1}")
+        # take turns chunk by chunk, so that machine noise hits both sides alike
+        for start in range(args.warmup, len(batches), args.chunk):
+            chunk = batches[start : start + args.chunk]
+            started = time.perf_counter()
+            flagged += sum(learner.step(x, y).flagged_count for x, y in chunk)
+            in_process += time.perf_counter() - started
+            started = time.perf_counter()
+            for offset, (x, y) in enumerate(chunk):
+                service.post(f"b{start + offset}", x, y)
+            service.wait_applied(f"b{start + len(chunk) - 1}")
+            end_to_end += time.perf_counter() - started
+        audit = service.client.get("/v1/status", params={"audit": args.batches}).json()["audit"]
+    served_flagged = sum(record["flagged"] for record in audit)
+    return {"workload": name, "model": config.model.name, "input_shape": list(batches[0][0].shape[1:]),
+            "batch_size": config.stream.batch_size, "batches": args.batches, "samples": samples,
+            "in_process_samples_per_second": samples / in_process,
+            "end_to_end_samples_per_second": samples / end_to_end,
+            "ratio_end_to_end_to_in_process": in_process / end_to_end,
+            "flagged_in_process": flagged, "flagged_end_to_end": served_flagged}
+
+
+def _latency(args, workload: dict, workdir: Path) -> dict:
+    """Ingest latency for 100x3x32x32 uint8 batches at a fixed request rate, the worker running."""
+    config = ExperimentConfig.from_profile(workload["profile"], seed=args.seed, device=args.device,
+                                           **workload["overrides"])
+    experiment = Experiment.prepare(config, progress=not args.no_progress)
+    batches = list(experiment.stream_batches(args.latency_requests, seed=args.seed + 2))
+    latencies = []
+    with Service(args, workload, workdir) as service:
+        for index in range(5):  # connections and code paths warm
+            service.post(f"warm{index}", *batches[index])
+        interval = 1.0 / args.rate
+        next_at = time.perf_counter()
+        for index, (x, y) in enumerate(batches):
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            latencies.append(service.post(f"l{index}", x, y))
+            next_at += interval
+    ms = sorted(1000 * t for t in latencies)
+    quantile = statistics.quantiles(ms, n=100, method="inclusive")
+    return {"batch": [len(batches[0][1]), *batches[0][0].shape[1:]], "encoding": "json uint8 base64",
+            "requests": len(ms), "rate_per_second": args.rate, "p50_ms": quantile[49], "p99_ms": quantile[98],
+            "max_ms": ms[-1], "mean_ms": statistics.fmean(ms)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per workload")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=10, help="batches per turn (in-process, then end to end)")
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--rate", type=float, default=20.0, help="requests per second for the latency test")
+    parser.add_argument("--latency-requests", type=int, default=200)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--worker-threads", type=int, default=0, help="the worker's torch threads (0: torch's default)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    results: dict = {"benchmark": "service_throughput", "config": vars(args), "throughput": [], "latency": None,
+                     "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                                     "device": args.device, "threads": torch.get_num_threads(),
+                                     "cpus": os.cpu_count(), "machine": platform.machine(),
+                                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                                     "load_average_at_start": os.getloadavg()},
+                     "skipped": {}}
+    workdir = Path(tempfile.mkdtemp(prefix="dscguard-bench-"))
+    try:
+        for name in args.workloads:
+            try:
+                row = _throughput(args, name, WORKLOADS[name], workdir)
+            except DatasetNotFoundError as exc:
+                results["skipped"][name] = str(exc)
+                print(f"{name}: skipped ({exc})")
+                continue
+            results["throughput"].append(row)
+            print(f"{name:8s} {row['model']:10s} in-process {row['in_process_samples_per_second']:8.1f} samples/s, "
+                  f"end-to-end {row['end_to_end_samples_per_second']:8.1f} samples/s, "
+                  f"ratio {row['ratio_end_to_end_to_in_process']:.3f}")
+        if "cifar10" in args.workloads and "cifar10" not in results["skipped"]:
+            latency = results["latency"] = _latency(args, WORKLOADS["cifar10"], workdir)
+            print(f"ingest latency, {latency['batch']} uint8 at {args.rate:g} req/s: p50 {latency['p50_ms']:.1f} ms, "
+                  f"p99 {latency['p99_ms']:.1f} ms (max {latency['max_ms']:.1f} ms)")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["environment"]["load_average_at_end"] = os.getloadavg()  # other work on the machine skews the figures
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The FastAPI application: `create_app(settings)`; `dscguard serve` runs it under uvicorn.
+
+The API is stateless: it validates batches and enqueues them in Redis, and reads what the worker
+publishes there (model spec and weights, status, audit records).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.routes import router
+from service.api.schemas import IngestRequest, PredictRequest
+from service.api.state import ApiState
+from service.metrics import ApiMetrics
+from service.model_store import ModelStore
+from service.redis_queue import RedisQueue
+from service.settings import ServiceSettings
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """The API for `settings` (default: read from the DSCGUARD_* environment)."""
+    settings = settings or ServiceSettings()
+    if settings.api_key is None:
+        raise ValueError("DSCGUARD_API_KEY must be set: the API refuses to run without a client key")
+    queue = RedisQueue.from_settings(settings)
+    metrics = ApiMetrics()
+    app = FastAPI(title="dscguard", version="0.1.0",
+                  description="Online learning behind a poisoning defense (DSC): ingest mini-batches, predict, "
+                              "watch what the defense decides.")
+    app.state.api = ApiState(settings, queue, ModelStore(queue), metrics)
+    app.include_router(router)
+    install_error_handlers(app, metrics, settings.retry_after_seconds)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees 413s too
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (IngestRequest, PredictRequest):
+                definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(definition.pop("$defs", {}))
+                components[model.__name__] = definition
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app

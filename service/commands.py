@@ -1,0 +1,131 @@
+"""The service's subcommands of `dscguard`: serve (the API), worker (the defense), attack (over HTTP).
+
+Settings come from `DSCGUARD_*` environment variables (`service/settings.py`), keys included: they
+are never taken on the command line, where other users of the machine could read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+
+from pydantic import ValidationError
+
+
+def _settings(**updates):
+    from service.settings import ServiceSettings
+
+    try:
+        settings = ServiceSettings()
+    except ValidationError as exc:
+        raise SystemExit(f"invalid DSCGUARD_* settings:\n{exc}") from exc
+    return settings.model_copy(update={k: v for k, v in updates.items() if v is not None})
+
+
+def _passive_openmp() -> None:
+    """OpenMP threads that sleep when idle instead of spinning (unless OMP_WAIT_POLICY says otherwise).
+
+    The API, the worker and Redis often share a machine: spinning threads of one process starve the
+    others, and a worker whose threads are descheduled mid-step slows down many times over. Set
+    before torch is imported (libgomp reads it when it loads).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _passive_openmp()
+    import uvicorn
+
+    from service.metrics import MULTIPROCESS_ENV
+
+    settings = _settings()
+    if settings.api_key is None:
+        raise SystemExit("set DSCGUARD_API_KEY (the client key) before starting the API")
+    if args.workers > 1 and not os.environ.get(MULTIPROCESS_ENV):
+        # several processes: prometheus_client's multiprocess mode, set before any worker imports it
+        directory = tempfile.mkdtemp(prefix="dscguard-metrics-")
+        os.environ[MULTIPROCESS_ENV] = directory
+        atexit.register(shutil.rmtree, directory, True)
+    uvicorn.run("service.api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    _passive_openmp()
+    from service.worker import WorkerError, run_worker
+
+    _logging(args.log_level)
+    settings = _settings(worker_metrics_port=args.metrics_port)
+    try:
+        run_worker(settings, max_batches=args.max_batches, idle_timeout=args.idle_timeout)
+    except WorkerError as exc:
+        raise SystemExit(str(exc)) from exc
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from attacker_sim.http_target import HttpTarget, TargetError, evaluate_target
+    from attacker_sim.report import table_markdown, write_reports
+    from service.cli import build_config
+
+    config = build_config(args)
+    settings = _settings()
+    if settings.api_key is None:
+        raise SystemExit("set DSCGUARD_API_KEY (and DSCGUARD_ADMIN_TOKEN for a white-box attack)")
+    admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+    target = HttpTarget(args.target, settings.api_key.get_secret_value(), admin, timeout_seconds=args.timeout)
+    try:
+        strategy = target.status()["strategy"]
+        if strategy is None:
+            raise TargetError("the service has not published a status yet (is the worker running?)")
+        evaluation = evaluate_target(config, target, strategy, scenarios=args.scenarios,
+                                     progress=not args.no_progress)
+    except TargetError as exc:
+        raise SystemExit(f"attack against {args.target} failed: {exc}") from exc
+    finally:
+        target.close()
+    print(table_markdown(evaluation))
+    if args.out:
+        written = write_reports(evaluation, args.out, plots=not args.no_plots)
+        print(f"wrote {', '.join(str(p) for p in written.values())}")
+    return 0
+
+
+def add_service_commands(sub) -> None:
+    """Add serve, worker and attack to the `dscguard` subcommands."""
+    from service.cli import _experiment_options
+
+    p = sub.add_parser("serve", help="run the HTTP API under uvicorn (settings: DSCGUARD_* variables)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn processes (>1: Prometheus multiprocess mode)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run the defense worker: stream -> DSC -> online model (SIGTERM: checkpoint, "
+                                      "exit)")
+    p.add_argument("--max-batches", type=int, help="stop after applying this many batches")
+    p.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a batch")
+    p.add_argument("--metrics-port", type=int, help="port of the worker's /metrics (default: "
+                                                    "$DSCGUARD_WORKER_METRICS_PORT or 9101; 0: off)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("attack", help="the eval campaigns against a running service over HTTP; prints the eval table")
+    _experiment_options(p)
+    p.add_argument("--target", required=True, help="the service's base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--scenarios", nargs="+", default=["clean", "poison"], choices=("clean", "poison"))
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one batch to be applied")
+    p.add_argument("--out", help="also write results.json and report.md here")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_attack)

@@ -1,0 +1,121 @@
+"""Prometheus metrics of the API and of the worker, all named `dscguard_*` in base units.
+
+Each side owns its metrics on its own registry (so an API and a worker can share a process in tests).
+The API may run several uvicorn worker processes: `dscguard serve --workers N` sets
+`PROMETHEUS_MULTIPROC_DIR` before they start, and `/metrics` then aggregates every process's files
+(prometheus_client's multiprocess mode; the API only has counters and histograms, which aggregate
+exactly). With one process (the default) the registry is served directly.
+
+>>> metrics = WorkerMetrics(CollectorRegistry())
+>>> metrics.dead_letters.labels(reason="entry").inc()
+>>> b"dscguard_dead_letters_total" in render(metrics.registry)[0]
+True
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from service.learner import StepReport
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DISCREPANCY_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+CORRECTION_STEP_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50)
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The exposition text of `registry`, or of every process when in multiprocess mode."""
+    if os.environ.get(MULTIPROCESS_ENV):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class ApiMetrics:
+    """Requests, latency, ingested samples and rejections, by route and reason (never by client)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("dscguard_http_requests_total", "HTTP requests answered, by route and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("dscguard_http_request_duration_seconds", "Time to answer an HTTP request",
+                                 ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ingested_samples = Counter("dscguard_ingested_samples_total", "Samples accepted into the queue",
+                                        registry=r)
+        self.ingested_batches = Counter("dscguard_ingested_batches_total", "Batches accepted into the queue",
+                                        registry=r)
+        self.rejected = Counter("dscguard_rejected_requests_total", "Requests refused, by reason", ["reason"],
+                                registry=r)
+
+
+class WorkerMetrics:
+    """What the defense decided and how the worker keeps up, updated once per applied batch."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.discrepancy = Histogram("dscguard_memorization_discrepancy",
+                                     "Per-sample memorization discrepancy of received samples, by verdict",
+                                     ["verdict"], buckets=DISCREPANCY_BUCKETS, registry=r)
+        self.flagged = Counter("dscguard_samples_flagged_total", "Samples whose discrepancy exceeded the threshold",
+                               registry=r)
+        self.corrected = Counter("dscguard_samples_corrected_total", "Samples changed by correction steps",
+                                 registry=r)
+        self.correction_steps = Histogram("dscguard_correction_steps", "Correction steps taken per flagged sample",
+                                          buckets=CORRECTION_STEP_BUCKETS, registry=r)
+        self.threshold = Gauge("dscguard_threshold", "Discrepancy threshold the next batch is judged against",
+                               registry=r)
+        self.loss = Gauge("dscguard_loss", "Training loss of the last applied batch", registry=r)
+        self.batches = Counter("dscguard_batches_applied_total", "Batches applied to the online model", registry=r)
+        self.samples = Counter("dscguard_samples_applied_total", "Samples applied to the online model", registry=r)
+        self.step_duration = Histogram("dscguard_step_duration_seconds", "Worker time per batch, by phase",
+                                       ["phase"], buckets=STEP_BUCKETS, registry=r)
+        self.queue_depth = Gauge("dscguard_queue_depth", "Entries in the ingest stream (waiting, in flight, "
+                                 "or applied and awaiting a checkpoint)", registry=r)
+        self.queue_pending = Gauge("dscguard_queue_pending", "Entries delivered to the worker, not yet acknowledged",
+                                   registry=r)
+        self.queue_lag = Gauge("dscguard_queue_lag_seconds", "Age of the oldest entry not yet applied", registry=r)
+        self.model_version = Gauge("dscguard_model_version", "Version of the online model (one per update)",
+                                   registry=r)
+        self.canary_accuracy = Gauge("dscguard_canary_accuracy", "Accuracy of the online model on the trusted "
+                                     "canary set (ratio)", registry=r)
+        self.dead_letters = Counter("dscguard_dead_letters_total", "Entries moved to the dead-letter stream",
+                                    ["reason"], registry=r)
+        self.duplicates = Counter("dscguard_duplicates_skipped_total", "Entries skipped: their update was "
+                                  "already applied", registry=r)
+        self.checkpoints = Counter("dscguard_checkpoints_total", "Checkpoints written", registry=r)
+
+    def observe_step(self, report: StepReport, threshold_next: float | None) -> None:
+        """Everything a StepReport says, as metrics (no per-sample labels: samples go into histograms)."""
+        flagged = report.flagged.astype(bool)
+        if report.discrepancy_before is not None:
+            for value, is_flagged in zip(report.discrepancy_before.tolist(), flagged.tolist(), strict=True):
+                self.discrepancy.labels(verdict="flagged" if is_flagged else "clean").observe(value)
+        for steps in report.correction_steps[flagged].tolist():
+            self.correction_steps.observe(steps)
+        self.flagged.inc(report.flagged_count)
+        self.corrected.inc(report.corrected_count)
+        self.loss.set(report.loss)
+        if threshold_next is not None:
+            self.threshold.set(threshold_next)
+        self.batches.inc()
+        self.samples.inc(report.samples)
+        self.model_version.set(report.model_version)
+        for phase in ("prepare", "update"):
+            if phase in report.seconds:
+                self.step_duration.labels(phase=phase).observe(report.seconds[phase])
+
+    def observe_queue(self, depth: int, pending: int, lag_seconds: float) -> None:
+        self.queue_depth.set(depth)
+        self.queue_pending.set(pending)
+        self.queue_lag.set(lag_seconds)
+

@@ -1,0 +1,304 @@
+"""The Redis side of the service: one namespace, one bounded ingest stream, and what the worker publishes.
+
+Keys, all under `<namespace>:`:
+
+| key | type | what |
+|---|---|---|
+| `ingest` | stream, group `workers` | batches waiting, in flight, or applied but not yet checkpointed |
+| `batch:<batch_id>` | hash, expires | idempotency key; then the batch's state and audit record |
+| `audit` | stream, capped | one record per applied batch |
+| `deadletter` | stream, capped | entries the worker could not decode, with the reason |
+| `model` | hash | model spec, version and current weights (safetensors), published by the worker |
+| `worker` | string | the worker's status (JSON); `worker:heartbeat` its lease, refreshed while alive |
+
+An entry is XACKed and deleted only once a checkpoint holds its update, so the stream length
+bounds everything not yet durable and a crashed worker's entries are reclaimed on restart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import redis
+
+GROUP = "workers"
+
+# Atomic: a known batch_id is a duplicate (even when the queue is full); a full stream refuses;
+# otherwise append the entry and remember the batch_id with its entry id.
+_ENQUEUE = """
+local existing = redis.call('HGET', KEYS[2], 'entry_id')
+if existing then return {'duplicate', existing} end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return {'full', ''} end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+redis.call('HSET', KEYS[2], 'entry_id', id, 'state', 'queued')
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+return {'queued', id}
+"""
+
+# The heartbeat is also the worker's lease on the namespace: only its holder may refresh it.
+_REFRESH_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def connect(url: str, timeout_seconds: float = 2.0) -> redis.Redis:
+    """A client that returns bytes and fails fast when Redis is unreachable."""
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout_seconds, socket_timeout=timeout_seconds + 5.0,
+                                health_check_interval=30)
+
+
+def entry_id_key(entry_id: bytes | str) -> tuple[int, int]:
+    """Stream ids compare as (milliseconds, sequence)."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    state: str  # "queued", "duplicate" or "full"
+    entry_id: str | None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    depth: int  # entries in the stream: waiting, in flight, or applied and awaiting a checkpoint
+    pending: int  # delivered to the worker, not yet acknowledged
+    lag_seconds: float  # age of the oldest entry not yet applied (0 when none)
+
+    def to_dict(self) -> dict:
+        return {"depth": self.depth, "pending": self.pending, "lag_seconds": self.lag_seconds}
+
+
+class RedisQueue:
+    """The namespaced keys of one deployment and the operations the API and the worker do on them."""
+
+    def __init__(self, client: redis.Redis, namespace: str, *, max_length: int = 1000, ttl_seconds: int = 86400,
+                 audit_max_length: int = 10_000, dead_letter_max_length: int = 10_000):
+        self.client, self.namespace = client, namespace
+        self.max_length, self.ttl_seconds = max_length, ttl_seconds
+        self.audit_max_length, self.dead_letter_max_length = audit_max_length, dead_letter_max_length
+        self.stream, self.audit_stream = self.key("ingest"), self.key("audit")
+        self.dead_letters, self.model_key = self.key("deadletter"), self.key("model")
+        self.status_key, self.heartbeat_key = self.key("worker"), self.key("worker:heartbeat")
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._refresh = client.register_script(_REFRESH_LEASE)
+        self._release = client.register_script(_RELEASE_LEASE)
+
+    @classmethod
+    def from_settings(cls, settings, client: redis.Redis | None = None) -> RedisQueue:
+        client = client or connect(settings.redis_url, settings.redis_timeout_seconds)
+        return cls(client, settings.namespace, max_length=settings.queue_max_length,
+                   ttl_seconds=settings.idempotency_ttl_seconds, audit_max_length=settings.audit_max_length,
+                   dead_letter_max_length=settings.dead_letter_max_length)
+
+    def key(self, name: str) -> str:
+        return f"{self.namespace}:{name}"
+
+    def batch_key(self, batch_id: str) -> str:
+        return self.key(f"batch:{batch_id}")
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    # -- the API side -----------------------------------------------------------------------------
+    def enqueue(self, batch_id: str, fields: Mapping[str, bytes | str]) -> EnqueueResult:
+        """Append one batch unless its id is known or the stream is full (one atomic script)."""
+        args: list = [self.max_length, self.ttl_seconds]
+        for name, value in fields.items():
+            args += [name, value]
+        state, entry_id = self._enqueue(keys=[self.stream, self.batch_key(batch_id)], args=args)
+        return EnqueueResult(state.decode(), entry_id.decode() or None)
+
+    def batch_state(self, batch_id: str) -> dict | None:
+        """What became of a batch: queued, applied (with its audit record), or dead_letter (with the reason)."""
+        fields = self.client.hgetall(self.batch_key(batch_id))
+        if not fields:
+            return None
+        state = {k.decode(): v.decode() for k, v in fields.items()}
+        for name in ("record", "discrepancy"):
+            if name in state:
+                state[name] = json.loads(state[name])
+        return state
+
+    def wait_for_batch(self, batch_id: str, timeout_seconds: float, slice_ms: int = 100) -> dict | None:
+        """The batch's state, once it is no longer queued or after `timeout_seconds` (blocking, not polling).
+
+        Sleeps on the audit stream (XREAD BLOCK from its newest record, read before the state, so no
+        record is missed) in slices of `slice_ms`, so a dead-lettered batch is noticed within a slice.
+        """
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            newest = self.client.xrevrange(self.audit_stream, count=1)
+            state = self.batch_state(batch_id)
+            remaining_ms = int(1000 * (deadline - time.monotonic()))
+            if state is None or state["state"] != "queued" or remaining_ms <= 0:
+                return state
+            self.client.xread({self.audit_stream: newest[0][0] if newest else "0-0"}, count=1,
+                              block=min(slice_ms, remaining_ms))
+
+    def model_version(self) -> int | None:
+        version = self.client.hget(self.model_key, "version")
+        return int(version) if version is not None else None
+
+    def model_spec(self) -> dict | None:
+        spec = self.client.hget(self.model_key, "spec")
+        return json.loads(spec) if spec is not None else None
+
+    def model_weights(self) -> tuple[int, bytes] | None:
+        version, weights = self.client.hmget(self.model_key, ["version", "weights"])
+        return (int(version), weights) if version is not None and weights is not None else None
+
+    def worker_status(self) -> dict | None:
+        status = self.client.get(self.status_key)
+        return json.loads(status) if status is not None else None
+
+    def worker_alive(self) -> bool:
+        return bool(self.client.exists(self.heartbeat_key))
+
+    def audit_tail(self, count: int) -> list[dict]:
+        if count <= 0:
+            return []
+        return [json.loads(fields[b"record"]) for _, fields in self.client.xrevrange(self.audit_stream, count=count)]
+
+    def stats(self, last_applied_id: str | None) -> QueueStats:
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.stream)
+            pipe.xpending(self.stream, GROUP)
+            pipe.xrange(self.stream, f"({last_applied_id or '0-0'}", "+", count=1)
+            pipe.time()
+            depth, pending, oldest, (seconds, micros) = pipe.execute(raise_on_error=False)
+        pending = pending["pending"] if isinstance(pending, dict) else 0  # no group yet: nothing pending
+        lag = 0.0
+        if oldest:
+            lag = max(0.0, seconds + micros / 1e6 - entry_id_key(oldest[0][0])[0] / 1000)
+        return QueueStats(depth=int(depth), pending=int(pending), lag_seconds=lag)
+
+    # -- the worker side --------------------------------------------------------------------------
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[bytes, dict]]:
+        """New entries for this consumer, oldest first (waits up to `block_ms`)."""
+        answer = self.client.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms)
+        return answer[0][1] if answer else []
+
+    def reclaim(self, consumer: str, page: int = 100, max_pages: int = 10_000) -> list[tuple[bytes, dict]]:
+        """Every pending entry of the group, claimed by `consumer`, oldest first (there is one worker)."""
+        claimed: list[tuple[bytes, dict]] = []
+        cursor = "0-0"
+        for _ in range(max_pages):
+            cursor, entries, deleted = self.client.xautoclaim(self.stream, GROUP, consumer, 0, cursor, count=page)
+            claimed += [(entry_id, fields) for entry_id, fields in entries if fields]
+            if deleted:
+                self.client.xack(self.stream, GROUP, *deleted)
+            if cursor in (b"0-0", "0-0"):
+                break
+        for other in self.client.xinfo_consumers(self.stream, GROUP):  # earlier incarnations, now empty-handed
+            name = other["name"].decode() if isinstance(other["name"], bytes) else other["name"]
+            if name != consumer and other["pending"] == 0:
+                self.client.xgroup_delconsumer(self.stream, GROUP, name)
+        return sorted(claimed, key=lambda item: entry_id_key(item[0]))
+
+    def acknowledge(self, entry_ids: Iterable[bytes | str]) -> None:
+        """Done with these entries for good: acknowledge and delete them (the stream stays bounded)."""
+        ids = list(entry_ids)
+        if ids:
+            with self.client.pipeline() as pipe:
+                pipe.xack(self.stream, GROUP, *ids)
+                pipe.xdel(self.stream, *ids)
+                pipe.execute()
+
+    def dead_letter(self, entry_id: bytes | str, fields: Mapping, reason: str, message: str) -> None:
+        """Move an entry that cannot be used aside, with why, and acknowledge it."""
+        entry = {"entry_id": entry_id, "reason": reason, "message": message,
+                 **{f"field.{k.decode() if isinstance(k, bytes) else k}": v for k, v in fields.items()}}
+        batch_id = fields.get(b"batch_id")
+        with self.client.pipeline() as pipe:
+            pipe.xadd(self.dead_letters, entry, maxlen=self.dead_letter_max_length, approximate=True)
+            if batch_id:
+                key = self.batch_key(batch_id.decode(errors="replace"))
+                pipe.hset(key, mapping={"state": "dead_letter", "reason": message})
+                pipe.expire(key, self.ttl_seconds)
+            pipe.xack(self.stream, GROUP, entry_id)
+            pipe.xdel(self.stream, entry_id)
+            pipe.execute()
+
+    def skip(self, entry_id: bytes | str, batch_id: str, reason: str) -> None:
+        """A new entry that must not be applied (its batch_id already was): say why, and acknowledge it."""
+        key = self.batch_key(batch_id)
+        with self.client.pipeline() as pipe:
+            pipe.hset(key, mapping={"state": "skipped", "reason": reason})
+            pipe.expire(key, self.ttl_seconds)
+            pipe.xack(self.stream, GROUP, entry_id)
+            pipe.xdel(self.stream, entry_id)
+            pipe.execute()
+
+    def publish_spec(self, spec: dict) -> None:
+        self.client.hset(self.model_key, "spec", json.dumps(spec, sort_keys=True))
+
+    def record_step(self, *, batch_id: str, record: dict, discrepancy: list[float] | None, status: dict,
+                    weights: bytes | None) -> None:
+        """One round trip after an applied batch: new weights, audit record, batch state, worker status."""
+        key = self.batch_key(batch_id)
+        with self.client.pipeline() as pipe:
+            if weights is not None:
+                pipe.hset(self.model_key, mapping={"version": record["model_version"], "weights": weights})
+            pipe.xadd(self.audit_stream, {"record": json.dumps(record)}, maxlen=self.audit_max_length,
+                      approximate=True)
+            mapping = {"state": "applied", "record": json.dumps(record)}
+            if discrepancy is not None:
+                mapping["discrepancy"] = json.dumps(discrepancy)
+            pipe.hset(key, mapping=mapping)
+            pipe.expire(key, self.ttl_seconds)
+            pipe.set(self.status_key, json.dumps(status))
+            pipe.execute()
+
+    def publish_state(self, *, version: int, weights: bytes, status: dict) -> None:
+        with self.client.pipeline() as pipe:
+            pipe.hset(self.model_key, mapping={"version": version, "weights": weights})
+            pipe.set(self.status_key, json.dumps(status))
+            pipe.execute()
+
+    def acquire_lease(self, owner: str, ttl_seconds: float, wait_seconds: float) -> bool:
+        """Become the namespace's only worker; wait (bounded) for a dead holder's lease to expire."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            if self.client.set(self.heartbeat_key, owner, nx=True, px=int(ttl_seconds * 1000)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.2, ttl_seconds / 4))
+
+    def refresh_lease(self, owner: str, ttl_seconds: float) -> bool:
+        return bool(self._refresh(keys=[self.heartbeat_key], args=[owner, int(ttl_seconds * 1000)]))
+
+    def release_lease(self, owner: str) -> None:
+        self._release(keys=[self.heartbeat_key], args=[owner])
+
+    def lease_holder(self) -> str | None:
+        holder = self.client.get(self.heartbeat_key)
+        return holder.decode() if holder is not None else None
+
+    def purge(self, page: int = 1000, max_pages: int = 100_000) -> int:
+        """Delete every key of this namespace (tests, or a deliberate reset); returns how many."""
+        deleted, cursor = 0, 0
+        for _ in range(max_pages):
+            cursor, keys = self.client.scan(cursor, match=f"{self.namespace}:*", count=page)
+            if keys:
+                deleted += self.client.delete(*keys)
+            if cursor == 0:
+                break
+        return deleted

@@ -1,0 +1,79 @@
+"""Deployment settings of the service (API and worker), read from `DSCGUARD_*` environment variables.
+
+One class for both processes, so the API and the worker agree on the Redis namespace and limits.
+The experiment itself (profile, seed, strategy, any config field) is described here too and turned
+into the one `ExperimentConfig` by `experiment_config()`.
+
+>>> settings = ServiceSettings(profile="digits", strategy="st", config_overrides={"burnin": {"epochs": 5,
+...                            "auxiliary_epoch": 5}})
+>>> cfg = settings.experiment_config()
+>>> cfg.strategy.name, cfg.burnin.epochs
+('st', 5)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.config import ExperimentConfig, StrategyName
+
+
+class ServiceSettings(BaseSettings):
+    """Every knob of the deployed service; each field is read from `DSCGUARD_<FIELD NAME IN CAPITALS>`."""
+
+    model_config = SettingsConfigDict(env_prefix="DSCGUARD_", extra="ignore")
+
+    # Where the queue lives: every key of this deployment starts with `namespace:`.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = Field("dscguard", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    redis_timeout_seconds: float = Field(2.0, gt=0, description="socket connect/read timeout")
+
+    # The experiment the worker serves (the one config object, built by `experiment_config`).
+    profile: str = "digits"
+    seed: int = 0
+    device: str = Field("auto", description="auto: CUDA when present, CPU otherwise")
+    torch_threads: int = Field(0, ge=0, description="worker's CPU threads (0: torch's default, every core); leave "
+                               "a core to the API when both share a small machine")
+    strategy: StrategyName | None = Field(None, description="defense strategy (default: the profile's, dsc)")
+    config_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description='JSON: section overrides, e.g. {"burnin": {"epochs": 5}}')
+    cache_dir: Path | None = Field(None, description="burn-in and dataset cache (default: ~/.cache/dscguard)")
+
+    # Access.
+    api_key: SecretStr | None = Field(None, description="X-API-Key for ingest, predict and status")
+    admin_token: SecretStr | None = Field(None, description="X-API-Key for /v1/model (unset: route disabled)")
+
+    # Limits of the API.
+    max_batch_samples: int = Field(1024, ge=1)
+    max_body_bytes: int = Field(32 * 2**20, ge=1024)
+    queue_max_length: int = Field(1000, ge=1, description="stream entries waiting or in flight; more: 429")
+    retry_after_seconds: int = Field(1, ge=1)
+    idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, description="how long a batch_id is remembered")
+
+    # The worker.
+    checkpoint_dir: Path = Path("checkpoints")
+    checkpoint_every: int = Field(50, ge=1, description="batches between checkpoints (and XACKs)")
+    checkpoints_kept: int = Field(2, ge=1)
+    recent_batch_ids: int = Field(10_000, ge=1, description="applied batch ids remembered in checkpoints")
+    audit_max_length: int = Field(10_000, ge=1)
+    dead_letter_max_length: int = Field(10_000, ge=1)
+    heartbeat_ttl_seconds: float = Field(10.0, gt=0, description="readiness: worker heartbeat younger than this")
+    read_block_ms: int = Field(500, ge=1)
+    read_count: int = Field(16, ge=1, description="entries taken per read (weights are published after each read)")
+    publish_interval_seconds: float = Field(0.25, ge=0, description="under a backlog, publish weights at least "
+                                            "this often (0: after every batch)")
+    consumer_name: str | None = Field(None, description="consumer in the group (default: host-pid)")
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(9101, ge=0, le=65535, description="0: no metrics server")
+    canary_every: int = Field(0, ge=0, description="canary accuracy every N batches (0: off)")
+    canary_samples: int = Field(200, ge=1, description="canary size, taken from the trusted calibration split")
+
+    def experiment_config(self) -> ExperimentConfig:
+        overrides = {section: dict(fields) for section, fields in self.config_overrides.items()}
+        if self.strategy:
+            overrides.setdefault("strategy", {})["name"] = self.strategy
+        return ExperimentConfig.from_profile(self.profile, seed=self.seed, device=self.device, **overrides)

@@ -1,0 +1,375 @@
+"""The defense worker: read batches from the stream, defend and learn, record, checkpoint, acknowledge.
+
+One worker serves a namespace (the online model is one sequential state; a lease in Redis keeps a
+second worker out). For each entry, oldest first: decode and re-validate it (undecodable entries
+go to the dead-letter stream with the reason), skip it if its update is already in the model, take
+`learner.step` (DSC against the frozen auxiliary checkpoint, then the SGD step), then record in
+one atomic round trip the audit record, the batch's state, the worker's status and, when due, the
+new weights. Weights go out with the last entry of every read (so a client that waits for its
+batch to be applied, as `HttpTarget` does, then predicts with the model that learnt from it) and
+at least every `publish_interval_seconds` under a backlog, rather than after every batch:
+serialising a model per batch would cost more than a small model's step.
+
+Durability: an entry is acknowledged (XACK, then deleted) only once a checkpoint holds its update.
+Checkpoints are written every `checkpoint_every` batches and on shutdown, atomically (temp dir,
+rename), and record the last applied stream id and the recent batch ids. On start the worker
+loads the newest valid checkpoint, reclaims the group's pending entries (XAUTOCLAIM) and replays
+those not yet in the checkpoint: a restart, clean or after a crash, neither loses nor repeats an
+update (a crash may only repeat audit records of the replayed batches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import redis
+import torch
+from safetensors.torch import load_file, save_file
+
+from service.checkpoint import CheckpointError
+from service.codec import BatchRejected, InputSpec, from_stream_fields
+from service.config import ExperimentConfig
+from service.device import resolve_device
+from service.learner import OnlineLearner, StepReport
+from service.metrics import WorkerMetrics
+from service.model_store import weights_to_bytes
+from service.redis_queue import RedisQueue, entry_id_key
+from service.settings import ServiceSettings
+
+log = logging.getLogger("dscguard.worker")
+
+CHECKPOINT_PREFIX = "step-"
+CANARY_FILE = "canary.safetensors"
+
+
+class WorkerError(RuntimeError):
+    """The worker cannot start: the namespace is held, or the checkpoints belong to another config."""
+
+
+def deployment_fingerprint(config: ExperimentConfig) -> str:
+    """What a checkpoint must match to be resumed: the burn-in, the stream optimizer, the defense."""
+    payload = {"burnin": config.burnin_fingerprint(), "stream": config.stream.model_dump(),
+               "strategy": config.strategy.model_dump(), "calibration": config.calibration.model_dump()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint directories under `directory`, newest first."""
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)),
+                  reverse=True)
+
+
+class Worker:
+    """The consumer that applies the stream to the online model.
+
+    `run(max_batches=..., idle_timeout=...)` bounds a run (tests, benchmarks); `request_stop()`
+    (SIGTERM in `dscguard worker`) finishes the batch in flight, checkpoints and returns.
+    """
+
+    def __init__(self, settings: ServiceSettings, *, queue: RedisQueue | None = None,
+                 metrics: WorkerMetrics | None = None):
+        self.settings = settings
+        self.config = settings.experiment_config()
+        self.queue = queue or RedisQueue.from_settings(settings)
+        self.metrics = metrics or WorkerMetrics()
+        self.consumer = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.checkpoint_dir = Path(settings.checkpoint_dir)
+        self.learner: OnlineLearner | None = None
+        self.spec: InputSpec | None = None
+        self.last_applied_id = "0-0"
+        self.recent_ids: OrderedDict[str, None] = OrderedDict()
+        self.uncommitted: list[bytes] = []
+        self.canary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.canary_accuracy: float | None = None
+        self._checkpointed_batches = -1
+        self._published_version = -1
+        self._published_at = 0.0
+        self._stop = threading.Event()
+        self._lease_lost = False
+        self._heartbeat: threading.Thread | None = None
+        self._metrics_server = None
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Take the namespace's lease, load (or create) the learner, publish it, and join the group."""
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        ttl = self.settings.heartbeat_ttl_seconds
+        if not self.queue.acquire_lease(self.consumer, ttl, wait_seconds=ttl + 1.0):
+            raise WorkerError(f"namespace {self.queue.namespace!r} is held by worker {self.queue.lease_holder()!r}; "
+                              "one worker serves a namespace")
+        self._stop.clear()
+        self._heartbeat = threading.Thread(target=self._beat, name="dscguard-heartbeat", daemon=True)
+        self._heartbeat.start()
+        try:
+            self.learner = self._load_or_create()
+            self.spec = InputSpec.from_model_spec(self.learner.model_spec, max_samples=2**31)
+            self.queue.publish_spec(self.learner.model_spec)
+            self.publish()
+            self.metrics.model_version.set(self.learner.model_version)
+            threshold = self.learner.threshold()
+            if threshold is not None:
+                self.metrics.threshold.set(threshold)
+            self.queue.ensure_group()
+            if self.settings.worker_metrics_port:
+                from prometheus_client import start_http_server
+
+                self._metrics_server, _ = start_http_server(self.settings.worker_metrics_port,
+                                                            addr=self.settings.worker_metrics_host,
+                                                            registry=self.metrics.registry)
+        except BaseException:
+            self._release()
+            raise
+        self._started = True
+        log.info("worker %s serving namespace %r on %s: model version %d, %d batches applied", self.consumer,
+                 self.queue.namespace, self.learner.device, self.learner.model_version, self.learner.batches_applied)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self, max_batches: int | None = None, idle_timeout: float | None = None) -> int:
+        """Apply batches until stopped, `max_batches` applied, or `idle_timeout` seconds without work."""
+        if not self._started:
+            self.start()
+        applied = 0
+        try:
+            backlog = self.queue.reclaim(self.consumer)
+            if backlog:
+                log.info("reclaimed %d pending entries", len(backlog))
+            idle_since = time.monotonic()
+            while not self._stop.is_set() and (max_batches is None or applied < max_batches):
+                try:
+                    remaining = self.settings.read_count if max_batches is None else max_batches - applied
+                    entries = backlog or self.queue.read(self.consumer, min(self.settings.read_count, remaining),
+                                                         self.settings.read_block_ms)
+                    backlog = []
+                    for index, (entry_id, fields) in enumerate(entries):
+                        if self._stop.is_set() or (max_batches is not None and applied >= max_batches):
+                            break  # entries left pending are reclaimed by the next start
+                        last = index == len(entries) - 1 or (max_batches is not None and applied + 1 >= max_batches)
+                        applied += self.process(entry_id, fields, publish=last)
+                    if self.learner.model_version != self._published_version:
+                        self.publish()
+                    self.metrics.observe_queue(**self.queue.stats(self.last_applied_id).to_dict())
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("Redis unavailable (%s); retrying", exc)
+                    entries = []
+                    self._stop.wait(1.0)
+                if entries:
+                    idle_since = time.monotonic()
+                elif idle_timeout is not None and time.monotonic() - idle_since >= idle_timeout:
+                    break
+        finally:
+            self.shutdown()
+        return applied
+
+    def shutdown(self) -> None:
+        """Checkpoint what is applied, acknowledge it, stop serving metrics and give the lease back."""
+        if not self._started:
+            return
+        self._started = False
+        try:
+            if self.learner.model_version != self._published_version:
+                self.publish()
+            self.commit()
+        finally:
+            self._release()
+        log.info("worker %s stopped at model version %d", self.consumer, self.learner.model_version)
+
+    def _release(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+        if not self._lease_lost:
+            try:
+                self.queue.release_lease(self.consumer)
+            except redis.RedisError as exc:
+                log.warning("could not release the lease: %s", exc)
+
+    def _beat(self) -> None:
+        ttl = self.settings.heartbeat_ttl_seconds
+        while not self._stop.wait(ttl / 3):
+            try:
+                if not self.queue.refresh_lease(self.consumer, ttl):
+                    log.error("lost the lease on namespace %r; stopping", self.queue.namespace)
+                    self._lease_lost = True
+                    self._stop.set()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # -- one entry ---------------------------------------------------------------------------------
+    def process(self, entry_id: bytes, fields: dict, publish: bool = True) -> int:
+        """Apply one stream entry; returns 1 if the model was updated, 0 if skipped or dead-lettered.
+
+        The new weights go out with the batch's record (atomically) when `publish` is set (the last
+        entry of a read) or the publish interval has passed.
+        """
+        started = time.perf_counter()
+        try:
+            batch = from_stream_fields(fields, self.spec)
+        except BatchRejected as exc:
+            log.warning("entry %s dead-lettered (%s): %s", entry_id.decode(), exc.reason, exc.message)
+            self.queue.dead_letter(entry_id, fields, exc.reason, exc.message)
+            self.metrics.dead_letters.labels(reason=exc.reason).inc()
+            return 0
+        if entry_id_key(entry_id) <= entry_id_key(self.last_applied_id):
+            self.queue.acknowledge([entry_id])  # a replayed entry whose update the checkpoint already holds
+            self.metrics.duplicates.inc()
+            return 0
+        if batch.batch_id in self.recent_ids:  # re-sent after the API forgot its id: applied once already
+            self.queue.skip(entry_id, batch.batch_id, "this batch_id was already applied")
+            self.metrics.duplicates.inc()
+            return 0
+        x, y = batch.inputs(), batch.labels()
+        decoded = time.perf_counter()
+        report = self.learner.step(x, y)
+        stepped = time.perf_counter()
+        self.last_applied_id = entry_id.decode()
+        self._remember(batch.batch_id)
+        self.uncommitted.append(entry_id)
+        canary_due = self.settings.canary_every and self.learner.batches_applied % self.settings.canary_every == 0
+        if canary_due and self.canary is not None:
+            self.canary_accuracy = self.learner.accuracy(*self.canary)
+            self.metrics.canary_accuracy.set(self.canary_accuracy)
+        publish = publish or time.monotonic() - self._published_at >= self.settings.publish_interval_seconds
+        self.queue.record_step(batch_id=batch.batch_id, record=self.audit_record(batch.batch_id, entry_id, report),
+                               discrepancy=(report.discrepancy_before.tolist()
+                                            if report.discrepancy_before is not None else None),
+                               status=self.status(), weights=self._weights() if publish else None)
+        if publish:
+            self._published_version, self._published_at = self.learner.model_version, time.monotonic()
+        recorded = time.perf_counter()
+        self.metrics.observe_step(report, self.learner.threshold())
+        self.metrics.step_duration.labels(phase="decode").observe(decoded - started)
+        self.metrics.step_duration.labels(phase="record").observe(recorded - stepped)
+        if len(self.uncommitted) >= self.settings.checkpoint_every:
+            self.commit()
+        return 1
+
+    def audit_record(self, batch_id: str, entry_id: bytes, report: StepReport) -> dict:
+        summary = report.summary()
+        return {"batch_id": batch_id, "entry_id": entry_id.decode(), "batch_index": report.batch_index,
+                "samples": report.samples, "flagged": summary["flagged"], "corrected": summary["corrected"],
+                "correction_steps": summary["correction_steps"], "discrepancy_mean": summary["discrepancy_mean"],
+                "discrepancy_max": summary["discrepancy_max"], "threshold": report.threshold, "loss": report.loss,
+                "model_version": report.model_version, "strategy": report.strategy,
+                "step_seconds": report.seconds.get("total"), "applied_at": time.time()}
+
+    def status(self) -> dict:
+        learner = self.learner
+        return {"consumer": self.consumer, "strategy": learner.strategy.name, "device": str(learner.device),
+                "model_version": learner.model_version, "batches_applied": learner.batches_applied,
+                "threshold": learner.threshold(),
+                "calibration": learner.calibration.to_dict() if learner.calibration else None,
+                "last_applied_id": self.last_applied_id, "checkpointed_batches": self._checkpointed_batches,
+                "canary_accuracy": self.canary_accuracy, "updated_at": time.time()}
+
+    def publish(self) -> None:
+        """Publish the current weights and status (the API serves /v1/predict and /v1/model from them)."""
+        self.queue.publish_state(version=self.learner.model_version, weights=self._weights(), status=self.status())
+        self._published_version, self._published_at = self.learner.model_version, time.monotonic()
+
+    def _weights(self) -> bytes:
+        return weights_to_bytes(self.learner.model, self.learner.model_version, self.learner.model_spec)
+
+    def _remember(self, batch_id: str) -> None:
+        self.recent_ids[batch_id] = None
+        while len(self.recent_ids) > self.settings.recent_batch_ids:
+            self.recent_ids.popitem(last=False)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Checkpoint the applied updates, then acknowledge their entries (never the other way round)."""
+        started = time.perf_counter()
+        learner = self.learner
+        if learner.batches_applied != self._checkpointed_batches:
+            path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{learner.batches_applied:012d}"
+            learner.save(path, extra_meta={"last_applied_id": self.last_applied_id,
+                                           "recent_batch_ids": list(self.recent_ids),
+                                           "deployment": deployment_fingerprint(self.config),
+                                           "namespace": self.queue.namespace})
+            self._checkpointed_batches = learner.batches_applied
+            for old in checkpoints(self.checkpoint_dir)[self.settings.checkpoints_kept :]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.metrics.checkpoints.inc()
+            self.metrics.step_duration.labels(phase="checkpoint").observe(time.perf_counter() - started)
+        self.queue.acknowledge(self.uncommitted)
+        self.uncommitted = []
+
+    def _load_or_create(self) -> OnlineLearner:
+        device = resolve_device(self.config.device)
+        expected = deployment_fingerprint(self.config)
+        for path in checkpoints(self.checkpoint_dir):
+            try:
+                learner = OnlineLearner.load(path, device=device)
+            except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
+                log.warning("skipping unusable checkpoint %s: %s", path, exc)
+                continue
+            extra = learner.extra_meta
+            if extra.get("deployment") != expected:
+                raise WorkerError(f"checkpoint {path} was written for another configuration (fingerprint "
+                                  f"{extra.get('deployment')}, these settings give {expected}); use an empty "
+                                  "DSCGUARD_CHECKPOINT_DIR for a new deployment")
+            self.last_applied_id = extra.get("last_applied_id", "0-0")
+            for batch_id in extra.get("recent_batch_ids", []):
+                self._remember(batch_id)
+            self._checkpointed_batches = learner.batches_applied
+            self.canary = self._load_canary()
+            log.info("resumed from checkpoint %s", path)
+            return learner
+        return self._create(device)
+
+    def _create(self, device: torch.device) -> OnlineLearner:
+        from service.experiment import Experiment
+
+        log.info("no checkpoint in %s: burning in (cached) and calibrating a new learner", self.checkpoint_dir)
+        experiment = Experiment.prepare(self.config.model_copy(update={"device": str(device)}),
+                                        cache_dir=self.settings.cache_dir, progress=False)
+        learner = experiment.new_learner()
+        calibration = experiment.splits.calibration.subset(range(min(self.settings.canary_samples,
+                                                                     len(experiment.splits.calibration))))
+        x, y = calibration.tensors()
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        save_file({"x": torch.from_numpy(calibration.x), "y": y}, self.checkpoint_dir / CANARY_FILE)
+        self.canary = (x, y)
+        self.learner = learner
+        self.commit()
+        return learner
+
+    def _load_canary(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        path = self.checkpoint_dir / CANARY_FILE
+        if not path.is_file():
+            return None
+        tensors = load_file(path)
+        return tensors["x"].float() / 255.0, tensors["y"]
+
+
+def run_worker(settings: ServiceSettings, max_batches: int | None = None, idle_timeout: float | None = None) -> int:
+    """`dscguard worker`: run until SIGTERM/SIGINT (or the bounds), checkpointing on the way out."""
+    import signal
+
+    worker = Worker(settings)
+    previous = {sig: signal.signal(sig, lambda *_: worker.request_stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        applied = worker.run(max_batches=max_batches, idle_timeout=idle_timeout)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("applied %d batches in this run", applied)
+    return applied

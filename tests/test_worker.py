@@ -1,0 +1,83 @@
+"""The worker's bookkeeping, driven in-process against real Redis: what it applies, skips and acknowledges."""
+
+import pytest
+
+from service.codec import InputSpec, decode_safetensors_batch, encode_safetensors_batch, to_stream_fields
+from service.redis_queue import RedisQueue
+from service.worker import Worker, WorkerError, checkpoints
+from tests.service_harness import make_settings, needs_redis, redis_namespace
+
+pytestmark = needs_redis
+
+
+@pytest.fixture
+def namespace():
+    with redis_namespace() as name:
+        yield name
+
+
+def _duplicates(worker: Worker) -> float:
+    return worker.metrics.registry.get_sample_value("dscguard_duplicates_skipped_total")
+
+
+def _enqueue(queue: RedisQueue, batch_id: str, x, y) -> bytes:
+    """Append an entry as the API would, but without its idempotency key (as after the key expired)."""
+    batch = decode_safetensors_batch(encode_safetensors_batch(x, y, batch_id=batch_id),
+                                     InputSpec((1, 8, 8), 10, 1024))
+    return queue.client.xadd(queue.stream, to_stream_fields(batch))
+
+
+def test_a_reused_batch_id_is_skipped_and_a_replayed_entry_is_not_applied_twice(digits_experiment, cache_dir,
+                                                                                  namespace, tmp_path):
+    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=100)
+    queue = RedisQueue.from_settings(settings)
+    (x1, y1), (x2, y2) = digits_experiment.stream_batches(2, seed=3)
+    worker = Worker(settings)
+    worker.start()
+    try:
+        first = _enqueue(queue, "a", x1, y1)
+        again = _enqueue(queue, "a", x2, y2)
+        entries = queue.read(worker.consumer, 10, 100)
+        assert [worker.process(entry_id, fields) for entry_id, fields in entries] == [1, 0]
+        assert queue.batch_state("a")["state"] == "skipped"
+        assert queue.client.xlen(queue.stream) == 1  # the skipped entry is acknowledged and gone
+        assert worker.process(first, dict(entries[0][1])) == 0  # a replay of an applied entry
+        assert worker.learner.batches_applied == 1
+        assert _duplicates(worker) == 2
+        assert again not in [e[0] for e in queue.client.xrange(queue.stream)]
+    finally:
+        worker.shutdown()
+    assert queue.client.xlen(queue.stream) == 0 and not queue.lease_holder()
+
+
+def test_entries_checkpointed_but_not_acknowledged_are_skipped_on_restart(digits_experiment, cache_dir, namespace,
+                                                                          tmp_path, monkeypatch):
+    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=100)
+    queue = RedisQueue.from_settings(settings)
+    for index, (x, y) in enumerate(digits_experiment.stream_batches(2, seed=4)):
+        _enqueue(queue, f"b{index}", x, y)
+    crashed = Worker(settings)
+    crashed.start()
+    for entry_id, fields in queue.read(crashed.consumer, 10, 100):
+        crashed.process(entry_id, fields)
+    with monkeypatch.context() as patch:  # a crash between the checkpoint and the XACK
+        patch.setattr(crashed.queue, "acknowledge", lambda ids: None)
+        crashed.commit()
+    crashed._release()
+    assert queue.client.xpending(queue.stream, "workers")["pending"] == 2
+
+    resumed = Worker(settings)
+    assert resumed.run(idle_timeout=0.3) == 0
+    assert resumed.learner.batches_applied == 2 and _duplicates(resumed) == 2
+    assert queue.client.xlen(queue.stream) == 0
+    assert [p.name for p in checkpoints(tmp_path / "checkpoints")] == ["step-000000000002", "step-000000000000"]
+
+
+def test_checkpoints_of_another_configuration_are_refused(digits_experiment, cache_dir, namespace, tmp_path):
+    first = Worker(make_settings(namespace, tmp_path, cache_dir=cache_dir))
+    first.start()
+    first.shutdown()
+    other = Worker(make_settings(namespace, tmp_path, cache_dir=cache_dir, strategy="st"))
+    with pytest.raises(WorkerError, match="written for another configuration"):
+        other.start()
+    assert not RedisQueue.from_settings(other.settings).lease_holder()
