@@ -82,11 +82,11 @@ def evaluate(config: ExperimentConfig, strategies: Sequence[str] = STRATEGY_ORDE
                     evaluation.calibration[seed] = learner.calibration.to_dict()
                 target = InProcessTarget(learner)
                 # the same stream seed for every strategy: identical clean batches and trigger base
-                batches = experiment.stream_batches(10_000, seed=seed * 7919 + 1)
+                batches = campaign_stream(experiment, seed)
                 if scenario == "clean":
                     run = run_clean_oracle(target, batches, clean_batches, test, strategy, seed, bar.update)
                 else:
-                    run = _campaign(experiment).run(target, batches, test, validation, strategy, seed, bar.update)
+                    run = build_campaign(experiment).run(target, batches, test, validation, strategy, seed, bar.update)
                     bar.update(campaign.max_batches - run.batches)
                 evaluation.runs.append(run)
     bar.close()
@@ -94,7 +94,13 @@ def evaluate(config: ExperimentConfig, strategies: Sequence[str] = STRATEGY_ORDE
     return evaluation
 
 
-def _campaign(experiment: Experiment) -> AccumulativeCampaign:
+def campaign_stream(experiment: Experiment, seed: int):
+    """The clean stream every strategy sees for `seed`: same batches and trigger base, in any target."""
+    return experiment.stream_batches(10_000, seed=seed * 7919 + 1)
+
+
+def build_campaign(experiment: Experiment) -> AccumulativeCampaign:
+    """The attacker configured by the experiment (white- or black-box, adaptive or not)."""
     attack = experiment.config.attack
     surrogate = None
     if attack.setting == "black_box":

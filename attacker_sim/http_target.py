@@ -126,7 +126,7 @@ def evaluate_target(config: ExperimentConfig, target: Target, strategy: str,
     In-process (`InProcessTarget`) and over HTTP, the same seeds give the same runs.
     """
     from attacker_sim.campaign import run_clean_oracle
-    from attacker_sim.evaluation import SCENARIOS, Evaluation, _campaign
+    from attacker_sim.evaluation import SCENARIOS, Evaluation, build_campaign, campaign_stream
     from service.experiment import Experiment
 
     unknown = set(scenarios) - set(SCENARIOS)
@@ -141,12 +141,12 @@ def evaluate_target(config: ExperimentConfig, target: Target, strategy: str,
     for scenario in scenarios:
         torch.manual_seed(seed)
         # the stream seed `evaluate` uses: the same clean batches and trigger base as `dscguard eval`
-        batches = experiment.stream_batches(10_000, seed=seed * 7919 + 1)
+        batches = campaign_stream(experiment, seed)
         if scenario == "clean":
             run = run_clean_oracle(target, batches, campaign.clean_batches or campaign.max_batches + 1, test,
                                    strategy, seed)
         else:
-            run = _campaign(experiment).run(target, batches, test, validation, strategy, seed)
+            run = build_campaign(experiment).run(target, batches, test, validation, strategy, seed)
         evaluation.runs.append(run)
     evaluation.seconds = time.perf_counter() - started
     return evaluation
