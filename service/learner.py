@@ -8,7 +8,6 @@ turns into metrics, the campaign into tables and the audit trail into records.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +67,7 @@ class StepReport:
 class OnlineLearner:
     """A model that keeps learning from a stream, behind a poisoning defense.
 
+    >>> import copy
     >>> import torch
     >>> from service.models import build_model
     >>> from service.defense import build_strategy
@@ -221,7 +221,3 @@ class OnlineLearner:
         learner.model_version = int(meta["model_version"])
         learner.extra_meta = meta.get("extra", {})
         return learner
-
-    def clone(self) -> OnlineLearner:
-        """An independent copy (model, optimizer state, counters) sharing nothing mutable."""
-        return copy.deepcopy(self)

@@ -53,9 +53,6 @@ class Strategy:
     def before_optimizer_step(self, model: nn.Module) -> None:
         """Hook between backward and the optimizer step (gradient clipping lives here)."""
 
-    def describe(self) -> dict:
-        return {"name": self.name}
-
 
 class GradientClipping(Strategy):
     """`gc`: bound the gradient norm (inf-norm at 0.01 in the research code) before each step."""
@@ -65,9 +62,6 @@ class GradientClipping(Strategy):
     def before_optimizer_step(self, model: nn.Module) -> None:
         norm_type = float("inf") if self.config.clip_norm == "inf" else 2.0
         nn.utils.clip_grad_norm_(model.parameters(), self.config.clip_value, norm_type=norm_type)
-
-    def describe(self) -> dict:
-        return {"name": self.name, "clip_value": self.config.clip_value, "clip_norm": self.config.clip_norm}
 
 
 class AdversarialTraining(Strategy):
@@ -90,11 +84,6 @@ class AdversarialTraining(Strategy):
         kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.log_softmax(logits_nat, dim=1),
                       reduction="batchmean", log_target=True)
         return F.cross_entropy(logits_adv, y) + self.config.at_kl_weight * kl
-
-    def describe(self) -> dict:
-        c = self.config
-        return {"name": self.name, "steps": c.steps, "step_size": c.step_size, "epsilon": c.epsilon,
-                "at_kl_weight": c.at_kl_weight}
 
 
 class DiscrepancyAwareCorrection(Strategy):
@@ -143,12 +132,6 @@ class DiscrepancyAwareCorrection(Strategy):
             logits = torch.cat([logits, model(prepared.x[changed])])
             labels = torch.cat([labels, y[changed]])
         return F.cross_entropy(logits, labels)
-
-    def describe(self) -> dict:
-        c = self.config
-        return {"name": self.name, "steps": c.steps, "step_size": c.step_size, "epsilon": c.epsilon,
-                "early_stop": c.early_stop, "divergence": c.divergence, "mu": c.mu, "tau": c.tau,
-                "calibration": self.calibration.to_dict() if self.calibration else None}
 
 
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {
