@@ -1,4 +1,5 @@
-"""The service's subcommands of `dscguard`: serve (the API), worker (the defense), attack (over HTTP).
+"""The service's subcommands of `dscguard`: serve (the API), worker (the defense), attack (over HTTP), and
+stack up (all of it with Redis and Prometheus on loopback, without Docker).
 
 Settings come from `DSCGUARD_*` environment variables (`service/settings.py`), keys included: they
 are never taken on the command line, where other users of the machine could read them.
@@ -100,8 +101,19 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stack_up(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.stack import stack_up
+
+    run_dir = Path(args.run_dir)
+    # like the compose file's volumes: the stack's state lives in one place unless told otherwise
+    settings = _settings(checkpoint_dir=None if os.environ.get("DSCGUARD_CHECKPOINT_DIR") else run_dir / "checkpoints")
+    return stack_up(settings, run_dir, args.api_port, args.prometheus_port, args.scrape_interval, args.duration)
+
+
 def add_service_commands(sub) -> None:
-    """Add serve, worker and attack to the `dscguard` subcommands."""
+    """Add serve, worker, attack and stack to the `dscguard` subcommands."""
     from service.cli import _experiment_options
 
     p = sub.add_parser("serve", help="run the HTTP API under uvicorn (settings: DSCGUARD_* variables)")
@@ -129,3 +141,13 @@ def add_service_commands(sub) -> None:
     p.add_argument("--out", help="also write results.json and report.md here")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("stack", help="the docker-compose stack without Docker: redis, worker, api, prometheus")
+    stack = p.add_subparsers(dest="stack_command", required=True)
+    p = stack.add_parser("up", help="start it all on 127.0.0.1 and print the URLs; Ctrl-C or SIGTERM stops it all")
+    p.add_argument("--api-port", type=int, default=8000)
+    p.add_argument("--prometheus-port", type=int, default=9090)
+    p.add_argument("--scrape-interval", help="Prometheus scrape and rule interval (default: the config's, 15s)")
+    p.add_argument("--run-dir", default="runs/stack", help="logs, checkpoints, Prometheus data (default: %(default)s)")
+    p.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    p.set_defaults(func=cmd_stack_up)
