@@ -69,6 +69,15 @@ class EnqueueResult:
 
 
 @dataclass(frozen=True)
+class AppliedBatch:
+    """What the worker records about one applied batch (its audit record and per-sample discrepancy)."""
+
+    batch_id: str
+    record: dict
+    discrepancy: list[float] | None
+
+
+@dataclass(frozen=True)
 class QueueStats:
     depth: int  # entries in the stream: waiting, in flight, or applied and awaiting a checkpoint
     pending: int  # delivered to the worker, not yet acknowledged
@@ -249,26 +258,22 @@ class RedisQueue:
     def publish_spec(self, spec: dict) -> None:
         self.client.hset(self.model_key, "spec", json.dumps(spec, sort_keys=True))
 
-    def record_step(self, *, batch_id: str, record: dict, discrepancy: list[float] | None, status: dict,
-                    weights: bytes | None) -> None:
-        """One round trip after an applied batch: new weights, audit record, batch state, worker status."""
-        key = self.batch_key(batch_id)
+    def record_steps(self, steps: Iterable[AppliedBatch], *, status: dict, version: int | None = None,
+                     weights: bytes | None = None) -> None:
+        """One round trip for a run of applied batches: their audit records and states, the worker's
+        status and, when given, the weights (written first, so a batch seen as applied is in them)."""
         with self.client.pipeline() as pipe:
             if weights is not None:
-                pipe.hset(self.model_key, mapping={"version": record["model_version"], "weights": weights})
-            pipe.xadd(self.audit_stream, {"record": json.dumps(record)}, maxlen=self.audit_max_length,
-                      approximate=True)
-            mapping = {"state": "applied", "record": json.dumps(record)}
-            if discrepancy is not None:
-                mapping["discrepancy"] = json.dumps(discrepancy)
-            pipe.hset(key, mapping=mapping)
-            pipe.expire(key, self.ttl_seconds)
-            pipe.set(self.status_key, json.dumps(status))
-            pipe.execute()
-
-    def publish_state(self, *, version: int, weights: bytes, status: dict) -> None:
-        with self.client.pipeline() as pipe:
-            pipe.hset(self.model_key, mapping={"version": version, "weights": weights})
+                pipe.hset(self.model_key, mapping={"version": version, "weights": weights})
+            for step in steps:
+                record = json.dumps(step.record)
+                pipe.xadd(self.audit_stream, {"record": record}, maxlen=self.audit_max_length, approximate=True)
+                key = self.batch_key(step.batch_id)
+                mapping = {"state": "applied", "record": record}
+                if step.discrepancy is not None:
+                    mapping["discrepancy"] = json.dumps(step.discrepancy)
+                pipe.hset(key, mapping=mapping)
+                pipe.expire(key, self.ttl_seconds)
             pipe.set(self.status_key, json.dumps(status))
             pipe.execute()
 

@@ -63,9 +63,10 @@ class ServiceSettings(BaseSettings):
     dead_letter_max_length: int = Field(10_000, ge=1)
     heartbeat_ttl_seconds: float = Field(10.0, gt=0, description="readiness: worker heartbeat younger than this")
     read_block_ms: int = Field(500, ge=1)
-    read_count: int = Field(16, ge=1, description="entries taken per read (weights are published after each read)")
-    publish_interval_seconds: float = Field(0.25, ge=0, description="under a backlog, publish weights at least "
-                                            "this often (0: after every batch)")
+    read_count: int = Field(16, ge=1, description="entries taken per read")
+    publish_interval_seconds: float = Field(0.25, ge=0, description="under a backlog, publish weights and records "
+                                            "at least this often (always once the stream is drained; 0: after "
+                                            "every read)")
     consumer_name: str | None = Field(None, description="consumer in the group (default: host-pid)")
     worker_metrics_host: str = "127.0.0.1"
     worker_metrics_port: int = Field(9101, ge=0, le=65535, description="0: no metrics server")

@@ -3,12 +3,14 @@
 One worker serves a namespace (the online model is one sequential state; a lease in Redis keeps a
 second worker out). For each entry, oldest first: decode and re-validate it (undecodable entries
 go to the dead-letter stream with the reason), skip it if its update is already in the model, take
-`learner.step` (DSC against the frozen auxiliary checkpoint, then the SGD step), then record in
-one atomic round trip the audit record, the batch's state, the worker's status and, when due, the
-new weights. Weights go out with the last entry of every read (so a client that waits for its
-batch to be applied, as `HttpTarget` does, then predicts with the model that learnt from it) and
-at least every `publish_interval_seconds` under a backlog, rather than after every batch:
-serialising a model per batch would cost more than a small model's step.
+`learner.step` (DSC against the frozen auxiliary checkpoint, then the SGD step). What it applied
+is published in one atomic round trip per *flush*: the new weights first, then each batch's audit
+record and state, then the worker's status. A flush happens whenever the stream has nothing more
+for the worker (so a client that waits for its batch to be applied, as `HttpTarget` does, then
+predicts with the model that learnt from it), and at least every `publish_interval_seconds` under
+a backlog, rather than after every batch: serialising a model and a Redis round trip per batch
+would cost more than a small model's step. A batch is never seen as applied before the published
+weights hold it.
 
 Durability: an entry is acknowledged (XACK, then deleted) only once a checkpoint holds its update.
 Checkpoints are written every `checkpoint_every` batches and on shutdown, atomically (temp dir,
@@ -42,7 +44,7 @@ from service.device import resolve_device
 from service.learner import OnlineLearner, StepReport
 from service.metrics import WorkerMetrics
 from service.model_store import weights_to_bytes
-from service.redis_queue import RedisQueue, entry_id_key
+from service.redis_queue import AppliedBatch, RedisQueue, entry_id_key
 from service.settings import ServiceSettings
 
 log = logging.getLogger("dscguard.worker")
@@ -90,10 +92,10 @@ class Worker:
         self.last_applied_id = "0-0"
         self.recent_ids: OrderedDict[str, None] = OrderedDict()
         self.uncommitted: list[bytes] = []
+        self.unpublished: list[AppliedBatch] = []
         self.canary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.canary_accuracy: float | None = None
         self._checkpointed_batches = -1
-        self._published_version = -1
         self._published_at = 0.0
         self._stop = threading.Event()
         self._lease_lost = False
@@ -152,17 +154,17 @@ class Worker:
             while not self._stop.is_set() and (max_batches is None or applied < max_batches):
                 try:
                     remaining = self.settings.read_count if max_batches is None else max_batches - applied
+                    # with applied batches not yet published, only look (no wait) for more work
+                    block_ms = None if self.unpublished else self.settings.read_block_ms
                     entries = backlog or self.queue.read(self.consumer, min(self.settings.read_count, remaining),
-                                                         self.settings.read_block_ms)
+                                                         block_ms)
                     backlog = []
-                    for index, (entry_id, fields) in enumerate(entries):
+                    for entry_id, fields in entries:
                         if self._stop.is_set() or (max_batches is not None and applied >= max_batches):
                             break  # entries left pending are reclaimed by the next start
-                        last = index == len(entries) - 1 or (max_batches is not None and applied + 1 >= max_batches)
-                        applied += self.process(entry_id, fields, publish=last)
-                    if self.learner.model_version != self._published_version:
-                        self.publish()
-                    self.metrics.observe_queue(**self.queue.stats(self.last_applied_id).to_dict())
+                        applied += self.process(entry_id, fields)
+                    if not entries or time.monotonic() - self._published_at >= self.settings.publish_interval_seconds:
+                        self.flush()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Redis unavailable (%s); retrying", exc)
                     entries = []
@@ -181,8 +183,6 @@ class Worker:
             return
         self._started = False
         try:
-            if self.learner.model_version != self._published_version:
-                self.publish()
             self.commit()
         finally:
             self._release()
@@ -214,11 +214,10 @@ class Worker:
                 log.warning("heartbeat failed: %s", exc)
 
     # -- one entry ---------------------------------------------------------------------------------
-    def process(self, entry_id: bytes, fields: dict, publish: bool = True) -> int:
+    def process(self, entry_id: bytes, fields: dict) -> int:
         """Apply one stream entry; returns 1 if the model was updated, 0 if skipped or dead-lettered.
 
-        The new weights go out with the batch's record (atomically) when `publish` is set (the last
-        entry of a read) or the publish interval has passed.
+        The batch's record waits in `unpublished` for the next `flush`.
         """
         started = time.perf_counter()
         try:
@@ -239,7 +238,6 @@ class Worker:
         x, y = batch.inputs(), batch.labels()
         decoded = time.perf_counter()
         report = self.learner.step(x, y)
-        stepped = time.perf_counter()
         self.last_applied_id = entry_id.decode()
         self._remember(batch.batch_id)
         self.uncommitted.append(entry_id)
@@ -247,17 +245,11 @@ class Worker:
         if canary_due and self.canary is not None:
             self.canary_accuracy = self.learner.accuracy(*self.canary)
             self.metrics.canary_accuracy.set(self.canary_accuracy)
-        publish = publish or time.monotonic() - self._published_at >= self.settings.publish_interval_seconds
-        self.queue.record_step(batch_id=batch.batch_id, record=self.audit_record(batch.batch_id, entry_id, report),
-                               discrepancy=(report.discrepancy_before.tolist()
-                                            if report.discrepancy_before is not None else None),
-                               status=self.status(), weights=self._weights() if publish else None)
-        if publish:
-            self._published_version, self._published_at = self.learner.model_version, time.monotonic()
-        recorded = time.perf_counter()
+        discrepancy = report.discrepancy_before.tolist() if report.discrepancy_before is not None else None
+        self.unpublished.append(AppliedBatch(batch.batch_id, self.audit_record(batch.batch_id, entry_id, report),
+                                             discrepancy))
         self.metrics.observe_step(report, self.learner.threshold())
         self.metrics.step_duration.labels(phase="decode").observe(decoded - started)
-        self.metrics.step_duration.labels(phase="record").observe(recorded - stepped)
         if len(self.uncommitted) >= self.settings.checkpoint_every:
             self.commit()
         return 1
@@ -282,8 +274,20 @@ class Worker:
 
     def publish(self) -> None:
         """Publish the current weights and status (the API serves /v1/predict and /v1/model from them)."""
-        self.queue.publish_state(version=self.learner.model_version, weights=self._weights(), status=self.status())
-        self._published_version, self._published_at = self.learner.model_version, time.monotonic()
+        self.flush(force=True)
+
+    def flush(self, force: bool = False) -> None:
+        """Publish what was applied since the last flush (weights, then records and status) in one round
+        trip, and refresh the queue gauges; nothing to do when nothing was applied, unless `force`."""
+        if not (self.unpublished or force):
+            return
+        started = time.perf_counter()
+        self.queue.record_steps(self.unpublished, status=self.status(), version=self.learner.model_version,
+                                weights=self._weights())
+        self.unpublished = []
+        self._published_at = time.monotonic()
+        self.metrics.observe_queue(**self.queue.stats(self.last_applied_id).to_dict())
+        self.metrics.step_duration.labels(phase="publish").observe(time.perf_counter() - started)
 
     def _weights(self) -> bytes:
         return weights_to_bytes(self.learner.model, self.learner.model_version, self.learner.model_spec)
@@ -295,7 +299,9 @@ class Worker:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def commit(self) -> None:
-        """Checkpoint the applied updates, then acknowledge their entries (never the other way round)."""
+        """Publish and checkpoint the applied updates, then acknowledge their entries (never the other way
+        round)."""
+        self.flush()
         started = time.perf_counter()
         learner = self.learner
         if learner.batches_applied != self._checkpointed_batches:

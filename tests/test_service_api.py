@@ -41,8 +41,8 @@ def _publish(queue: RedisQueue, version: int = 1, seed: int = 0, alive: bool = T
     torch.manual_seed(seed)
     model = build_model(**SPEC)
     queue.publish_spec(SPEC)
-    queue.publish_state(version=version, weights=weights_to_bytes(model, version, SPEC),
-                        status={"model_version": version, "batches_applied": version, "strategy": "dsc"})
+    queue.record_steps([], version=version, weights=weights_to_bytes(model, version, SPEC),
+                       status={"model_version": version, "batches_applied": version, "strategy": "dsc"})
     if alive:
         queue.acquire_lease("test-worker", ttl_seconds=30, wait_seconds=0)
     return model.eval()
