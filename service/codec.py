@@ -176,18 +176,19 @@ def decode_safetensors_batch(body: bytes, spec: InputSpec, need_labels: bool = T
         raise BatchRejected("encoding", f"the safetensors body must hold exactly the tensors "
                                         f"{sorted(expected_names)}, got {sorted(header)}", status_code=400)
     x_info = header["x"]
-    dtype = _SAFETENSORS_INPUT.get(x_info.get("dtype"), x_info.get("dtype"))
+    dtype = _safetensors_dtype(x_info)
+    dtype = _SAFETENSORS_INPUT.get(dtype, dtype)
     shape = x_info.get("shape", [])
     nbytes = check_declared(dtype, shape, spec)
     x = check_values(np.frombuffer(_tensor_bytes(data, x_info, nbytes, "x"), INPUT_DTYPES[dtype]).reshape(shape))
     y = None
     if need_labels:
         y_info = header["y"]
-        label_dtype = _SAFETENSORS_LABEL.get(y_info.get("dtype"))
+        label_dtype = _SAFETENSORS_LABEL.get(_safetensors_dtype(y_info))
         if label_dtype is None:
             raise BatchRejected("labels", f"y must be I64 or I32, got {y_info.get('dtype')!r}")
         y_shape = y_info.get("shape", [])
-        if len(y_shape) != 1 or y_shape[0] != len(x):
+        if y_shape != [len(x)]:
             raise BatchRejected("labels", f"need one label per sample: {len(x)} inputs but y shaped {y_shape}")
         y = check_labels(np.frombuffer(_tensor_bytes(data, y_info, len(x) * label_dtype.itemsize, "y"),
                                        label_dtype), len(x), spec)
@@ -214,11 +215,17 @@ def _safetensors_header(body: bytes) -> tuple[dict, memoryview]:
         raise BatchRejected("encoding", f"safetensors header of {length} bytes does not fit the body", 400)
     try:
         header = json.loads(bytes(body[8 : 8 + length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int too long
         raise BatchRejected("encoding", f"safetensors header is not valid JSON: {exc}", 400) from exc
     if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
         raise BatchRejected("encoding", "safetensors header must map tensor names to descriptions", 400)
     return header, memoryview(body)[8 + length :]
+
+
+def _safetensors_dtype(info: dict) -> str | None:
+    """The declared dtype when it is a string (anything else is no dtype, refused by the caller)."""
+    dtype = info.get("dtype")
+    return dtype if isinstance(dtype, str) else None
 
 
 def _tensor_bytes(data: memoryview, info: dict, nbytes: int, name: str) -> memoryview:
