@@ -52,6 +52,47 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+def spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`command` in a session of its own (Ctrl-C reaches the stack only, which stops the processes in order)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def log_tail(log: Path, lines: int = 20) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+
+
+def wait_for(condition, process: subprocess.Popen, name: str, log: Path, timeout: float) -> None:
+    """Poll `condition` until true; SystemExit with the log's tail when `process` exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise SystemExit(f"{name} exited with status {process.returncode}:\n{log_tail(log)}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name} did not answer within {timeout:.0f} s:\n{log_tail(log)}")
+        time.sleep(0.2)
+
+
+def start_redis(url: str, log: Path, timeout: float = 30.0) -> subprocess.Popen | None:
+    """A `redis-server` (no persistence) for `url` when nothing answers there; None when Redis already answers."""
+    if redis_answers(url):
+        return None
+    parts = urlsplit(url)
+    if parts.hostname not in ("127.0.0.1", "localhost") or shutil.which("redis-server") is None:
+        raise SystemExit(f"Redis does not answer at {url}, and no local redis-server can be started there "
+                         "(install Redis 7, or point DSCGUARD_REDIS_URL at a running one)")
+    process = spawn(["redis-server", "--bind", "127.0.0.1", "--port", str(parts.port or 6379), "--save", "",
+                     "--appendonly", "no"], log)
+    try:
+        wait_for(lambda: redis_answers(url), process, "redis", log, timeout)
+    except SystemExit:
+        process.kill()
+        process.wait(timeout=10)
+        raise
+    return process
+
+
 class Stack:
     """The service's processes, started in dependency order and stopped in reverse.
 
@@ -78,7 +119,9 @@ class Stack:
         """Start every process; return once Redis, the API and Prometheus answer (the worker may still burn in)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._start_redis(timeout)
+            redis_server = start_redis(self.settings.redis_url, self.run_dir / "redis.log", timeout)
+            if redis_server is not None:
+                self.processes["redis"] = redis_server
             self._spawn("worker", [sys.executable, "-m", "service.cli", "worker"])
             self._spawn("api", [sys.executable, "-m", "service.cli", "serve", "--port", str(self.api_port)])
             if self.has_prometheus:
@@ -94,8 +137,8 @@ class Stack:
         """The name of a process that has exited, if any."""
         return next((name for name, process in self.processes.items() if process.poll() is not None), None)
 
-    def log_tail(self, name: str, lines: int = 20) -> str:
-        return "\n".join((self.run_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+    def log_tail(self, name: str) -> str:
+        return log_tail(self.run_dir / f"{name}.log")
 
     def stop(self) -> None:
         """SIGTERM each process (API, worker, Prometheus, Redis), wait (bounded), SIGKILL what is left."""
@@ -115,25 +158,10 @@ class Stack:
                "DSCGUARD_REDIS_URL": self.settings.redis_url,
                "DSCGUARD_WORKER_METRICS_PORT": str(self.settings.worker_metrics_port),
                "DSCGUARD_CHECKPOINT_DIR": str(self.settings.checkpoint_dir)}
-        with open(self.run_dir / f"{name}.log", "ab") as log:
-            # a session of its own: Ctrl-C reaches the stack only, which stops the processes in order
-            self.processes[name] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                    stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def _start_redis(self, timeout: float) -> None:
-        url = urlsplit(self.settings.redis_url)
-        if redis_answers(self.settings.redis_url):
-            return
-        if url.hostname not in ("127.0.0.1", "localhost") or shutil.which("redis-server") is None:
-            raise SystemExit(f"Redis does not answer at {self.settings.redis_url}, and no local redis-server can be "
-                             "started there (install Redis 7, or point DSCGUARD_REDIS_URL at a running one)")
-        self._spawn("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(url.port or 6379), "--save", "",
-                              "--appendonly", "no"])
-        self._until(lambda: redis_answers(self.settings.redis_url), "redis", timeout)
+        self.processes[name] = spawn(command, self.run_dir / f"{name}.log", env)
 
     def _start_prometheus(self) -> None:
-        settings = self.settings
-        config = prometheus_config(f"127.0.0.1:{self.api_port}", f"127.0.0.1:{settings.worker_metrics_port}",
+        config = prometheus_config(f"127.0.0.1:{self.api_port}", f"127.0.0.1:{self.settings.worker_metrics_port}",
                                    self.scrape_interval)
         config_file = self.run_dir / "prometheus.yml"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -148,16 +176,7 @@ class Stack:
             except httpx.HTTPError:
                 return False
 
-        self._until(answers, name, timeout)
-
-    def _until(self, condition, name: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.processes[name].poll() is not None:
-                raise SystemExit(f"{name} exited with status {self.processes[name].returncode}:\n{self.log_tail(name)}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{name} did not answer within {timeout:.0f} s:\n{self.log_tail(name)}")
-            time.sleep(0.2)
+        wait_for(answers, self.processes[name], name, self.run_dir / f"{name}.log", timeout)
 
 
 def stack_up(settings: ServiceSettings, run_dir: Path, api_port: int, prometheus_port: int,

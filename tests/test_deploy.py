@@ -1,0 +1,303 @@
+"""The deployment files, checked without a Docker engine.
+
+docker-compose.yml is validated by Debian's docker-compose 1.29 (`config` needs no engine; `.ci/run` installs it)
+and by the Compose v2 plugin where one is installed; every file it names exists; the Dockerfiles' COPY sources
+exist in the build context and are not excluded by .dockerignore; .env.example covers every variable; the
+Grafana dashboard uses the provisioned datasource and only metrics the service exports; promtool accepts the
+Prometheus config and rules.
+"""
+
+import fnmatch
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.monitoring_queries import (
+    ALERTS,
+    DASHBOARD,
+    DEPLOY,
+    ROOT,
+    alert_rules,
+    dashboard,
+    dashboard_queries,
+    exported_metric_names,
+    metric_names,
+    provisioned_datasource_uid,
+)
+
+COMPOSE, CPU_OVERRIDE, ENV_EXAMPLE = ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml", ROOT / ".env.example"
+SERVICES = {"redis", "api", "worker", "prometheus", "grafana", "attacker"}
+OUTPUT_DIRS = {"./reports"}  # bind mounts the stack writes to: created on first run, ignored by git
+
+
+def _has_compose_v2() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0
+
+
+COMPOSE_TOOLS = [
+    pytest.param(["docker-compose"], id="docker-compose-1.29", marks=pytest.mark.skipif(
+        shutil.which("docker-compose") is None, reason="needs Debian's docker-compose (.ci/run installs it)")),
+    pytest.param(["docker", "compose"], id="compose-v2", marks=pytest.mark.skipif(
+        not _has_compose_v2(), reason="the docker compose plugin is not installed")),
+]
+
+
+def _compose_config(tool: list[str], *args: str, env_file: Path = ENV_EXAMPLE) -> subprocess.CompletedProcess:
+    # the variables come from the env file only, never from whoever runs the tests
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DSCGUARD_", "GRAFANA_"))}
+    return subprocess.run([*tool, "--env-file", str(env_file), *args, "config"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _raw_compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.mark.parametrize("tool", COMPOSE_TOOLS)
+def test_compose_file_validates_with_the_eval_profile(tool):
+    result = _compose_config(tool, "--profile", "eval")
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    services = config["services"]
+    assert set(services) == SERVICES
+    assert services["api"]["environment"]["DSCGUARD_API_KEY"] == "change-me-client-key"  # from the env file
+    for name, service in services.items():
+        test = service.get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL") and not service["healthcheck"].get("disable"), name
+        for dependency, condition in service.get("depends_on", {}).items():
+            assert condition["condition"] == "service_healthy", (name, dependency)
+    assert set(services["attacker"]["depends_on"]) == {"api", "worker"}
+    assert services["attacker"]["profiles"] == ["eval"]
+    attack = services["attacker"]["command"]
+    assert attack[:3] == ["attack", "--target", "http://api:8000"] and attack[attack.index("--out") + 1] == "/reports"
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in device["capabilities"] for device in devices)
+
+
+def test_the_stack_keeps_its_state_in_named_volumes_and_mounts_what_the_services_read():
+    compose = _raw_compose()
+    services = compose["services"]
+
+    def mounts(service: str) -> dict[str, str]:
+        return {target: source for source, target, *_ in (v.split(":") for v in services[service]["volumes"])}
+
+    checkpoints = services["worker"]["environment"]["DSCGUARD_CHECKPOINT_DIR"]
+    assert mounts("worker")[checkpoints] == "checkpoints" and "checkpoints" in compose["volumes"]
+    storage = next(a.split("=", 1)[1] for a in services["prometheus"]["command"] if a.startswith("--storage.tsdb.path"))
+    assert mounts("prometheus")[storage] == "prometheus-data" and "prometheus-data" in compose["volumes"]
+    assert mounts("grafana")["/var/lib/grafana"] == "grafana-data"
+
+    # Prometheus reads its config (and the rule files it names) from the mounted deploy/prometheus
+    prometheus_dir = ROOT / mounts("prometheus")["/etc/prometheus"]
+    config = yaml.safe_load((prometheus_dir / "prometheus.yml").read_text())
+    assert all((prometheus_dir / rules).is_file() for rules in config["rule_files"])
+    assert {job["static_configs"][0]["targets"][0].split(":")[0] for job in config["scrape_configs"]} == {
+        "api", "worker"}  # compose service names
+    assert services["worker"]["environment"]["DSCGUARD_WORKER_METRICS_HOST"] == "0.0.0.0"
+
+    # Grafana: the provisioned dashboard folder is the mounted one, and the datasource is the prometheus service
+    grafana = mounts("grafana")
+    (provider,) = yaml.safe_load((ROOT / grafana["/etc/grafana/provisioning"] / "dashboards" /
+                                  "dashboards.yml").read_text())["providers"]
+    dashboards_dir = ROOT / grafana[provider["options"]["path"]]
+    assert (dashboards_dir / "dscguard.json").samefile(DASHBOARD)
+    home = Path(services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert (ROOT / grafana[str(home.parent)] / home.name).is_file()
+    (datasource,) = yaml.safe_load((ROOT / grafana["/etc/grafana/provisioning"] / "datasources" /
+                                    "prometheus.yml").read_text())["datasources"]
+    assert datasource["url"] == "http://prometheus:9090"
+
+
+def test_every_path_the_compose_files_name_exists():
+    for path in (COMPOSE, CPU_OVERRIDE):
+        for name, service in yaml.load(path.read_text(), Loader=_ComposeLoader)["services"].items():
+            if "build" in service:
+                context = ROOT / service["build"]["context"]
+                assert context.is_dir() and (context / service["build"]["dockerfile"]).is_file(), name
+            for volume in service.get("volumes", []):
+                source = volume.split(":")[0]
+                if source.startswith((".", "/")):
+                    assert source in OUTPUT_DIRS or (ROOT / source).exists(), f"{name}: {source}"
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert all(f"/{Path(d).name}/" in ignored for d in OUTPUT_DIRS)
+
+
+def _dockerfiles() -> list[tuple[Path, Path]]:
+    """(build context, Dockerfile) of every service that builds, base file and override."""
+    builds = {}
+    for path in (COMPOSE, CPU_OVERRIDE):
+        for service in yaml.load(path.read_text(), Loader=_ComposeLoader)["services"].values():
+            if "build" in service:
+                context = ROOT / service["build"]["context"]
+                builds[context / service["build"]["dockerfile"]] = context
+    return [(context, dockerfile) for dockerfile, context in sorted(builds.items())]
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = "\n".join(line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#"))
+    text = re.sub(r"\\\n", " ", text)
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+            for line in text.splitlines() if line.strip()]
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern that matches the path (or a folder above it) decides."""
+    parts = Path(path).parts
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        if any(fnmatch.fnmatch("/".join(parts[:i]), pattern) for i in range(1, len(parts) + 1)):
+            ignored = not negated
+    return ignored
+
+
+def test_dockerfiles_parse_and_copy_only_what_the_build_context_has():
+    dockerfiles = _dockerfiles()
+    assert {d.name for _, d in dockerfiles} == {"Dockerfile", "Dockerfile.cuda"}
+    known = {"FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR", "USER", "EXPOSE", "ENTRYPOINT", "CMD", "LABEL",
+             "HEALTHCHECK", "STOPSIGNAL", "VOLUME", "SHELL"}
+    for context, dockerfile in dockerfiles:
+        instructions = _instructions(dockerfile)
+        assert [i for i, _ in instructions if i != "ARG"][0] == "FROM", dockerfile
+        assert {i for i, _ in instructions} <= known, dockerfile
+        patterns = [p.strip() for p in (context / ".dockerignore").read_text().splitlines()
+                    if p.strip() and not p.startswith("#")]
+        copies = [shlex.split(args) for instruction, args in instructions if instruction in ("COPY", "ADD")]
+        assert copies, dockerfile
+        for words in copies:
+            words = [w for w in words if not w.startswith("--")]
+            for source in words[:-1]:
+                assert (context / source).exists(), f"{dockerfile.name}: COPY {source}: not in the build context"
+                assert not _dockerignored(source, patterns), f"{dockerfile.name}: COPY {source}: in .dockerignore"
+        assert ("ENTRYPOINT", '["dscguard"]') in instructions, dockerfile
+        assert any(i == "USER" and args != "root" for i, args in instructions), f"{dockerfile}: runs as root"
+
+
+def test_dockerignore_keeps_data_and_history_out_of_the_build_context():
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    for path in (".git", ".env", "data", "reports", "runs", "checkpoints", "service/__pycache__"):
+        assert _dockerignored(path, patterns), path
+    assert not _dockerignored("service/worker.py", patterns)
+
+
+def _env_example() -> dict[str, str]:
+    lines = [line for line in ENV_EXAMPLE.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def test_env_example_sets_exactly_the_variables_the_compose_files_use_and_no_secret():
+    used = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text() + CPU_OVERRIDE.read_text()))
+    example = _env_example()
+    assert used == set(example)
+    for key, value in example.items():
+        if re.search("KEY|TOKEN|PASSWORD", key):
+            assert value.startswith("change-me"), f"{key} in .env.example must be a placeholder"
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+@pytest.mark.parametrize("tool", COMPOSE_TOOLS)
+def test_compose_refuses_to_run_without_the_keys(tool, tmp_path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    result = _compose_config(tool, env_file=empty)
+    assert result.returncode != 0
+    assert "DSCGUARD_API_KEY" in result.stderr
+
+
+class _Reset:
+    """Compose v2's `!reset` tag: drop what the files before this one set."""
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: _Reset())
+
+
+def test_cpu_override_drops_the_gpu_reservation_and_builds_the_cpu_image(tmp_path):
+    worker = yaml.load(CPU_OVERRIDE.read_text(), Loader=_ComposeLoader)["services"]["worker"]
+    assert isinstance(worker.pop("deploy"), _Reset)
+    assert worker["build"]["dockerfile"] == _raw_compose()["services"]["api"]["build"]["dockerfile"]
+    if shutil.which("docker-compose") is None:
+        pytest.skip("needs Debian's docker-compose (.ci/run installs it)")
+    # docker-compose 1.29 knows no `!reset`: it merges and validates the rest of the override
+    rest = tmp_path / "cpu-without-reset.yml"
+    rest.write_text(yaml.safe_dump({"services": {"worker": worker}}))
+    result = _compose_config(["docker-compose"], "-f", str(COMPOSE), "-f", str(rest))
+    assert result.returncode == 0, result.stderr
+    merged = yaml.safe_load(result.stdout)["services"]["worker"]
+    assert merged["image"] == "dscguard:cpu" and merged["build"]["dockerfile"] == "deploy/Dockerfile"
+
+
+@pytest.mark.skipif(not _has_compose_v2(), reason="the docker compose plugin is not installed")
+def test_cpu_override_leaves_no_device_reservation_in_compose_v2():
+    result = _compose_config(["docker", "compose"], "-f", str(COMPOSE), "-f", str(CPU_OVERRIDE))
+    assert result.returncode == 0, result.stderr
+    assert "devices" not in yaml.safe_load(result.stdout)["services"]["worker"].get("deploy", {}).get("resources", {})
+
+
+def test_dashboard_uses_the_provisioned_datasource_and_no_import_inputs():
+    uid = provisioned_datasource_uid()
+    assert "${DS_" not in DASHBOARD.read_text()
+    board = dashboard()
+    assert "__inputs" not in board and board["uid"]
+    panels = [panel for panel in board["panels"] if panel["type"] != "row"]
+    assert len(panels) >= 15
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": uid}, panel["title"]
+        assert panel["targets"], panel["title"]
+        assert all(target["datasource"]["uid"] == uid for target in panel["targets"]), panel["title"]
+    for variable in board["templating"]["list"]:
+        assert variable["datasource"]["uid"] == uid, variable["name"]
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_dashboard_draws_the_threshold_on_the_discrepancy_by_verdict():
+    (panel,) = [p for p in dashboard()["panels"] if "verdict" in p["title"]]
+    exprs = [target["expr"] for target in panel["targets"]]
+    assert any("dscguard_threshold" in expr for expr in exprs)
+    assert any("dscguard_memorization_discrepancy_bucket" in expr and "by (verdict, le)" in expr for expr in exprs)
+
+
+def test_dashboard_and_alerts_query_only_metrics_the_service_exports():
+    exported = exported_metric_names()
+    queries = [(q.where, q.expr) for q in dashboard_queries()]
+    queries += [(f"alert {rule['alert']}", rule["expr"]) for rule in alert_rules()]
+    for where, expr in queries:
+        names = metric_names(expr)
+        assert names, f"{where}: no metric found in {expr}"
+        assert names <= exported, f"{where}: {sorted(names - exported)} are not exported by the service"
+
+
+def test_alerts_cover_the_failure_modes():
+    names = {rule["alert"] for rule in alert_rules()}
+    assert {"DscguardFlaggedRateSpike", "DscguardMedianDiscrepancyAboveThreshold", "DscguardQueueLag",
+            "DscguardWorkerDown", "DscguardCanaryAccuracyDrop"} <= names
+    for rule in alert_rules():
+        assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"], rule["alert"]
+
+
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="needs promtool (Debian's prometheus package; .ci/run installs it)")
+
+
+@needs_promtool
+def test_promtool_accepts_the_prometheus_config_and_rules():
+    for command in (["check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+                    ["check", "rules", str(ALERTS)]):
+        result = subprocess.run(["promtool", *command], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(alert_rules())} rules found" in result.stdout
