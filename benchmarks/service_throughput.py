@@ -1,13 +1,20 @@
 """End-to-end throughput of the service (HTTP -> Redis -> worker) beside the in-process learner, and ingest latency.
 
-For each workload (digits: DigitsCNN on 25x1x8x8 batches; cifar10: SmallCNN on 100x3x32x32 batches,
-the `step_cost.py` burn-in), in one run, from the same starting model and on the same batches: the
-in-process learner steps, and a running `dscguard serve` + `dscguard worker` pair (separate
-processes, as deployed) is sent the batches over HTTP, taking turns chunk by chunk; samples per
-second applied are compared (end to end: from the first POST of a chunk until the worker has
-applied its last batch). Then
-100x3x32x32 uint8 batches are POSTed at a fixed request rate while the worker runs, and the ingest
-latency (client-side, request to 202) is reported as p50/p99.
+For each workload (digits: DigitsCNN on the profile's 50x1x8x8 batches; cifar10: SmallCNN on
+100x3x32x32 batches, the `step_cost.py` burn-in), in one run, from the same starting model and on
+the same batches: the in-process learner steps, and a running `dscguard serve` + `dscguard worker`
+pair (separate processes, as deployed) is sent the batches over HTTP, taking turns chunk by chunk;
+samples per second applied are compared (end to end: from the first POST of a chunk until the
+worker has applied its last batch).
+
+Equal compute: the worker and the in-process learner get the same torch threads (`--threads`,
+default 1), the rest of the machine serving the API, Redis and this client, as when the API and
+the worker share a small machine. The in-process learner with torch's default threads (every
+core) is timed too, in the same turns, and reported beside it. Request bodies are encoded before
+the clock starts (a load generator's own cost is not the service's); sending them is timed.
+
+Then 100x3x32x32 uint8 batches are POSTed at a fixed request rate while the worker runs, and the
+ingest latency (client-side, request to 202) is reported as p50/p99.
 
 Needs Redis (default redis://127.0.0.1:6379/0; a random namespace, deleted afterwards) and, for the
 cifar10 workload, CIFAR-10 in the data directory (../shared/data or $DSCGUARD_DATA_DIR).
@@ -70,7 +77,7 @@ class Service:
                     "DSCGUARD_CHECKPOINT_DIR": str(workdir / self.namespace),
                     "DSCGUARD_CHECKPOINT_EVERY": str(args.checkpoint_every), "DSCGUARD_WORKER_METRICS_PORT": "0",
                     "DSCGUARD_QUEUE_MAX_LENGTH": "100000", "DSCGUARD_MAX_BATCH_SAMPLES": "1024",
-                    "DSCGUARD_TORCH_THREADS": str(args.worker_threads)}
+                    "DSCGUARD_TORCH_THREADS": str(args.threads)}
         self.logs = workdir / f"{self.namespace}.log"
         self.processes: list[subprocess.Popen] = []
 
@@ -107,9 +114,8 @@ class Service:
                 process.wait()
         RedisQueue(connect(self.env["DSCGUARD_REDIS_URL"]), self.namespace).purge()
 
-    def post(self, batch_id: str, x: torch.Tensor, y: torch.Tensor) -> float:
-        """POST one batch as uint8 JSON; returns the client-side latency in seconds."""
-        body = json.dumps(encode_json_batch(batch_id, (x * 255).round().to(torch.uint8), y)).encode()
+    def post(self, body: bytes) -> float:
+        """POST one encoded batch (`encode`); returns the client-side latency in seconds."""
         started = time.perf_counter()
         response = self.client.post("/v1/ingest", content=body, headers={"Content-Type": "application/json"})
         elapsed = time.perf_counter() - started
@@ -129,6 +135,11 @@ class Service:
         raise SystemExit(f"batch {batch_id} was not applied within {timeout} s")
 
 
+def encode(batch_id: str, x: torch.Tensor, y: torch.Tensor) -> bytes:
+    """One batch as the JSON body of /v1/ingest, inputs as uint8 (what a camera or a dataset sends)."""
+    return json.dumps(encode_json_batch(batch_id, (x * 255).round().to(torch.uint8), y)).encode()
+
+
 def _throughput(args, name: str, workload: dict, workdir: Path) -> dict:
     config = ExperimentConfig.from_profile(workload["profile"], seed=args.seed, device=args.device,
                                            **workload["overrides"])
@@ -136,34 +147,50 @@ def _throughput(args, name: str, workload: dict, workdir: Path) -> dict:
     batches = list(experiment.stream_batches(args.warmup + args.batches, seed=args.seed + 1))
     samples = sum(len(y) for _, y in batches[args.warmup :])
 
-    learner = experiment.new_learner()
-    in_process = end_to_end = 0.0
+    default_threads = torch.get_num_threads()
+    learners = {args.threads: experiment.new_learner(), default_threads: experiment.new_learner()}
+    seconds = dict.fromkeys(["end_to_end", *learners], 0.0)
+    bodies = [encode(f"b{index}", x, y) for index, (x, y) in enumerate(batches)]
     flagged = 0
     with Service(args, workload, workdir) as service:
         for index, (x, y) in enumerate(batches[: args.warmup]):
-            learner.step(x, y)
-            service.post(f"w{index}", x, y)
+            for threads, learner in learners.items():
+                _steps(learner, [(x, y)], threads)
+            service.post(bodies[index])
         if args.warmup:
-            service.wait_applied(f"w{args.warmup - 1}")
-        # take turns chunk by chunk, so that machine noise hits both sides alike
+            service.wait_applied(f"b{args.warmup - 1}")
+        # take turns chunk by chunk, so that machine noise hits every side alike
         for start in range(args.warmup, len(batches), args.chunk):
-            chunk = batches[start : start + args.chunk]
+            chunk = range(start, min(start + args.chunk, len(batches)))
+            for threads, learner in learners.items():
+                elapsed, chunk_flagged = _steps(learner, [batches[i] for i in chunk], threads)
+                seconds[threads] += elapsed
+                flagged += chunk_flagged if threads == args.threads else 0
             started = time.perf_counter()
-            flagged += sum(learner.step(x, y).flagged_count for x, y in chunk)
-            in_process += time.perf_counter() - started
-            started = time.perf_counter()
-            for offset, (x, y) in enumerate(chunk):
-                service.post(f"b{start + offset}", x, y)
-            service.wait_applied(f"b{start + len(chunk) - 1}")
-            end_to_end += time.perf_counter() - started
+            for index in chunk:
+                service.post(bodies[index])
+            service.wait_applied(f"b{chunk[-1]}")
+            seconds["end_to_end"] += time.perf_counter() - started
         audit = service.client.get("/v1/status", params={"audit": args.batches}).json()["audit"]
+    torch.set_num_threads(default_threads)
     served_flagged = sum(record["flagged"] for record in audit)
     return {"workload": name, "model": config.model.name, "input_shape": list(batches[0][0].shape[1:]),
             "batch_size": config.stream.batch_size, "batches": args.batches, "samples": samples,
-            "in_process_samples_per_second": samples / in_process,
-            "end_to_end_samples_per_second": samples / end_to_end,
-            "ratio_end_to_end_to_in_process": in_process / end_to_end,
+            "threads": args.threads, "default_threads": default_threads,
+            "in_process_samples_per_second": samples / seconds[args.threads],
+            "in_process_default_threads_samples_per_second": samples / seconds[default_threads],
+            "end_to_end_samples_per_second": samples / seconds["end_to_end"],
+            "ratio_end_to_end_to_in_process": seconds[args.threads] / seconds["end_to_end"],
+            "ratio_end_to_end_to_in_process_default_threads": seconds[default_threads] / seconds["end_to_end"],
             "flagged_in_process": flagged, "flagged_end_to_end": served_flagged}
+
+
+def _steps(learner, batches: list, threads: int) -> tuple[float, int]:
+    """Step `learner` through `batches` on `threads` torch threads: (seconds, samples flagged)."""
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    flagged = sum(learner.step(x, y).flagged_count for x, y in batches)
+    return time.perf_counter() - started, flagged
 
 
 def _latency(args, workload: dict, workdir: Path) -> dict:
@@ -175,14 +202,15 @@ def _latency(args, workload: dict, workdir: Path) -> dict:
     latencies = []
     with Service(args, workload, workdir) as service:
         for index in range(5):  # connections and code paths warm
-            service.post(f"warm{index}", *batches[index])
+            service.post(encode(f"warm{index}", *batches[index]))
         interval = 1.0 / args.rate
         next_at = time.perf_counter()
-        for index, (x, y) in enumerate(batches):
+        bodies = [encode(f"l{index}", x, y) for index, (x, y) in enumerate(batches)]
+        for body in bodies:
             delay = next_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            latencies.append(service.post(f"l{index}", x, y))
+            latencies.append(service.post(body))
             next_at += interval
     ms = sorted(1000 * t for t in latencies)
     quantile = statistics.quantiles(ms, n=100, method="inclusive")
@@ -197,14 +225,15 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--batches", type=int, default=40, help="timed batches per workload")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--chunk", type=int, default=10, help="batches per turn (in-process, then end to end)")
+    parser.add_argument("--chunk", type=int, default=20, help="batches per turn (in-process, then end to end)")
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--rate", type=float, default=20.0, help="requests per second for the latency test")
     parser.add_argument("--latency-requests", type=int, default=200)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--worker-threads", type=int, default=0, help="the worker's torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the worker and of the in-process "
+                        "learner it is compared with")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -227,7 +256,9 @@ def main(argv=None) -> int:
             results["throughput"].append(row)
             print(f"{name:8s} {row['model']:10s} in-process {row['in_process_samples_per_second']:8.1f} samples/s, "
                   f"end-to-end {row['end_to_end_samples_per_second']:8.1f} samples/s, "
-                  f"ratio {row['ratio_end_to_end_to_in_process']:.3f}")
+                  f"ratio {row['ratio_end_to_end_to_in_process']:.3f} ({args.threads} thread(s) each); in-process "
+                  f"on {row['default_threads']} threads {row['in_process_default_threads_samples_per_second']:8.1f} "
+                  f"samples/s, ratio {row['ratio_end_to_end_to_in_process_default_threads']:.3f}")
         if "cifar10" in args.workloads and "cifar10" not in results["skipped"]:
             latency = results["latency"] = _latency(args, WORKLOADS["cifar10"], workdir)
             print(f"ingest latency, {latency['batch']} uint8 at {args.rate:g} req/s: p50 {latency['p50_ms']:.1f} ms, "
