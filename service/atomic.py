@@ -1,10 +1,23 @@
-"""Write files atomically: to a temporary sibling, then rename, so readers never see half a file."""
+"""Write files atomically and durably: to a temporary sibling, fsync, rename, fsync the directory.
+
+Readers never see half a file, a failed write leaves the old file as it was, and once the call
+returns the new content survives a power cut (the rename is on disk, not only in the page cache).
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's, or a directory's entries', data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -15,10 +28,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
     return path
 
 

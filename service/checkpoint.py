@@ -1,8 +1,9 @@
 """Checkpoints as a directory of safetensors + JSON, written atomically; no pickle anywhere.
 
 A checkpoint is `tensors.safetensors` (named tensors) and `meta.json` (everything else). It is
-written into a temporary sibling directory and renamed into place, so a crash mid-write never
-leaves a half checkpoint under the final name.
+written into a temporary sibling directory, fsynced, and renamed into place, so a crash mid-write
+never leaves a half checkpoint under the final name, and a checkpoint that exists survives a power
+cut (the worker acknowledges stream entries once a checkpoint holds them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from service.atomic import fsync_path
 
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
@@ -33,6 +36,8 @@ def save_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], met
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / TENSORS_FILE)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for path in (staging / TENSORS_FILE, staging / META_FILE, staging):  # on disk before the rename
+            fsync_path(path)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -44,6 +49,7 @@ def save_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], met
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    fsync_path(directory.parent)  # the rename itself
     return directory
 
 
