@@ -70,11 +70,16 @@ class EnqueueResult:
 
 @dataclass(frozen=True)
 class AppliedBatch:
-    """What the worker records about one applied batch (its audit record and per-sample discrepancy)."""
+    """What the worker records about one applied batch (its audit record and per-sample discrepancy).
+
+    `in_audit`: the audit stream already holds this record (a replay, after a crash, of an update
+    recorded but not checkpointed): the batch's state is written again, the audit record is not.
+    """
 
     batch_id: str
     record: dict
     discrepancy: list[float] | None
+    in_audit: bool = False
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,17 @@ class RedisQueue:
                 self.client.xgroup_delconsumer(self.stream, GROUP, name)
         return sorted(claimed, key=lambda item: entry_id_key(item[0]))
 
+    def recorded_entries(self, entries: Iterable[tuple[bytes, Mapping]]) -> set[bytes]:
+        """Those of `entries` already recorded as applied (batch state and audit record) from that very entry."""
+        ids = [(entry_id, fields[b"batch_id"].decode(errors="replace")) for entry_id, fields in entries
+               if b"batch_id" in fields]
+        with self.client.pipeline(transaction=False) as pipe:
+            for _, batch_id in ids:
+                pipe.hget(self.batch_key(batch_id), "record")
+            records = pipe.execute()
+        return {entry_id for (entry_id, _), record in zip(ids, records, strict=True)
+                if record is not None and json.loads(record).get("entry_id") == entry_id.decode()}
+
     def acknowledge(self, entry_ids: Iterable[bytes | str]) -> None:
         """Done with these entries for good: acknowledge and delete them (the stream stays bounded)."""
         ids = list(entry_ids)
@@ -267,7 +283,9 @@ class RedisQueue:
                 pipe.hset(self.model_key, mapping={"version": version, "weights": weights})
             for step in steps:
                 record = json.dumps(step.record)
-                pipe.xadd(self.audit_stream, {"record": record}, maxlen=self.audit_max_length, approximate=True)
+                if not step.in_audit:
+                    pipe.xadd(self.audit_stream, {"record": record}, maxlen=self.audit_max_length,
+                              approximate=True)
                 key = self.batch_key(step.batch_id)
                 mapping = {"state": "applied", "record": record}
                 if step.discrepancy is not None:

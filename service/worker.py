@@ -17,7 +17,13 @@ Checkpoints are written every `checkpoint_every` batches and on shutdown, atomic
 rename), and record the last applied stream id and the recent batch ids. On start the worker
 loads the newest valid checkpoint, reclaims the group's pending entries (XAUTOCLAIM) and replays
 those not yet in the checkpoint: a restart, clean or after a crash, neither loses nor repeats an
-update (a crash may only repeat audit records of the replayed batches).
+update, and a replayed batch whose record went out before the crash gets no second audit record.
+A checkpoint that cannot be loaded (truncated, corrupt) is refused with an error, moved aside as
+`refused-step-...`, and the next older one is loaded; the updates between the two are lost (their
+entries were acknowledged when the refused one was written), and the worker says how many.
+
+Redis going away is waited out with exponential backoff (capped); once it answers again the
+worker takes back the entries it was handed but never applied, and carries on.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ from service.settings import ServiceSettings
 log = logging.getLogger("dscguard.worker")
 
 CHECKPOINT_PREFIX = "step-"
+REFUSED_PREFIX = "refused-"
+RECONNECT_BACKOFF_SECONDS = (0.2, 5.0)  # first wait after a Redis error, doubled up to the second
 CANARY_FILE = "canary.safetensors"
 
 
@@ -93,6 +101,7 @@ class Worker:
         self.recent_ids: OrderedDict[str, None] = OrderedDict()
         self.uncommitted: list[bytes] = []
         self.unpublished: list[AppliedBatch] = []
+        self.recorded: set[bytes] = set()  # replayed entries whose records went out before a crash
         self.canary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.canary_accuracy: float | None = None
         self._checkpointed_batches = -1
@@ -106,6 +115,11 @@ class Worker:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Take the namespace's lease, load (or create) the learner, publish it, and join the group."""
+        if self.settings.queue_max_length <= self.settings.checkpoint_every:
+            # applied entries stay in the stream until a checkpoint holds them: a full stream of those would
+            # refuse every new batch (429) while the worker waits for the batches that make the checkpoint due
+            raise WorkerError(f"DSCGUARD_QUEUE_MAX_LENGTH ({self.settings.queue_max_length}) must exceed "
+                              f"DSCGUARD_CHECKPOINT_EVERY ({self.settings.checkpoint_every})")
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         ttl = self.settings.heartbeat_ttl_seconds
@@ -149,10 +163,17 @@ class Worker:
         try:
             backlog = self.queue.reclaim(self.consumer)
             if backlog:
-                log.info("reclaimed %d pending entries", len(backlog))
+                self.recorded = self.queue.recorded_entries(
+                    e for e in backlog if entry_id_key(e[0]) > entry_id_key(self.last_applied_id))
+                log.info("reclaimed %d pending entries (%d of them applied and recorded before a crash, to be "
+                         "replayed)", len(backlog), len(self.recorded))
             idle_since = time.monotonic()
+            backoff = 0.0
             while not self._stop.is_set() and (max_batches is None or applied < max_batches):
                 try:
+                    if backoff:  # Redis is back: take back what it handed out and this worker never applied
+                        uncommitted = set(self.uncommitted)
+                        backlog = [e for e in self.queue.reclaim(self.consumer) if e[0] not in uncommitted]
                     remaining = self.settings.read_count if max_batches is None else max_batches - applied
                     # with applied batches not yet published, only look (no wait) for more work
                     block_ms = None if self.unpublished else self.settings.read_block_ms
@@ -165,10 +186,13 @@ class Worker:
                         applied += self.process(entry_id, fields)
                     if not entries or time.monotonic() - self._published_at >= self.settings.publish_interval_seconds:
                         self.flush()
+                    backoff = 0.0
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning("Redis unavailable (%s); retrying", exc)
+                    first, cap = RECONNECT_BACKOFF_SECONDS
+                    backoff = min(cap, max(first, 2 * backoff))
+                    log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
                     entries = []
-                    self._stop.wait(1.0)
+                    self._stop.wait(backoff)
                 if entries:
                     idle_since = time.monotonic()
                 elif idle_timeout is not None and time.monotonic() - idle_since >= idle_timeout:
@@ -247,7 +271,8 @@ class Worker:
             self.metrics.canary_accuracy.set(self.canary_accuracy)
         discrepancy = report.discrepancy_before.tolist() if report.discrepancy_before is not None else None
         self.unpublished.append(AppliedBatch(batch.batch_id, self.audit_record(batch.batch_id, entry_id, report),
-                                             discrepancy))
+                                             discrepancy, in_audit=entry_id in self.recorded))
+        self.recorded.discard(entry_id)
         self.metrics.observe_step(report, self.learner.threshold())
         self.metrics.step_duration.labels(phase="decode").observe(decoded - started)
         if len(self.uncommitted) >= self.settings.checkpoint_every:
@@ -321,11 +346,12 @@ class Worker:
     def _load_or_create(self) -> OnlineLearner:
         device = resolve_device(self.config.device)
         expected = deployment_fingerprint(self.config)
+        refused: list[Path] = []
         for path in checkpoints(self.checkpoint_dir):
             try:
                 learner = OnlineLearner.load(path, device=device)
             except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
-                log.warning("skipping unusable checkpoint %s: %s", path, exc)
+                refused.append(self._refuse(path, exc))
                 continue
             extra = learner.extra_meta
             if extra.get("deployment") != expected:
@@ -338,8 +364,29 @@ class Worker:
             self._checkpointed_batches = learner.batches_applied
             self.canary = self._load_canary()
             log.info("resumed from checkpoint %s", path)
+            if refused:
+                lost = int(refused[0].name.rsplit("-", 1)[-1]) - learner.batches_applied
+                log.error("fell back to checkpoint %s: the %d updates after it that the refused %s held are lost "
+                          "(their stream entries were acknowledged when it was written)", path.name, lost,
+                          refused[0].name)
             return learner
+        if refused:
+            log.error("no checkpoint could be loaded: starting a new learner from the burn-in; the updates that "
+                      "%s held are lost", refused[0].name)
         return self._create(device)
+
+    def _refuse(self, path: Path, exc: Exception) -> Path:
+        """Move an unloadable checkpoint aside (kept for inspection, out of the rotation) and say why."""
+        aside = path.with_name(REFUSED_PREFIX + path.name)
+        try:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+        except OSError as move_error:
+            log.error("could not move %s aside: %s", path, move_error)
+            aside = path
+        log.error("refusing checkpoint %s (%s: %s); moved to %s, trying the next older one", path.name,
+                  type(exc).__name__, exc, aside.name)
+        return path
 
     def _create(self, device: torch.device) -> OnlineLearner:
         from service.experiment import Experiment
