@@ -1,7 +1,8 @@
 """Running the service for tests: real Redis (namespaced per test), uvicorn on loopback, worker processes.
 
-Everything started here is stopped here: the API server thread, worker subprocesses (SIGTERM,
-then SIGKILL after a bounded wait), and every Redis key of the test's namespace.
+Everything started here is stopped here: the API server thread, `dscguard worker` and `dscguard
+serve` subprocesses (SIGTERM, then SIGKILL after a bounded wait), private `redis-server`s, and
+every Redis key of the test's namespace.
 """
 
 from __future__ import annotations
@@ -18,19 +19,24 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
 import redis
+import torch
 import uvicorn
 
 from service.api import create_app
+from service.model_store import weights_to_bytes
+from service.models import build_model
 from service.redis_queue import RedisQueue, connect
 from service.settings import ServiceSettings
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY, ADMIN_TOKEN = "test-client-key", "test-admin-token"
+MODEL_SPEC = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}  # the digits profile's model
 # The burn-in of the session's `digits_config` fixture (tests/conftest.py), shared through the cache.
 DIGITS_OVERRIDES = {"burnin": {"epochs": 20, "checkpoint_every": 5, "auxiliary_epoch": 10}}
 
@@ -80,6 +86,18 @@ def redis_namespace() -> Iterator[str]:
         RedisQueue(connect(REDIS_URL), name).purge()
 
 
+def publish_model(queue: RedisQueue, version: int = 1, seed: int = 0, alive: bool = True) -> torch.nn.Module:
+    """Publish a fresh MODEL_SPEC model as the worker does (and hold the worker's lease when `alive`)."""
+    torch.manual_seed(seed)
+    model = build_model(**MODEL_SPEC)
+    queue.publish_spec(MODEL_SPEC)
+    queue.record_steps([], version=version, weights=weights_to_bytes(model, version, MODEL_SPEC),
+                       status={"model_version": version, "batches_applied": version, "strategy": "dsc"})
+    if alive:
+        queue.acquire_lease("test-worker", ttl_seconds=30, wait_seconds=0)
+    return model.eval()
+
+
 class ApiServer:
     """uvicorn serving `create_app(settings)` on 127.0.0.1 (a free port) in a thread."""
 
@@ -103,18 +121,24 @@ class ApiServer:
         self.thread.join(timeout=20)
 
 
-class WorkerProcess:
-    """`dscguard worker` in a subprocess with `settings` in its environment."""
+class ServiceProcess:
+    """`dscguard <command>` in a subprocess with `settings` in its environment, its output in a log file."""
+
+    command = "worker"
 
     def __init__(self, settings: ServiceSettings, *args: str):
         env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
         if settings.cache_dir is not None:
             env["DSCGUARD_CACHE_DIR"] = str(settings.cache_dir)
-        self.log = Path(settings.checkpoint_dir).parent / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.log = Path(settings.checkpoint_dir).parent / f"{self.command}-{uuid.uuid4().hex[:6]}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--log-level", "info",
-                                             *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([sys.executable, "-m", "service.cli", self.command, *args], env=env,
+                                            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -124,7 +148,7 @@ class WorkerProcess:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"worker did not exit within {timeout} s:\n{self.output()}") from None
+            raise AssertionError(f"{self.command} did not exit within {timeout} s:\n{self.output()}") from None
 
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM (finish the batch, checkpoint, exit) and wait, bounded."""
@@ -138,7 +162,7 @@ class WorkerProcess:
             self.process.kill()
         self.process.wait(timeout=30)
 
-    def __enter__(self) -> WorkerProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -148,6 +172,93 @@ class WorkerProcess:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class WorkerProcess(ServiceProcess):
+    """`dscguard worker` (logging at info level)."""
+
+    def __init__(self, settings: ServiceSettings, *args: str):
+        super().__init__(settings, "--log-level", "info", *args)
+
+
+class ApiProcess(ServiceProcess):
+    """`dscguard serve` on a free loopback port, as deployed (its own process, so its memory can be watched)."""
+
+    command = "serve"
+
+    def __init__(self, settings: ServiceSettings, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(settings, "--port", str(self.port), "--log-level", "warning", *args)
+
+    def wait_live(self, timeout: float = 60) -> None:
+        def live() -> bool:
+            assert self.process.poll() is None, f"the API exited early:\n{self.output()}"
+            try:
+                return httpx.get(f"{self.url}/health/live", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(live, timeout, "the API to answer", interval=0.1, diagnostics=self.output)
+
+
+class RedisServer:
+    """A private `redis-server` on a free loopback port that a test may stop and restart (never the shared one).
+
+    Persistence as recommended for production: the append-only file, fsynced before each reply
+    (`appendfsync always`), so every write Redis acknowledged survives a crash of the server.
+    """
+
+    def __init__(self, directory: Path, appendfsync: str = "always"):
+        self.directory, self.appendfsync = Path(directory), appendfsync
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20) -> None:
+        command = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
+                   "--save", "", "--appendonly", "yes", "--appendfsync", self.appendfsync,
+                   "--logfile", str(self.directory / "redis.log")]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_until(self._answers, timeout, f"redis-server on port {self.port}", interval=0.05,
+                   diagnostics=lambda: (self.directory / "redis.log").read_text(errors="replace"))
+
+    def _answers(self) -> bool:
+        assert self.process.poll() is None, "redis-server exited: " + (self.directory / "redis.log").read_text()
+        try:
+            return bool(connect(self.url, 0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: Redis crashes; only what its append-only file holds comes back."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def rss_megabytes(pid: int) -> float | None:
+    """Resident memory of a process (VmRSS in /proc/<pid>/status), None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return None
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.02,

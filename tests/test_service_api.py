@@ -14,18 +14,19 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.codec import InputSpec, encode_json_batch, encode_safetensors_batch, from_stream_fields
-from service.model_store import model_from_bytes, weights_to_bytes
-from service.models import build_model
+from service.model_store import model_from_bytes
 from service.redis_queue import RedisQueue, connect
 from tests.service_harness import (
     ADMIN_TOKEN,
     API_KEY,
+    MODEL_SPEC,
     REDIS_URL,
     ROOT,
     ApiServer,
     free_port,
     make_settings,
     needs_redis,
+    publish_model,
     redis_namespace,
     settings_env,
     wait_until,
@@ -33,19 +34,7 @@ from tests.service_harness import (
 
 pytestmark = needs_redis
 
-SPEC = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}
 SAFETENSORS = {"Content-Type": "application/vnd.safetensors"}
-
-
-def _publish(queue: RedisQueue, version: int = 1, seed: int = 0, alive: bool = True):
-    torch.manual_seed(seed)
-    model = build_model(**SPEC)
-    queue.publish_spec(SPEC)
-    queue.record_steps([], version=version, weights=weights_to_bytes(model, version, SPEC),
-                       status={"model_version": version, "batches_applied": version, "strategy": "dsc"})
-    if alive:
-        queue.acquire_lease("test-worker", ttl_seconds=30, wait_seconds=0)
-    return model.eval()
 
 
 def _batch(n=4, dtype=np.uint8, seed=0):
@@ -80,7 +69,7 @@ def service(namespace, tmp_path):
 
 def test_valid_batches_are_enqueued_once_in_either_encoding(service):
     api, queue = service
-    _publish(queue)
+    publish_model(queue)
     x1, y1 = _batch(4, np.uint8, seed=1)
     x2, y2 = _batch(3, np.float32, seed=2)
     first = api.client.post("/v1/ingest", json=encode_json_batch("batch-1", x1, y1))
@@ -94,7 +83,7 @@ def test_valid_batches_are_enqueued_once_in_either_encoding(service):
 
     entries = queue.client.xrange(queue.stream)
     assert [e[0].decode() for e in entries] == [first.json()["entry_id"], second.json()["entry_id"]]
-    spec = InputSpec.from_model_spec(SPEC, 16)
+    spec = InputSpec.from_model_spec(MODEL_SPEC, 16)
     decoded = [from_stream_fields(fields, spec) for _, fields in entries]
     assert decoded[0].batch_id == "batch-1" and np.array_equal(decoded[0].x, x1) and decoded[0].y.tolist() == y1
     assert decoded[1].x.dtype == np.float32 and np.array_equal(decoded[1].x, x2) and decoded[1].y.tolist() == y2
@@ -155,7 +144,7 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_requests_are_refused_clearly_and_nothing_is_enqueued(service, case):
     api, queue = service
-    _publish(queue)
+    publish_model(queue)
     request, status, reason = BAD_REQUESTS[case]
     response = api.client.post("/v1/ingest", **request)
     assert response.status_code == status, response.text
@@ -170,7 +159,7 @@ def test_bad_requests_are_refused_clearly_and_nothing_is_enqueued(service, case)
 
 def test_full_queue_answers_429_with_retry_after(service):
     api, queue = service
-    _publish(queue)
+    publish_model(queue)
     x, y = _batch(2)
     for i in range(3):
         assert api.client.post("/v1/ingest", json=encode_json_batch(f"b{i}", x, y)).status_code == 202
@@ -198,7 +187,7 @@ def test_readiness_needs_redis_a_live_worker_and_a_model(service):
     ready = api.client.get("/health/ready")
     assert ready.status_code == 503 and ready.json()["checks"] == {"redis": True, "worker": False, "model": False}
     assert api.client.post("/v1/ingest", **_json_body()).json()["reason"] == "no_model"
-    _publish(queue, alive=False)
+    publish_model(queue, alive=False)
     assert api.client.get("/health/ready").json()["checks"] == {"redis": True, "worker": False, "model": True}
     queue.acquire_lease("test-worker", ttl_seconds=30, wait_seconds=0)
     assert api.client.get("/health/ready").json() == {"ready": True, "checks": {"redis": True, "worker": True,
@@ -207,7 +196,7 @@ def test_readiness_needs_redis_a_live_worker_and_a_model(service):
 
 def test_keys_guard_the_routes(service):
     api, queue = service
-    model = _publish(queue, version=7)
+    model = publish_model(queue, version=7)
     assert api.client.get("/v1/status", headers={"X-API-Key": ""}).status_code == 401
     assert api.client.get("/v1/status").json()["model_version"] == 7
     forbidden = api.client.get("/v1/model")
@@ -216,7 +205,7 @@ def test_keys_guard_the_routes(service):
     download = api.client.get("/v1/model", headers={"X-API-Key": ADMIN_TOKEN})
     assert download.status_code == 200 and download.headers["X-Model-Version"] == "7"
     published = model_from_bytes(download.content)
-    assert published.version == 7 and published.spec == SPEC
+    assert published.version == 7 and published.spec == MODEL_SPEC
     for name, tensor in model.state_dict().items():
         assert torch.equal(published.model.state_dict()[name], tensor)
 
@@ -224,7 +213,7 @@ def test_keys_guard_the_routes(service):
 def test_admin_route_is_disabled_without_an_admin_token(namespace, tmp_path):
     settings = make_settings(namespace, tmp_path, admin_token=None)
     with ApiServer(settings) as api:
-        _publish(RedisQueue.from_settings(settings))
+        publish_model(RedisQueue.from_settings(settings))
         response = api.client.get("/v1/model", headers={"X-API-Key": API_KEY})
         assert response.status_code == 403 and "DSCGUARD_ADMIN_TOKEN" in response.json()["detail"]
 
@@ -233,7 +222,7 @@ def test_predict_follows_the_published_version(service):
     api, queue = service
     x, _ = _batch(6, np.float32, seed=3)
     for version, seed in ((1, 0), (2, 1)):
-        model = _publish(queue, version=version, seed=seed)
+        model = publish_model(queue, version=version, seed=seed)
         expected = model(torch.from_numpy(x)).argmax(1).tolist()
         by_json = api.client.post("/v1/predict", json=encode_json_batch(None, x)).json()
         by_safetensors = api.client.post("/v1/predict", content=encode_safetensors_batch(x),
@@ -245,7 +234,7 @@ def test_predict_follows_the_published_version(service):
 
 def test_status_reports_queue_and_audit(service):
     api, queue = service
-    _publish(queue, version=3)
+    publish_model(queue, version=3)
     x, y = _batch(2)
     api.client.post("/v1/ingest", json=encode_json_batch("b0", x, y))
     record = {"batch_id": "b-old", "samples": 2, "flagged": 1, "model_version": 3}
@@ -272,7 +261,7 @@ def test_namespaces_are_isolated(namespace, tmp_path):
         other = RedisQueue(connect(REDIS_URL), other_name)
         settings = make_settings(namespace, tmp_path)
         with ApiServer(settings) as api:
-            _publish(RedisQueue.from_settings(settings))
+            publish_model(RedisQueue.from_settings(settings))
             assert api.client.post("/v1/ingest", **_json_body()).status_code == 202
         assert other.client.xlen(other.stream) == 0 and other.model_spec() is None
         assert RedisQueue(connect(REDIS_URL), namespace).client.xlen(f"{namespace}:ingest") == 1
@@ -280,7 +269,7 @@ def test_namespaces_are_isolated(namespace, tmp_path):
 
 def test_metrics_add_up_over_several_api_processes(namespace, tmp_path):
     settings = make_settings(namespace, tmp_path)
-    _publish(RedisQueue.from_settings(settings))
+    publish_model(RedisQueue.from_settings(settings))
     port, metrics_dir, log = free_port(), tmp_path / "metrics", tmp_path / "serve.log"
     metrics_dir.mkdir()
     env = {**os.environ, **settings_env(settings), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
