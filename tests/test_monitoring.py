@@ -54,6 +54,16 @@ def _query(prometheus: str, expr: str) -> list:
     return body["data"]["result"]
 
 
+def _queries_without_data(prometheus: str) -> list[str]:
+    """Dashboard queries and alert operands (the sides of the condition, not its verdict) that return nothing."""
+    empty = [f"{q.where}: {q.expr}" for q in dashboard_queries() if not _query(prometheus, queryable(q.expr))]
+    for rule in alert_rules():
+        _query(prometheus, rule["expr"])  # evaluates, whether it fires or not
+        empty += [f"alert {rule['alert']}: {operand}" for operand in comparison_operands(rule["expr"])
+                  if not operand.replace(".", "", 1).isdigit() and not _query(prometheus, operand)]
+    return empty
+
+
 def _stream(api: httpx.Client, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Clean batches and uniform-noise batches (which the defense flags), one wrong key, one undecodable entry."""
     for index, (x, y) in enumerate(batches):
@@ -106,14 +116,9 @@ def test_prometheus_scrapes_the_stack_and_every_dashboard_and_alert_query_return
             verdicts = _query(prometheus, "sum by (verdict) (dscguard_memorization_discrepancy_count)")
             assert {r["metric"]["verdict"] for r in verdicts} == {"clean", "flagged"}
 
-            empty = [f"{q.where}: {q.expr}" for q in dashboard_queries() if not _query(prometheus, queryable(q.expr))]
-            assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
-
-            for rule in alert_rules():
-                _query(prometheus, rule["expr"])  # evaluates (whether it fires or not)
-                for operand in comparison_operands(rule["expr"]):
-                    if not operand.replace(".", "", 1).isdigit():
-                        assert _query(prometheus, operand), f"alert {rule['alert']}: no data for {operand}"
+            # a series born in the last scrape has one sample, and a rate needs two: a few more scrapes at most
+            wait_until(lambda: not _queries_without_data(prometheus), 20, "data for every dashboard and alert query",
+                       interval=1.0, diagnostics=lambda: "\n".join(_queries_without_data(prometheus)))
             rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
             loaded = {r["name"]: r for group in rules for r in group["rules"]}
             assert set(loaded) == {rule["alert"] for rule in alert_rules()}, f"rules of {ALERTS} not all loaded"
