@@ -40,7 +40,11 @@ import uuid
 from pathlib import Path
 
 import httpx
-import torch
+
+# as the service's processes do (`dscguard serve/worker`): idle OpenMP threads sleep rather than spin, or
+# the in-process learner on every core collapses whenever another process takes a core
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 from service.codec import encode_json_batch
 from service.config import ExperimentConfig

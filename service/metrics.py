@@ -93,6 +93,11 @@ class WorkerMetrics:
         self.duplicates = Counter("dscguard_duplicates_skipped_total", "Entries skipped: their update was "
                                   "already applied", registry=r)
         self.checkpoints = Counter("dscguard_checkpoints_total", "Checkpoints written", registry=r)
+        self.loop_timestamp = Gauge("dscguard_worker_loop_timestamp_seconds", "Unix time of the worker loop's last "
+                                    "turn (it turns at least every read_block_ms while idle; a stuck worker's "
+                                    "stops)", registry=r)
+        self.model_info = Gauge("dscguard_model_info", "The model and defense the worker serves (value 1)",
+                                ["model", "profile", "strategy", "device"], registry=r)
 
     def observe_step(self, report: StepReport, threshold_next: float | None) -> None:
         """Everything a StepReport says, as metrics (no per-sample labels: samples go into histograms)."""
