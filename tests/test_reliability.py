@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import torch
 
 from service.checkpoint import load_checkpoint
@@ -224,6 +225,33 @@ def test_redis_crash_during_ingestion_answers_503_and_loses_nothing_acknowledged
             assert waits[:3] == [0.2, 0.4, 0.8] and max(waits) <= 5.0, waits  # exponential backoff, capped
             assert all(queue.batch_state(b)["state"] == "applied" for b in accepted_before)
             _assert_applied_exactly_once(api, queue, settings, batch_ids, batches, digits_experiment)
+
+
+def test_entries_handed_out_before_a_redis_error_are_applied_once_it_answers(digits_experiment, cache_dir, namespace,
+                                                                             tmp_path, monkeypatch):
+    # one read hands the worker 4 entries; Redis fails while it records the second (a checkpoint is due):
+    # the other two stay pending in the group, where a new read (">") never looks
+    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=2)
+    queue = RedisQueue.from_settings(settings)
+    batches = list(digits_experiment.stream_batches(4, seed=25))
+    for index, (x, y) in enumerate(batches):
+        queue.enqueue(f"e{index}", to_stream_fields(Batch(f"e{index}", x.numpy(), y.numpy())))
+    worker = Worker(settings)
+    record_steps, failures = worker.queue.record_steps, []
+
+    def fail_once(steps, **kwargs):
+        if steps and not failures:  # the first record of applied batches
+            failures.append(len(steps))
+            raise redis.ConnectionError("Redis went away")
+        return record_steps(steps, **kwargs)
+
+    monkeypatch.setattr(worker.queue, "record_steps", fail_once)
+    worker.run(idle_timeout=1.0)
+    assert failures == [2]
+    assert worker.learner.batches_applied == 4 and queue.client.xlen(queue.stream) == 0
+    assert [queue.batch_state(f"e{i}")["state"] for i in range(4)] == ["applied"] * 4
+    assert [json.loads(f[b"record"])["batch_id"] for _, f in queue.client.xrange(queue.audit_stream)] == [
+        f"e{i}" for i in range(4)]
 
 
 @pytest.mark.parametrize("damaged", ["tensors.safetensors", "meta.json"])
