@@ -166,6 +166,8 @@ def test_sigterm_mid_stream_finishes_the_batch_checkpoints_and_the_restart_conti
             assert resumed.terminate() == 0, resumed.output()
         assert f"resumed from checkpoint {newest}" in resumed.output()
         _assert_applied_exactly_once(api, queue, settings, batch_ids, batches, digits_experiment)
+    print(f"\nSIGTERM after {stopped_at} of 80 batches: checkpoint {newest.name}, the restart applied the other "
+          f"{80 - stopped_at} once")
 
 
 class _Poster(threading.Thread):
@@ -225,6 +227,8 @@ def test_redis_crash_during_ingestion_answers_503_and_loses_nothing_acknowledged
             assert waits[:3] == [0.2, 0.4, 0.8] and max(waits) <= 5.0, waits  # exponential backoff, capped
             assert all(queue.batch_state(b)["state"] == "applied" for b in accepted_before)
             _assert_applied_exactly_once(api, queue, settings, batch_ids, batches, digits_experiment)
+    print(f"\nRedis killed after {len(accepted_before)} of 60 batches were accepted: {poster.statuses.count(503)} "
+          f"503s while it was gone, worker waits {waits}, all 60 applied once")
 
 
 def test_entries_handed_out_before_a_redis_error_are_applied_once_it_answers(digits_experiment, cache_dir, namespace,
