@@ -135,6 +135,8 @@ class Worker:
             self.queue.publish_spec(self.learner.model_spec)
             self.publish()
             self.metrics.model_version.set(self.learner.model_version)
+            self.metrics.model_info.labels(model=self.learner.model_spec["name"], profile=self.settings.profile,
+                                           strategy=self.learner.strategy.name, device=str(self.learner.device)).set(1)
             threshold = self.learner.threshold()
             if threshold is not None:
                 self.metrics.threshold.set(threshold)
@@ -170,6 +172,7 @@ class Worker:
             idle_since = time.monotonic()
             backoff = 0.0
             while not self._stop.is_set() and (max_batches is None or applied < max_batches):
+                self.metrics.loop_timestamp.set(time.time())
                 try:
                     if backoff:  # Redis is back: take back what it handed out and this worker never applied
                         uncommitted = set(self.uncommitted)
