@@ -315,6 +315,6 @@ def test_short_load_run_holds(cache_dir, digits_experiment, tmp_path):
     assert result["accepted"] > 0 and result["status_429"] > 0 and result["accepted_after_429"] > 0
     assert result["max_queue_depth"] <= 24
     assert result["applied"] == result["accepted"] and result["lost"] == 0 and result["doubled"] == 0
-    for process in ("api", "worker"):
+    for process in ("api", "worker"):  # a few MB in practice (docs/reliability.md); a leak per request shows
         rss = result["rss_mb"][process]
-        assert 0 < rss["start"] <= rss["peak"] and rss["end"] <= rss["peak"]
+        assert rss["samples"] >= 5 and rss["peak"] - rss["start"] < 100, (process, rss)
