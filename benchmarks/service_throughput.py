@@ -73,6 +73,7 @@ class Service:
 
     def __init__(self, args, workload: dict, workdir: Path):
         self.namespace = f"bench-{uuid.uuid4().hex[:10]}"
+        self.pin = args.pin
         self.port = _free_port()
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "DSCGUARD_REDIS_URL": args.redis_url,
                     "DSCGUARD_NAMESPACE": self.namespace, "DSCGUARD_API_KEY": API_KEY,
@@ -91,6 +92,10 @@ class Service:
                             ["serve", "--port", str(self.port), "--log-level", "warning"]):
                 self.processes.append(subprocess.Popen([sys.executable, "-m", "service.cli", *command], env=self.env,
                                                        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        if self.pin:  # the worker alone on core 0; the API (and this client, see _throughput) on the others
+            worker, api = self.processes
+            os.sched_setaffinity(worker.pid, {0})
+            os.sched_setaffinity(api.pid, _other_cores())
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers={"X-API-Key": API_KEY},
                                    timeout=60)
         deadline = time.monotonic() + 600
@@ -118,6 +123,15 @@ class Service:
                 process.wait()
         RedisQueue(connect(self.env["DSCGUARD_REDIS_URL"]), self.namespace).purge()
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) so far of the worker, the API and this client (Linux /proc)."""
+        def of(process: subprocess.Popen) -> float:
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        worker, api = self.processes
+        return {"worker": of(worker), "api": of(api), "client": time.process_time()}
+
     def post(self, body: bytes) -> float:
         """POST one encoded batch (`encode`); returns the client-side latency in seconds."""
         started = time.perf_counter()
@@ -139,6 +153,10 @@ class Service:
         raise SystemExit(f"batch {batch_id} was not applied within {timeout} s")
 
 
+def _other_cores() -> set[int]:
+    return (os.sched_getaffinity(0) - {0}) or {0}
+
+
 def encode(batch_id: str, x: torch.Tensor, y: torch.Tensor) -> bytes:
     """One batch as the JSON body of /v1/ingest, inputs as uint8 (what a camera or a dataset sends)."""
     return json.dumps(encode_json_batch(batch_id, (x * 255).round().to(torch.uint8), y)).encode()
@@ -156,6 +174,8 @@ def _throughput(args, name: str, workload: dict, workdir: Path) -> dict:
     seconds = dict.fromkeys(["end_to_end", *learners], 0.0)
     bodies = [encode(f"b{index}", x, y) for index, (x, y) in enumerate(batches)]
     flagged = 0
+    cpu = dict.fromkeys(["worker", "api", "client"], 0.0)  # CPU seconds spent while the service was timed
+    in_process_cpu = 0.0
     with Service(args, workload, workdir) as service:
         for index, (x, y) in enumerate(batches[: args.warmup]):
             for threads, learner in learners.items():
@@ -166,15 +186,22 @@ def _throughput(args, name: str, workload: dict, workdir: Path) -> dict:
         # take turns chunk by chunk, so that machine noise hits every side alike
         for start in range(args.warmup, len(batches), args.chunk):
             chunk = range(start, min(start + args.chunk, len(batches)))
+            if args.pin:  # in process: core 0, as the worker
+                os.sched_setaffinity(0, {0})
             for threads, learner in learners.items():
+                cpu_before = time.process_time()
                 elapsed, chunk_flagged = _steps(learner, [batches[i] for i in chunk], threads)
                 seconds[threads] += elapsed
+                in_process_cpu += time.process_time() - cpu_before if threads == args.threads else 0.0
                 flagged += chunk_flagged if threads == args.threads else 0
-            started = time.perf_counter()
+            if args.pin:  # the client sends from the API's cores
+                os.sched_setaffinity(0, _other_cores())
+            started, cpu_before = time.perf_counter(), service.cpu_seconds()
             for index in chunk:
                 service.post(bodies[index])
             service.wait_applied(f"b{chunk[-1]}")
             seconds["end_to_end"] += time.perf_counter() - started
+            cpu = {name: cpu[name] + spent - cpu_before[name] for name, spent in service.cpu_seconds().items()}
         audit = service.client.get("/v1/status", params={"audit": args.batches}).json()["audit"]
     torch.set_num_threads(default_threads)
     served_flagged = sum(record["flagged"] for record in audit)
@@ -186,7 +213,10 @@ def _throughput(args, name: str, workload: dict, workdir: Path) -> dict:
             "end_to_end_samples_per_second": samples / seconds["end_to_end"],
             "ratio_end_to_end_to_in_process": seconds[args.threads] / seconds["end_to_end"],
             "ratio_end_to_end_to_in_process_default_threads": seconds[default_threads] / seconds["end_to_end"],
-            "flagged_in_process": flagged, "flagged_end_to_end": served_flagged}
+            "flagged_in_process": flagged, "flagged_end_to_end": served_flagged,
+            # where the CPU goes (ms per batch): the service's overhead is what its processes spend beyond a step
+            "cpu_ms_per_batch": {"in_process": 1000 * in_process_cpu / args.batches,
+                                 **{name: 1000 * spent / args.batches for name, spent in cpu.items()}}}
 
 
 def _steps(learner, batches: list, threads: int) -> tuple[float, int]:
@@ -238,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the worker and of the in-process "
                         "learner it is compared with")
+    parser.add_argument("--pin", action="store_true", help="pin the worker and the in-process learner to core 0, "
+                        "the API and this client to the other cores (needs --threads 1 and 2+ cores)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -263,6 +295,7 @@ def main(argv=None) -> int:
                   f"ratio {row['ratio_end_to_end_to_in_process']:.3f} ({args.threads} thread(s) each); in-process "
                   f"on {row['default_threads']} threads {row['in_process_default_threads_samples_per_second']:8.1f} "
                   f"samples/s, ratio {row['ratio_end_to_end_to_in_process_default_threads']:.3f}")
+            print("         CPU ms per batch: " + ", ".join(f"{k} {v:.2f}" for k, v in row["cpu_ms_per_batch"].items()))
         if "cifar10" in args.workloads and "cifar10" not in results["skipped"]:
             latency = results["latency"] = _latency(args, WORKLOADS["cifar10"], workdir)
             print(f"ingest latency, {latency['batch']} uint8 at {args.rate:g} req/s: p50 {latency['p50_ms']:.1f} ms, "
