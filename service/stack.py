@@ -75,7 +75,11 @@ def wait_for(condition, process: subprocess.Popen, name: str, log: Path, timeout
 
 
 def start_redis(url: str, log: Path, timeout: float = 30.0) -> subprocess.Popen | None:
-    """A `redis-server` (no persistence) for `url` when nothing answers there; None when Redis already answers."""
+    """A `redis-server` for `url` when nothing answers there; None when Redis already answers.
+
+    Its append-only file (fsynced before each reply) lives in the log's directory, so batches answered
+    202 survive a restart of the stack, as in docker-compose.yml.
+    """
     if redis_answers(url):
         return None
     parts = urlsplit(url)
@@ -83,7 +87,7 @@ def start_redis(url: str, log: Path, timeout: float = 30.0) -> subprocess.Popen 
         raise SystemExit(f"Redis does not answer at {url}, and no local redis-server can be started there "
                          "(install Redis 7, or point DSCGUARD_REDIS_URL at a running one)")
     process = spawn(["redis-server", "--bind", "127.0.0.1", "--port", str(parts.port or 6379), "--save", "",
-                     "--appendonly", "no"], log)
+                     "--appendonly", "yes", "--appendfsync", "always", "--dir", str(log.parent.resolve())], log)
     try:
         wait_for(lambda: redis_answers(url), process, "redis", log, timeout)
     except SystemExit:

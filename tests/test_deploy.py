@@ -94,6 +94,11 @@ def test_the_stack_keeps_its_state_in_named_volumes_and_mounts_what_the_services
     storage = next(a.split("=", 1)[1] for a in services["prometheus"]["command"] if a.startswith("--storage.tsdb.path"))
     assert mounts("prometheus")[storage] == "prometheus-data" and "prometheus-data" in compose["volumes"]
     assert mounts("grafana")["/var/lib/grafana"] == "grafana-data"
+    # a 202 lives only in Redis until a checkpoint holds it: the queue is an fsynced append-only file on a volume
+    redis_args = services["redis"]["command"]
+    option = {name: redis_args[i + 1] for i, name in enumerate(redis_args) if name.startswith("--")}
+    assert option["--appendonly"] == "yes" and option["--appendfsync"] in {"always", "everysec"}
+    assert mounts("redis")[option["--dir"]] == "redis-data" and "redis-data" in compose["volumes"]
 
     # Prometheus reads its config (and the rule files it names) from the mounted deploy/prometheus
     prometheus_dir = ROOT / mounts("prometheus")["/etc/prometheus"]

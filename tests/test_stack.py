@@ -38,6 +38,8 @@ def test_start_redis_starts_one_only_where_none_answers(tmp_path):
     process = start_redis(url, tmp_path / "redis.log", timeout=20)
     try:
         assert process is not None and connect(url).ping()
+        assert connect(url).config_get("appendonly") == {"appendonly": "yes"}  # a 202 survives its restart
+        assert (tmp_path / "appendonlydir").is_dir()
         assert start_redis(url, tmp_path / "again.log") is None  # answers now: reused, nothing started
     finally:
         process.terminate()
