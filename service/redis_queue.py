@@ -237,6 +237,30 @@ class RedisQueue:
         return {entry_id for (entry_id, _), record in zip(ids, records, strict=True)
                 if record is not None and json.loads(record).get("entry_id") == entry_id.decode()}
 
+    def delivered_after(self, entry_id: str) -> list[tuple[bytes, dict]]:
+        """Entries after `entry_id` that the group has already handed out (pending, or acknowledged and
+        kept for a checkpoint fallback), oldest first: what a worker resuming from that id must replay."""
+        groups = {g["name"]: g for g in self.client.xinfo_groups(self.stream)} if self.client.exists(self.stream) \
+            else {}
+        group = groups.get(GROUP.encode()) or groups.get(GROUP)
+        if group is None:
+            return []
+        last = group["last-delivered-id"]
+        if entry_id_key(last) <= entry_id_key(entry_id):
+            return []
+        return [(i, f) for i, f in self.client.xrange(self.stream, f"({entry_id}", last) if f]
+
+    def settle(self, entry_ids: Iterable[bytes | str], keep_after: str) -> None:
+        """A checkpoint holds these entries: acknowledge them, and delete every entry up to `keep_after`
+        (the last entry the oldest kept checkpoint holds); later ones stay for a fallback replay."""
+        ids = list(entry_ids)
+        ms, seq = entry_id_key(keep_after)
+        with self.client.pipeline() as pipe:
+            if ids:
+                pipe.xack(self.stream, GROUP, *ids)
+            pipe.xtrim(self.stream, minid=f"{ms}-{seq + 1}")
+            pipe.execute()
+
     def acknowledge(self, entry_ids: Iterable[bytes | str]) -> None:
         """Done with these entries for good: acknowledge and delete them (the stream stays bounded)."""
         ids = list(entry_ids)

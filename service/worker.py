@@ -12,15 +12,16 @@ a backlog, rather than after every batch: serialising a model and a Redis round 
 would cost more than a small model's step. A batch is never seen as applied before the published
 weights hold it.
 
-Durability: an entry is acknowledged (XACK, then deleted) only once a checkpoint holds its update.
-Checkpoints are written every `checkpoint_every` batches and on shutdown, atomically (temp dir,
-rename), and record the last applied stream id and the recent batch ids. On start the worker
-loads the newest valid checkpoint, reclaims the group's pending entries (XAUTOCLAIM) and replays
-those not yet in the checkpoint: a restart, clean or after a crash, neither loses nor repeats an
+Durability: an entry is acknowledged (XACK) only once a checkpoint holds its update, and deleted
+only once the oldest of the `checkpoints_kept` checkpoints holds it. Checkpoints are written every
+`checkpoint_every` batches and on shutdown, atomically (temp dir, rename, fsync), and record the
+last applied stream id and the recent batch ids. On start the worker loads the newest valid
+checkpoint, reclaims the group's pending entries (XAUTOCLAIM) and replays every entry after the
+checkpoint's last applied id: a restart, clean or after a crash, neither loses nor repeats an
 update, and a replayed batch whose record went out before the crash gets no second audit record.
 A checkpoint that cannot be loaded (truncated, corrupt) is refused with an error, moved aside as
-`refused-step-...`, and the next older one is loaded; the updates between the two are lost (their
-entries were acknowledged when the refused one was written), and the worker says how many.
+`refused-step-...`, and the next older one is loaded; the updates between the two are replayed
+from the entries kept in the stream.
 
 Redis going away is waited out with exponential backoff (capped); once it answers again the
 worker takes back the entries it was handed but never applied, and carries on.
@@ -102,6 +103,7 @@ class Worker:
         self.uncommitted: list[bytes] = []
         self.unpublished: list[AppliedBatch] = []
         self.recorded: set[bytes] = set()  # replayed entries whose records went out before a crash
+        self.kept_ids: list[str] = []  # last applied stream id of each kept checkpoint, oldest first
         self.canary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.canary_accuracy: float | None = None
         self._checkpointed_batches = -1
@@ -115,11 +117,13 @@ class Worker:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Take the namespace's lease, load (or create) the learner, publish it, and join the group."""
-        if self.settings.queue_max_length <= self.settings.checkpoint_every:
-            # applied entries stay in the stream until a checkpoint holds them: a full stream of those would
-            # refuse every new batch (429) while the worker waits for the batches that make the checkpoint due
+        held = self.settings.checkpoints_kept * self.settings.checkpoint_every
+        if self.settings.queue_max_length <= held:
+            # applied entries stay in the stream until the oldest kept checkpoint holds them: a full stream of
+            # those would refuse every new batch (429) while the worker waits for the batches that make the
+            # next checkpoint due
             raise WorkerError(f"DSCGUARD_QUEUE_MAX_LENGTH ({self.settings.queue_max_length}) must exceed "
-                              f"DSCGUARD_CHECKPOINT_EVERY ({self.settings.checkpoint_every})")
+                              f"DSCGUARD_CHECKPOINTS_KEPT x DSCGUARD_CHECKPOINT_EVERY ({held})")
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         ttl = self.settings.heartbeat_ttl_seconds
@@ -163,12 +167,7 @@ class Worker:
             self.start()
         applied = 0
         try:
-            backlog = self.queue.reclaim(self.consumer)
-            if backlog:
-                self.recorded = self.queue.recorded_entries(
-                    e for e in backlog if entry_id_key(e[0]) > entry_id_key(self.last_applied_id))
-                log.info("reclaimed %d pending entries (%d of them applied and recorded before a crash, to be "
-                         "replayed)", len(backlog), len(self.recorded))
+            backlog = self._backlog()
             idle_since = time.monotonic()
             backoff = 0.0
             while not self._stop.is_set() and (max_batches is None or applied < max_batches):
@@ -203,6 +202,21 @@ class Worker:
         finally:
             self.shutdown()
         return applied
+
+    def _backlog(self) -> list[tuple[bytes, dict]]:
+        """What a (re)start must replay, oldest first: the group's pending entries (reclaimed by this
+        consumer) and the entries after the loaded checkpoint that were acknowledged for a newer one
+        since refused. Those whose records went out before a crash are remembered, not re-recorded."""
+        pending = self.queue.reclaim(self.consumer)
+        replay = {entry_id: fields for entry_id, fields in pending}
+        replay.update(self.queue.delivered_after(self.last_applied_id))
+        backlog = sorted(replay.items(), key=lambda item: entry_id_key(item[0]))
+        todo = [e for e in backlog if entry_id_key(e[0]) > entry_id_key(self.last_applied_id)]
+        if backlog:
+            self.recorded = self.queue.recorded_entries(todo)
+            log.info("replaying %d entries after the checkpoint (%d of them applied and recorded before a crash); "
+                     "%d pending entries reclaimed", len(todo), len(self.recorded), len(pending))
+        return backlog
 
     def shutdown(self) -> None:
         """Checkpoint what is applied, acknowledge it, stop serving metrics and give the lease back."""
@@ -339,11 +353,12 @@ class Worker:
                                            "deployment": deployment_fingerprint(self.config),
                                            "namespace": self.queue.namespace})
             self._checkpointed_batches = learner.batches_applied
+            self.kept_ids = [*self.kept_ids, self.last_applied_id][-self.settings.checkpoints_kept :]
             for old in checkpoints(self.checkpoint_dir)[self.settings.checkpoints_kept :]:
                 shutil.rmtree(old, ignore_errors=True)
             self.metrics.checkpoints.inc()
             self.metrics.step_duration.labels(phase="checkpoint").observe(time.perf_counter() - started)
-        self.queue.acknowledge(self.uncommitted)
+        self.queue.settle(self.uncommitted, keep_after=self.kept_ids[0] if self.kept_ids else self.last_applied_id)
         self.uncommitted = []
 
     def _load_or_create(self) -> OnlineLearner:
@@ -365,13 +380,14 @@ class Worker:
             for batch_id in extra.get("recent_batch_ids", []):
                 self._remember(batch_id)
             self._checkpointed_batches = learner.batches_applied
+            self.kept_ids = [self.last_applied_id]
             self.canary = self._load_canary()
             log.info("resumed from checkpoint %s", path)
             if refused:
                 lost = int(refused[0].name.rsplit("-", 1)[-1]) - learner.batches_applied
-                log.error("fell back to checkpoint %s: the %d updates after it that the refused %s held are lost "
-                          "(their stream entries were acknowledged when it was written)", path.name, lost,
-                          refused[0].name)
+                log.error("fell back to checkpoint %s: the %d updates after it that the refused %s held are "
+                          "replayed from the stream (kept there until the oldest kept checkpoint holds them)",
+                          path.name, lost, refused[0].name)
             return learner
         if refused:
             log.error("no checkpoint could be loaded: starting a new learner from the burn-in; the updates that "

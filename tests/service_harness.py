@@ -30,7 +30,7 @@ import uvicorn
 from service.api import create_app
 from service.model_store import weights_to_bytes
 from service.models import build_model
-from service.redis_queue import RedisQueue, connect
+from service.redis_queue import GROUP, RedisQueue, connect
 from service.settings import ServiceSettings
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -84,6 +84,13 @@ def redis_namespace() -> Iterator[str]:
         yield name
     finally:
         RedisQueue(connect(REDIS_URL), name).purge()
+
+
+def assert_settled(queue: RedisQueue) -> None:
+    """Every entry is acknowledged, and those the stream still keeps (for a checkpoint fallback) were applied."""
+    assert queue.client.xpending(queue.stream, GROUP)["pending"] == 0
+    kept = [fields[b"batch_id"].decode() for _, fields in queue.client.xrange(queue.stream)]
+    assert all(queue.batch_state(batch_id)["state"] == "applied" for batch_id in kept), kept
 
 
 def publish_model(queue: RedisQueue, version: int = 1, seed: int = 0, alive: bool = True) -> torch.nn.Module:

@@ -25,7 +25,7 @@ import torch
 from service.checkpoint import load_checkpoint
 from service.codec import Batch, encode_safetensors_batch, to_stream_fields
 from service.model_store import model_from_bytes
-from service.redis_queue import RedisQueue
+from service.redis_queue import GROUP, RedisQueue, entry_id_key
 from service.worker import Worker, WorkerError, checkpoints
 from tests.service_harness import (
     ADMIN_TOKEN,
@@ -34,6 +34,7 @@ from tests.service_harness import (
     ApiServer,
     RedisServer,
     WorkerProcess,
+    assert_settled,
     make_settings,
     needs_redis,
     redis_namespace,
@@ -128,7 +129,7 @@ def test_ten_kill_9s_at_random_points_neither_lose_nor_repeat_a_batch(digits_exp
         with WorkerProcess(settings) as final:
             _wait_applied(api, CRASH_BATCHES, final)
             assert final.terminate() == 0, final.output()
-        assert queue.client.xlen(queue.stream) == 0
+        assert_settled(queue)
         _assert_applied_exactly_once(api, queue, settings, batch_ids, batches, digits_experiment)
     # the kills did land mid-stream: some left published updates that no checkpoint held (replayed)
     assert sum(k["published"] > k["checkpointed"] for k in kills) >= 3, kills
@@ -139,7 +140,7 @@ def test_ten_kill_9s_at_random_points_neither_lose_nor_repeat_a_batch(digits_exp
 def test_sigterm_mid_stream_finishes_the_batch_checkpoints_and_the_restart_continues(digits_experiment, cache_dir,
                                                                                      namespace, tmp_path):
     # no checkpoint is due during the run (checkpoint_every 500): the one SIGTERM writes must hold everything
-    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=500)
+    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=500, queue_max_length=1001)
     queue = RedisQueue.from_settings(settings)
     batches = list(digits_experiment.stream_batches(80, seed=22))
     batch_ids = [f"g{i:02d}" for i in range(80)]
@@ -159,7 +160,9 @@ def test_sigterm_mid_stream_finishes_the_batch_checkpoints_and_the_restart_conti
         applied = [b for b in batch_ids if queue.batch_state(b)["state"] == "applied"]
         assert applied == batch_ids[:stopped_at]
         assert load_checkpoint(newest)[1]["extra"]["recent_batch_ids"] == applied
-        assert queue.client.xlen(queue.stream) == 80 - stopped_at  # what the checkpoint holds is acknowledged
+        last = load_checkpoint(newest)[1]["extra"]["last_applied_id"]  # what the checkpoint holds is acknowledged
+        pending = queue.client.xpending_range(queue.stream, GROUP, "-", "+", 100)
+        assert all(entry_id_key(p["message_id"]) > entry_id_key(last) for p in pending)
 
         with WorkerProcess(settings) as resumed:
             _wait_applied(api, 80, resumed)
@@ -252,15 +255,16 @@ def test_entries_handed_out_before_a_redis_error_are_applied_once_it_answers(dig
     monkeypatch.setattr(worker.queue, "record_steps", fail_once)
     worker.run(idle_timeout=1.0)
     assert failures == [2]
-    assert worker.learner.batches_applied == 4 and queue.client.xlen(queue.stream) == 0
+    assert worker.learner.batches_applied == 4
+    assert_settled(queue)
     assert [queue.batch_state(f"e{i}")["state"] for i in range(4)] == ["applied"] * 4
     assert [json.loads(f[b"record"])["batch_id"] for _, f in queue.client.xrange(queue.audit_stream)] == [
         f"e{i}" for i in range(4)]
 
 
 @pytest.mark.parametrize("damaged", ["tensors.safetensors", "meta.json"])
-def test_a_truncated_checkpoint_is_refused_and_the_previous_one_loaded(digits_experiment, cache_dir, namespace,
-                                                                       tmp_path, caplog, damaged):
+def test_a_truncated_checkpoint_is_refused_and_the_previous_one_loaded_and_replayed(
+        digits_experiment, cache_dir, namespace, tmp_path, caplog, damaged):
     settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=3, checkpoints_kept=2)
     queue = RedisQueue.from_settings(settings)
     batches = list(digits_experiment.stream_batches(6, seed=24))
@@ -285,18 +289,24 @@ def test_a_truncated_checkpoint_is_refused_and_the_previous_one_loaded(digits_ex
         assert "fell back to checkpoint step-000000000003: the 3 updates after it" in errors[1], errors
         assert [p.name for p in checkpoints(directory)] == ["step-000000000003"]
         assert (directory / "refused-step-000000000006" / damaged).is_file()  # kept aside for inspection
-        reference = digits_experiment.new_learner()
-        for x, y in batches[:3]:
-            reference.step(x, y)
-        for name, tensor in reference.model.state_dict().items():
-            torch.testing.assert_close(resumed.learner.model.state_dict()[name], tensor, rtol=0, atol=1e-6)
+        # nothing lost: the three updates after the fallback are replayed from the entries the stream kept
+        assert resumed.run(idle_timeout=0.5) == 3
     finally:
         resumed.shutdown()
+    assert resumed.learner.batches_applied == 6
+    audit = [json.loads(f[b"record"])["batch_id"] for _, f in queue.client.xrange(queue.audit_stream)]
+    assert audit == [f"k{i}" for i in range(6)]  # replayed batches keep their one audit record
+    reference = digits_experiment.new_learner()
+    for x, y in batches:
+        reference.step(x, y)
+    for name, tensor in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.learner.model.state_dict()[name], tensor, rtol=0, atol=1e-6)
 
 
 def test_the_worker_refuses_a_queue_that_checkpoints_could_never_drain(namespace, tmp_path):
-    settings = make_settings(namespace, tmp_path, queue_max_length=50, checkpoint_every=50)
-    with pytest.raises(WorkerError, match=r"QUEUE_MAX_LENGTH \(50\) must exceed DSCGUARD_CHECKPOINT_EVERY \(50\)"):
+    settings = make_settings(namespace, tmp_path, queue_max_length=50, checkpoint_every=25, checkpoints_kept=2)
+    with pytest.raises(WorkerError, match=r"QUEUE_MAX_LENGTH \(50\) must exceed DSCGUARD_CHECKPOINTS_KEPT x "
+                                          r"DSCGUARD_CHECKPOINT_EVERY \(50\)"):
         Worker(settings).start()
     assert RedisQueue.from_settings(settings).lease_holder() is None
 

@@ -30,6 +30,7 @@ from tests.service_harness import (
     DIGITS_OVERRIDES,
     ApiServer,
     WorkerProcess,
+    assert_settled,
     free_port,
     make_settings,
     needs_redis,
@@ -137,7 +138,7 @@ def test_batches_are_applied_in_order_and_reported(digits_experiment, cache_dir,
 
         assert worker.terminate() == 0, worker.output()
     queue = RedisQueue.from_settings(settings)
-    assert queue.client.xlen(queue.stream) == 0  # every entry committed by a checkpoint, acknowledged, deleted
+    assert_settled(queue)  # every entry committed by a checkpoint and acknowledged
     assert queue.client.xlen(queue.dead_letters) == 1
     _, meta = load_checkpoint(Path(settings.checkpoint_dir) / "step-000000000006")
     assert meta["batches_applied"] == 6 and meta["extra"]["recent_batch_ids"] == [f"b{i}" for i in range(6)]
@@ -160,7 +161,7 @@ def test_worker_restarts_neither_lose_nor_repeat_updates(digits_experiment, cach
         with WorkerProcess(settings) as resumed:
             status = _wait_applied(api, 10, resumed)
             assert resumed.terminate() == 0, resumed.output()
-        assert "reclaimed 2 pending entries" in resumed.output()
+        assert "replaying 2 entries after the checkpoint" in resumed.output()
         for x, y in batches[:10]:
             reference.step(x, y)
         _assert_same_weights(_served_weights(api), reference)
@@ -175,8 +176,7 @@ def test_worker_restarts_neither_lose_nor_repeat_updates(digits_experiment, cach
             reference.step(x, y)
         _assert_same_weights(_served_weights(api), reference)
         assert api.client.get("/v1/status").json()["batches_applied"] == 12
-    queue = RedisQueue.from_settings(settings)
-    assert queue.client.xlen(queue.stream) == 0
+    assert_settled(RedisQueue.from_settings(settings))
 
 
 def test_a_second_worker_on_a_namespace_is_refused(namespace, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 from service.codec import InputSpec, decode_safetensors_batch, encode_safetensors_batch, to_stream_fields
 from service.redis_queue import RedisQueue
 from service.worker import Worker, WorkerError, checkpoints
-from tests.service_harness import make_settings, needs_redis, redis_namespace
+from tests.service_harness import assert_settled, make_settings, needs_redis, redis_namespace
 
 pytestmark = needs_redis
 
@@ -47,7 +47,8 @@ def test_a_reused_batch_id_is_skipped_and_a_replayed_entry_is_not_applied_twice(
         assert again not in [e[0] for e in queue.client.xrange(queue.stream)]
     finally:
         worker.shutdown()
-    assert queue.client.xlen(queue.stream) == 0 and not queue.lease_holder()
+    assert not queue.lease_holder()
+    assert_settled(queue)
 
 
 def test_entries_checkpointed_but_not_acknowledged_are_skipped_on_restart(digits_experiment, cache_dir, namespace,
@@ -61,7 +62,7 @@ def test_entries_checkpointed_but_not_acknowledged_are_skipped_on_restart(digits
     for entry_id, fields in queue.read(crashed.consumer, 10, 100):
         crashed.process(entry_id, fields)
     with monkeypatch.context() as patch:  # a crash between the checkpoint and the XACK
-        patch.setattr(crashed.queue, "acknowledge", lambda ids: None)
+        patch.setattr(crashed.queue, "settle", lambda ids, keep_after: None)
         crashed.commit()
     crashed._release()
     assert queue.client.xpending(queue.stream, "workers")["pending"] == 2
@@ -69,7 +70,7 @@ def test_entries_checkpointed_but_not_acknowledged_are_skipped_on_restart(digits
     resumed = Worker(settings)
     assert resumed.run(idle_timeout=0.3) == 0
     assert resumed.learner.batches_applied == 2 and _duplicates(resumed) == 2
-    assert queue.client.xlen(queue.stream) == 0
+    assert_settled(queue)
     assert [p.name for p in checkpoints(tmp_path / "checkpoints")] == ["step-000000000002", "step-000000000000"]
 
 
