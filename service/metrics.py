@@ -80,7 +80,7 @@ class WorkerMetrics:
         self.step_duration = Histogram("dscguard_step_duration_seconds", "Worker time per batch, by phase",
                                        ["phase"], buckets=STEP_BUCKETS, registry=r)
         self.queue_depth = Gauge("dscguard_queue_depth", "Entries in the ingest stream (waiting, in flight, "
-                                 "or applied and awaiting a checkpoint)", registry=r)
+                                 "or applied and kept until the oldest kept checkpoint holds them)", registry=r)
         self.queue_pending = Gauge("dscguard_queue_pending", "Entries delivered to the worker, not yet acknowledged",
                                    registry=r)
         self.queue_lag = Gauge("dscguard_queue_lag_seconds", "Age of the oldest entry not yet applied", registry=r)

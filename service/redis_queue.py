@@ -4,15 +4,16 @@ Keys, all under `<namespace>:`:
 
 | key | type | what |
 |---|---|---|
-| `ingest` | stream, group `workers` | batches waiting, in flight, or applied but not yet checkpointed |
+| `ingest` | stream, group `workers` | batches waiting, in flight, or applied and kept for a fallback |
 | `batch:<batch_id>` | hash, expires | idempotency key; then the batch's state and audit record |
 | `audit` | stream, capped | one record per applied batch |
 | `deadletter` | stream, capped | entries the worker could not decode, with the reason |
 | `model` | hash | model spec, version and current weights (safetensors), published by the worker |
 | `worker` | string | the worker's status (JSON); `worker:heartbeat` its lease, refreshed while alive |
 
-An entry is XACKed and deleted only once a checkpoint holds its update, so the stream length
-bounds everything not yet durable and a crashed worker's entries are reclaimed on restart.
+An entry is XACKed only once a checkpoint holds its update, and deleted only once the oldest kept
+checkpoint holds it, so the stream length bounds everything not yet durable, a crashed worker's
+entries are reclaimed on restart, and a fallback to an older checkpoint can replay what followed it.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ class ServiceSettings(BaseSettings):
     # Limits of the API.
     max_batch_samples: int = Field(1024, ge=1)
     max_body_bytes: int = Field(32 * 2**20, ge=1024)
-    queue_max_length: int = Field(1000, ge=1, description="stream entries waiting or in flight; more: 429")
+    queue_max_length: int = Field(1000, ge=1, description="stream entries (waiting, in flight, or applied "
+                                  "and kept for a checkpoint fallback); more: 429")
     retry_after_seconds: int = Field(1, ge=1)
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, description="how long a batch_id is remembered")
 
