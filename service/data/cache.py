@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from service.atomic import atomic_writer
 from service.data.dataset import ArrayDataset
 
 log = logging.getLogger(__name__)
@@ -44,24 +43,16 @@ def cache_file(cache_dir: Path, name: str, kind: str, fingerprint: str) -> Path:
 
 
 def save_pair(path: Path, train: ArrayDataset, test: ArrayDataset) -> None:
-    """Write atomically (temp file + os.replace): a crash or a concurrent reader never sees half a file.
+    """Write atomically (`service/atomic.py`): a crash or a concurrent reader never sees half a file.
 
     A cache that cannot be written is not an error: the caller already holds the arrays.
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    except OSError as err:
-        log.warning("cannot write dataset cache %s: %s", path, err)
-        return
-    try:
-        with os.fdopen(fd, "wb") as handle:  # a file object stops np.savez from appending ".npz"
+        with atomic_writer(path) as handle:  # a file object stops np.savez from appending ".npz"
             np.savez(handle, x_train=train.x, y_train=train.y, x_test=test.x, y_test=test.y,
                      classes=np.array(train.classes, dtype=str), source=np.array(train.source, dtype=str))
-        os.replace(tmp, path)
     except OSError as err:
         log.warning("cannot write dataset cache %s: %s", path, err)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def load_pair(path: Path, name: str) -> tuple[ArrayDataset, ArrayDataset] | None:
