@@ -219,12 +219,19 @@ class Worker:
         return backlog
 
     def shutdown(self) -> None:
-        """Checkpoint what is applied, acknowledge it, stop serving metrics and give the lease back."""
+        """Checkpoint what is applied, acknowledge it, stop serving metrics and give the lease back.
+
+        A worker that lost its lease to another writes nothing: the namespace is no longer its own (its
+        unacknowledged entries stay pending for the worker that serves it now)."""
         if not self._started:
             return
         self._started = False
         try:
-            self.commit()
+            if self._lease_lost:
+                log.error("not checkpointing or publishing: another worker serves namespace %r",
+                          self.queue.namespace)
+            else:
+                self.commit()
         finally:
             self._release()
         log.info("worker %s stopped at model version %d", self.consumer, self.learner.model_version)
@@ -247,12 +254,25 @@ class Worker:
         ttl = self.settings.heartbeat_ttl_seconds
         while not self._stop.wait(ttl / 3):
             try:
-                if not self.queue.refresh_lease(self.consumer, ttl):
+                if not self.queue.refresh_lease(self.consumer, ttl) and not self._retake_lease(ttl):
                     log.error("lost the lease on namespace %r; stopping", self.queue.namespace)
                     self._lease_lost = True
                     self._stop.set()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    def _retake_lease(self, ttl: float) -> bool:
+        """After the lease expired (a Redis outage longer than its TTL): take it back, but only if no other
+        worker served the namespace meanwhile (the published status is still this worker's)."""
+        if not self.queue.acquire_lease(self.consumer, ttl, wait_seconds=0):
+            return False
+        status = self.queue.worker_status() or {}
+        if status.get("consumer") != self.consumer:
+            self.queue.release_lease(self.consumer)
+            return False
+        log.warning("the lease on namespace %r had expired (Redis unreachable for longer than its %.0f s TTL?); "
+                    "no other worker served meanwhile: taken back", self.queue.namespace, ttl)
+        return True
 
     # -- one entry ---------------------------------------------------------------------------------
     def process(self, entry_id: bytes, fields: dict) -> int:

@@ -82,3 +82,23 @@ def test_checkpoints_of_another_configuration_are_refused(digits_experiment, cac
     with pytest.raises(WorkerError, match="written for another configuration"):
         other.start()
     assert not RedisQueue.from_settings(other.settings).lease_holder()
+
+
+def test_an_expired_lease_is_taken_back_only_if_no_other_worker_served(digits_experiment, cache_dir, namespace,
+                                                                       tmp_path):
+    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, heartbeat_ttl_seconds=0.6)
+    queue = RedisQueue.from_settings(settings)
+    worker = Worker(settings)
+    worker.start()
+    try:
+        queue.client.delete(queue.heartbeat_key)  # as after a Redis outage longer than the TTL
+        assert not worker._stop.wait(1.0)  # the heartbeat (every ttl/3) took it back and carries on
+        assert queue.lease_holder() == worker.consumer
+
+        queue.client.delete(queue.heartbeat_key)
+        queue.client.set(queue.status_key, '{"consumer": "another-worker"}')  # someone served meanwhile
+        assert worker._stop.wait(2.0)  # so this worker's state may be stale: it stops
+        assert worker._lease_lost and queue.lease_holder() is None
+    finally:
+        worker.shutdown()
+    assert queue.worker_status() == {"consumer": "another-worker"}  # the stale worker published nothing
