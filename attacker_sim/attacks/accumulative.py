@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from attacker_sim.attacks.base import ModelMode, Objective, SignedGradientAttack
+from attacker_sim.attacks.base import Objective, SignedGradientAttack
 from attacker_sim.attacks.budget import Budget
 from attacker_sim.attacks.gradients import alignment, cosine_sum, loss_gradients, normalized, trainable_parameters
 
@@ -48,22 +48,14 @@ class AccumulativePoison(SignedGradientAttack):
 
     default_budget = Budget(epsilon=0.2, steps=2, step_size=0.2)
 
-    def __init__(
-        self,
-        budget: Budget | None = None,
-        gamma: float = 1.0,
-        objective: AccumulativeObjective = "full",
-        model_mode: ModelMode = "eval",
-        auxiliary: nn.Module | None = None,
-        beta: float = 0.0,
-        *,
-        random_start: bool = False,
-    ):
+    def __init__(self, budget: Budget | None = None, gamma: float = 1.0, objective: AccumulativeObjective = "full",
+                 **options):
+        """`options`: those of `SignedGradientAttack` (model_mode, random_start, auxiliary, beta)."""
         if not (math.isfinite(gamma) and gamma >= 0):
             raise ValueError(f"gamma (weight of the clean-gradient term) must be a finite number >= 0, got {gamma}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        super().__init__(budget, model_mode=model_mode, random_start=random_start, auxiliary=auxiliary, beta=beta)
+        super().__init__(budget, **options)
         self.gamma = float(gamma)
         self.objective: AccumulativeObjective = objective
 

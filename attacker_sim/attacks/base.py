@@ -139,16 +139,6 @@ class SignedGradientAttack(ABC):
 class ErrorMaximizingAttack(SignedGradientAttack):
     """An attack called on a labelled batch alone: `attack(model, x, y) -> x_adv`."""
 
-    def __init__(
-        self,
-        budget: Budget | None = None,
-        random_start: bool = False,
-        model_mode: ModelMode = "eval",
-        auxiliary: nn.Module | None = None,
-        beta: float = 0.0,
-    ):
-        super().__init__(budget, model_mode=model_mode, random_start=random_start, auxiliary=auxiliary, beta=beta)
-
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Perturbed copy of `x`, within `budget.epsilon` of it and inside [0, 1]."""
         return self._perturb(model, x, y)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from attacker_sim.attacks.base import ErrorMaximizingAttack, ModelMode, Objective
+from attacker_sim.attacks.base import ErrorMaximizingAttack, Objective
 from attacker_sim.attacks.budget import Budget
 
 
@@ -38,19 +38,11 @@ class CarliniWagnerInf(ErrorMaximizingAttack):
     True
     """
 
-    def __init__(
-        self,
-        budget: Budget | None = None,
-        random_start: bool = False,
-        model_mode: ModelMode = "eval",
-        auxiliary: nn.Module | None = None,
-        beta: float = 0.0,
-        *,
-        kappa: float = 0.0,
-    ):
+    def __init__(self, budget: Budget | None = None, *, kappa: float = 0.0, **options):
+        """`options`: those of `SignedGradientAttack` (model_mode, random_start, auxiliary, beta)."""
         if not (math.isfinite(kappa) and kappa >= 0):
             raise ValueError(f"kappa (confidence margin) must be a finite number >= 0, got {kappa}")
-        super().__init__(budget, random_start, model_mode, auxiliary, beta)
+        super().__init__(budget, **options)
         self.kappa = float(kappa)
 
     def _objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Objective:

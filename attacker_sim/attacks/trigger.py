@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attacker_sim.attacks.base import ModelMode, Objective, SignedGradientAttack
+from attacker_sim.attacks.base import Objective, SignedGradientAttack
 from attacker_sim.attacks.budget import Budget
 from attacker_sim.attacks.gradients import cosine_sum, loss_gradients, trainable_parameters
 
@@ -32,17 +32,6 @@ class TriggerCrafter(SignedGradientAttack):
     """
 
     default_budget = Budget(epsilon=0.2, steps=2, step_size=0.2)
-
-    def __init__(
-        self,
-        budget: Budget | None = None,
-        model_mode: ModelMode = "eval",
-        *,
-        random_start: bool = False,
-        auxiliary: nn.Module | None = None,
-        beta: float = 0.0,
-    ):
-        super().__init__(budget, model_mode=model_mode, random_start=random_start, auxiliary=auxiliary, beta=beta)
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor
