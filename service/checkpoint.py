@@ -66,11 +66,18 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dic
         tensors = load_file(tensors_path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint file {tensors_path} is corrupt: {exc}") from exc
+    return tensors, load_meta(directory)
+
+
+def load_meta(directory: str | Path) -> dict:
+    """A checkpoint's `meta.json` alone (no tensors read); CheckpointError when missing or not JSON."""
+    meta_path = Path(directory) / META_FILE
     try:
-        meta = json.loads(meta_path.read_text())
+        return json.loads(meta_path.read_text())
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint file {meta_path} cannot be read: {exc}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint file {meta_path} is not valid JSON: {exc}") from exc
-    return tensors, meta
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

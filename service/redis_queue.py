@@ -262,15 +262,6 @@ class RedisQueue:
             pipe.xtrim(self.stream, minid=f"{ms}-{seq + 1}")
             pipe.execute()
 
-    def acknowledge(self, entry_ids: Iterable[bytes | str]) -> None:
-        """Done with these entries for good: acknowledge and delete them (the stream stays bounded)."""
-        ids = list(entry_ids)
-        if ids:
-            with self.client.pipeline() as pipe:
-                pipe.xack(self.stream, GROUP, *ids)
-                pipe.xdel(self.stream, *ids)
-                pipe.execute()
-
     def dead_letter(self, entry_id: bytes | str, fields: Mapping, reason: str, message: str) -> None:
         """Move an entry that cannot be used aside, with why, and acknowledge it."""
         entry = {"entry_id": entry_id, "reason": reason, "message": message,

@@ -44,7 +44,7 @@ import redis
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.checkpoint import CheckpointError
+from service.checkpoint import CheckpointError, load_meta
 from service.codec import BatchRejected, InputSpec, from_stream_fields
 from service.config import ExperimentConfig
 from service.device import resolve_device
@@ -103,7 +103,7 @@ class Worker:
         self.uncommitted: list[bytes] = []
         self.unpublished: list[AppliedBatch] = []
         self.recorded: set[bytes] = set()  # replayed entries whose records went out before a crash
-        self.kept_ids: list[str] = []  # last applied stream id of each kept checkpoint, oldest first
+        self.keep_after = "0-0"  # the last entry the oldest kept checkpoint holds: older ones may leave the stream
         self.canary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.canary_accuracy: float | None = None
         self._checkpointed_batches = -1
@@ -289,7 +289,7 @@ class Worker:
             self.metrics.dead_letters.labels(reason=exc.reason).inc()
             return 0
         if entry_id_key(entry_id) <= entry_id_key(self.last_applied_id):
-            self.queue.acknowledge([entry_id])  # a replayed entry whose update the checkpoint already holds
+            self.queue.settle([entry_id], self.keep_after)  # a replayed entry the checkpoint already holds
             self.metrics.duplicates.inc()
             return 0
         if batch.batch_id in self.recent_ids:  # re-sent after the API forgot its id: applied once already
@@ -373,13 +373,22 @@ class Worker:
                                            "deployment": deployment_fingerprint(self.config),
                                            "namespace": self.queue.namespace})
             self._checkpointed_batches = learner.batches_applied
-            self.kept_ids = [*self.kept_ids, self.last_applied_id][-self.settings.checkpoints_kept :]
             for old in checkpoints(self.checkpoint_dir)[self.settings.checkpoints_kept :]:
                 shutil.rmtree(old, ignore_errors=True)
+            self.keep_after = self._oldest_kept_id()
             self.metrics.checkpoints.inc()
             self.metrics.step_duration.labels(phase="checkpoint").observe(time.perf_counter() - started)
-        self.queue.settle(self.uncommitted, keep_after=self.kept_ids[0] if self.kept_ids else self.last_applied_id)
+        self.queue.settle(self.uncommitted, self.keep_after)
         self.uncommitted = []
+
+    def _oldest_kept_id(self) -> str:
+        """The last stream entry the oldest readable checkpoint on disk holds ("0-0" when none says)."""
+        for path in reversed(checkpoints(self.checkpoint_dir)):
+            try:
+                return load_meta(path)["extra"]["last_applied_id"]
+            except (CheckpointError, KeyError, TypeError):
+                continue
+        return "0-0"
 
     def _load_or_create(self) -> OnlineLearner:
         device = resolve_device(self.config.device)
@@ -400,7 +409,7 @@ class Worker:
             for batch_id in extra.get("recent_batch_ids", []):
                 self._remember(batch_id)
             self._checkpointed_batches = learner.batches_applied
-            self.kept_ids = [self.last_applied_id]
+            self.keep_after = self._oldest_kept_id()
             self.canary = self._load_canary()
             log.info("resumed from checkpoint %s", path)
             if refused:
