@@ -103,7 +103,8 @@ class WorkerMetrics:
         """Everything a StepReport says, as metrics (no per-sample labels: samples go into histograms)."""
         flagged = report.flagged.astype(bool)
         if report.discrepancy_before is not None:
-            by_verdict = {True: self.discrepancy.labels(verdict="flagged"), False: self.discrepancy.labels("clean")}
+            by_verdict = {True: self.discrepancy.labels(verdict="flagged"),
+                          False: self.discrepancy.labels(verdict="clean")}
             for value, is_flagged in zip(report.discrepancy_before.tolist(), flagged.tolist(), strict=True):
                 by_verdict[is_flagged].observe(value)
         for steps in report.correction_steps[flagged].tolist():
