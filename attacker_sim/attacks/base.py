@@ -61,15 +61,46 @@ def model_in_mode(model: nn.Module, mode: ModelMode) -> Iterator[None]:
             m.track_running_stats = was_tracking
 
 
+def per_sample_unit(gradient: torch.Tensor) -> torch.Tensor:
+    """Each row (sample) of `gradient` [N, ...] divided by its L2 norm; an all-zero row stays zero.
+
+    >>> per_sample_unit(torch.tensor([[3.0, 4.0], [0.0, 0.0]])).tolist()
+    [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+    """
+    norms = gradient.flatten(1).norm(dim=1).view(-1, *([1] * (gradient.dim() - 1)))
+    # no epsilon added: a non-zero row is divided by its exact norm, a zero row by 1
+    return gradient / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
 class SignedGradientAttack(ABC):
     """Base of the L-inf attacks: `steps` signed-gradient ascent steps on an objective of x'.
 
     `model_mode` is the mode the attacked model is in while crafting. The research code crafts in
     "eval" while the victim updates in "train" (a BatchNorm mismatch); here it is a choice.
-    With `beta > 0` the objective gets `- beta * mean MD(x')`, MD being KL(p_aux(x') || p_model(x'))
-    against the defender's `auxiliary` checkpoint (run in eval mode, as the defender does), so the
-    poisons stay inconspicuous to a discrepancy detector. An attack changes neither the model's
-    parameters' `.grad` nor its mode nor its buffers.
+
+    The adaptive attacker (Zhu et al., Table 3) keeps the poisons inconspicuous to a discrepancy
+    detector: with `beta > 0` each step also descends MD(x') = KL(p_aux(x') || p_model(x')) against
+    the defender's `auxiliary` checkpoint (run in eval mode, as the defender does). The objective
+    and MD live on unrelated scales (a sum of cosines, a cross-entropy, a KL), so their input
+    gradients are combined per sample after dividing each by its own L2 norm over (C, H, W):
+
+        step direction = sign( g_obj / ||g_obj|| - beta * g_md / ||g_md|| )
+
+    `beta` is therefore scale-free: 1 weighs "attack" and "hide" equally, 0 is the plain attack
+    (bit-identical to it, the MD is not even computed), and a zero gradient stays zero. An attack
+    changes neither the model's parameters' `.grad` nor its mode nor its buffers.
+
+    >>> import torch
+    >>> from attacker_sim.attacks import Budget, PGDDelusive
+    >>> from service.defense.discrepancy import memorization_discrepancy
+    >>> _ = torch.manual_seed(0)
+    >>> net, aux = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    >>> x, y = torch.rand(64, 4), torch.randint(0, 3, (64,))
+    >>> budget = Budget(epsilon=0.2, steps=4, step_size=0.05)
+    >>> md = {beta: memorization_discrepancy(aux, net, PGDDelusive(budget, auxiliary=aux, beta=beta)(net, x, y)).mean()
+    ...       for beta in (0.0, 1.0)}
+    >>> bool(md[1.0] < md[0.0])
+    True
     """
 
     default_budget = Budget()
@@ -129,9 +160,14 @@ class SignedGradientAttack(ABC):
                 x_adv.requires_grad_(True)
                 value, logits = objective(x_adv)
                 if self.beta > 0:
-                    discrepancy = divergence_from_logits(self.auxiliary(x_adv), logits, "kl")
-                    value = value - self.beta * discrepancy.mean()
-                (grad,) = torch.autograd.grad(value, x_adv)
+                    # the MD shares the model's forward (logits) with the objective: keep that graph
+                    (grad,) = torch.autograd.grad(value, x_adv, retain_graph=True)
+                    # summed, not averaged: each row then gets its own sample's MD gradient, unscaled by N
+                    discrepancy = divergence_from_logits(self.auxiliary(x_adv), logits, "kl").sum()
+                    (md_grad,) = torch.autograd.grad(discrepancy, x_adv)
+                    grad = per_sample_unit(grad) - self.beta * per_sample_unit(md_grad)
+                else:
+                    (grad,) = torch.autograd.grad(value, x_adv)
                 x_adv = budget.project(x_adv + budget.step_size * grad.sign(), x)
         return x_adv.detach()
 
