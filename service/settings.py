@@ -22,6 +22,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.config import ExperimentConfig, StrategyName
 
 
+def default_checkpoint_dir(cache_dir: Path | None, namespace: str) -> Path:
+    """Where a worker keeps its checkpoints unless DSCGUARD_CHECKPOINT_DIR says otherwise: in the cache
+    directory (DSCGUARD_CACHE_DIR, else ~/.cache/dscguard), one folder per namespace, never in the
+    working directory (a worker started from a checkout would otherwise write into the repository).
+
+    >>> default_checkpoint_dir(Path("/var/cache/dscguard"), "prod")
+    PosixPath('/var/cache/dscguard/checkpoints/prod')
+    """
+    from service.data.locations import cache_dir_path  # here: service.data imports torch, settings need not
+
+    return (cache_dir if cache_dir is not None else cache_dir_path()) / "checkpoints" / namespace
+
+
 class ServiceSettings(BaseSettings):
     """Every knob of the deployed service; each field is read from `DSCGUARD_<FIELD NAME IN CAPITALS>`."""
 
@@ -56,7 +69,9 @@ class ServiceSettings(BaseSettings):
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, description="how long a batch_id is remembered")
 
     # The worker.
-    checkpoint_dir: Path = Path("checkpoints")
+    checkpoint_dir: Path = Field(default_factory=lambda fields: default_checkpoint_dir(fields["cache_dir"],
+                                                                                  fields["namespace"]),
+                                 description="the worker's checkpoints (default: <cache dir>/checkpoints/<namespace>)")
     checkpoint_every: int = Field(50, ge=1, description="batches between checkpoints (and XACKs)")
     checkpoints_kept: int = Field(2, ge=1)
     recent_batch_ids: int = Field(10_000, ge=1, description="applied batch ids remembered in checkpoints")

@@ -12,14 +12,19 @@ DATA_ENV = "DSCGUARD_DATA_DIR"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def cache_dir_path() -> Path:
+    """$DSCGUARD_CACHE_DIR, else ~/.cache/dscguard, without creating it."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dscguard"
+
+
 def default_cache_dir() -> Path:
     """$DSCGUARD_CACHE_DIR, else ~/.cache/dscguard; created on demand.
 
     >>> default_cache_dir().is_dir()
     True
     """
-    env = os.environ.get(CACHE_ENV)
-    path = Path(env).expanduser() if env else Path.home() / ".cache" / "dscguard"
+    path = cache_dir_path()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
