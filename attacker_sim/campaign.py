@@ -39,6 +39,7 @@ class RunResult:
     flagged_rate: float = 0.0
     corrected_rate: float = 0.0
     trigger_flagged_rate: float | None = None
+    clean_flagged_rate: float | None = None  # clean batches submitted between poisons (slow poison)
     seconds_per_step: float = 0.0
     trace: list[float] = field(default_factory=list)  # test accuracy at the start and after every step
     discrepancy: list[np.ndarray] = field(default_factory=list, repr=False)  # per submitted batch, if exposed
@@ -107,6 +108,7 @@ class AccumulativeCampaign:
         self.attack, self.campaign = attack, campaign
         self.surrogate, self.auxiliary = surrogate, auxiliary
         budget = Budget(attack.epsilon, attack.steps, attack.step_size)
+        # the adaptive attacker keeps the discrepancy small on the poisons and on the trigger alike
         adaptive = {"auxiliary": auxiliary, "beta": attack.beta} if attack.beta > 0 else {}
         if attack.kind == "accumulative":
             self.poison = AccumulativePoison(budget, gamma=attack.gamma, objective=attack.objective,
@@ -114,7 +116,7 @@ class AccumulativeCampaign:
         else:
             self.poison = build_attack(attack.kind, budget, model_mode=attack.model_mode, **adaptive)
         self.trigger = TriggerCrafter(Budget(attack.epsilon, attack.trigger_steps, attack.trigger_step_size),
-                                      model_mode=attack.model_mode)
+                                      model_mode=attack.model_mode, **adaptive)
 
     def _attacker_model(self, target: Target) -> nn.Module:
         return self.surrogate if self.attack.setting == "black_box" else target.white_box_model()
@@ -127,14 +129,25 @@ class AccumulativeCampaign:
 
     def run(self, target: Target, batches: Batches, test: tuple[torch.Tensor, torch.Tensor],
             validation: tuple[torch.Tensor, torch.Tensor], strategy: str, seed: int,
-            on_step: Callable[[], None] | None = None) -> RunResult:
+            on_step: Callable[[], None] | None = None, clean_between: int = 0,
+            max_poisons: int | None = None) -> RunResult:
+        """Poison until the monitor fires (or `max_poisons`, default `campaign.max_batches`), then trigger.
+
+        `clean_between` > 0 is the slow poison: that many clean batches go in before each poisoned one,
+        so the poison is spread thin over a long stretch of honest traffic.
+        """
         x_val, y_val = validation
         trace = [accuracy(target, *test)]
         monitor_start = accuracy(target, x_val, y_val)
         x_base, y_trigger = next(batches)
         x_trigger = self.trigger(self._attacker_model(target), x_base, y_trigger, x_val, y_val)
-        tally = _Tally()
-        for _ in range(self.campaign.max_batches):
+        tally, clean = _Tally(), _Tally()
+        for _ in range(self.campaign.max_batches if max_poisons is None else max_poisons):
+            for _ in range(clean_between):
+                clean.add(target.step(*next(batches)))
+                trace.append(accuracy(target, *test))
+                if on_step:
+                    on_step()
             x, y = next(batches)
             x_poison = self.craft(self._attacker_model(target), x, y, (x_trigger, y_trigger), validation)
             tally.add(target.step(x_poison, y))
@@ -150,5 +163,6 @@ class AccumulativeCampaign:
         trace.append(accuracy(target, *test))
         result = RunResult("poison", strategy, seed, start_acc=trace[0], batches=batches_survived,
                            final_acc=trace[-1], poison_acc=poison_acc, trigger_acc=trace[-1], trace=trace,
-                           trigger_flagged_rate=fired.flagged / fired.samples)
+                           trigger_flagged_rate=fired.flagged / fired.samples,
+                           clean_flagged_rate=clean.flagged / clean.samples if clean.samples else None)
         return tally.fill(result)

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attacker_sim.campaign import AccumulativeCampaign, RunResult, run_clean_oracle
+from attacker_sim.surrogate import train_surrogate
 from attacker_sim.targets import InProcessTarget
 from service.burnin import load_checkpoint_epoch
 from service.config import ExperimentConfig
@@ -102,8 +103,22 @@ def campaign_stream(experiment: Experiment, seed: int):
 def build_campaign(experiment: Experiment) -> AccumulativeCampaign:
     """The attacker configured by the experiment (white- or black-box, adaptive or not)."""
     attack = experiment.config.attack
-    surrogate = None
-    if attack.setting == "black_box":
-        surrogate = load_checkpoint_epoch(experiment.burnin, attack.surrogate_epoch).eval()
+    surrogate = build_surrogate(experiment) if attack.setting == "black_box" else None
     auxiliary = experiment.burnin.auxiliary if attack.beta > 0 else None
     return AccumulativeCampaign(attack, experiment.config.campaign, surrogate=surrogate, auxiliary=auxiliary)
+
+
+def build_surrogate(experiment: Experiment) -> torch.nn.Module:
+    """The black-box attacker's model: by default one it trains on its own data (the stream it intercepts and
+    its validation split, never the defender's burn-in or trusted data); or a burn-in checkpoint.
+
+    It knows the architecture and the input normalisation (the model spec), not the weights.
+    """
+    config = experiment.config
+    if config.attack.surrogate == "checkpoint":
+        return load_checkpoint_epoch(experiment.burnin, config.attack.surrogate_epoch).eval()
+    parts = [experiment.splits.stream.tensors(), experiment.splits.attacker_val.tensors()]
+    return train_surrogate(experiment.burnin.model_spec, torch.cat([x for x, _ in parts]),
+                           torch.cat([y for _, y in parts]), epochs=config.attack.surrogate_epochs,
+                           lr=config.burnin.lr, batch_size=config.burnin.batch_size, seed=config.seed + 5003,
+                           device=experiment.device)

@@ -109,9 +109,13 @@ class AttackConfig(_Section):
     gamma: float = Field(1.0, ge=0, description="weight of the clean-gradient term")
     objective: Literal["full", "second_order_only", "clean_only"] = "full"
     model_mode: Literal["eval", "train"] = Field("eval", description="mode of the model while crafting")
-    beta: float = Field(0.0, ge=0, description="adaptive attacker: weight of the discrepancy penalty")
+    beta: float = Field(0.0, ge=0, description="adaptive attacker: weight of the discrepancy term, scale-free "
+                                                "(1 weighs the attack and hiding from the discrepancy equally)")
     setting: Literal["white_box", "black_box"] = "white_box"
-    surrogate_epoch: int = Field(0, ge=0, description="black box: burn-in checkpoint used as surrogate")
+    surrogate: Literal["trained", "checkpoint"] = Field(
+        "trained", description="black box: a model the attacker trains on its own data, or a burn-in checkpoint")
+    surrogate_epochs: int = Field(10, ge=1, description="black box: training epochs of the trained surrogate")
+    surrogate_epoch: int = Field(0, ge=0, description="black box, surrogate=checkpoint: the burn-in epoch used")
 
 
 class CampaignConfig(_Section):
@@ -121,6 +125,64 @@ class CampaignConfig(_Section):
     monitor_drop: float = Field(0.05, gt=0, lt=1, description="fire once monitor accuracy fell this much")
     clean_batches: int | None = Field(None, ge=1, description="clean-oracle length (default: max_batches + 1)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+
+
+class TuningConfig(_Section):
+    """How the arena tunes the baselines: a grid per knob, chosen by a rule on trusted data and tuning seeds.
+
+    A candidate is admissible when, on the tuning seeds, its clean-oracle accuracy is within
+    `clean_bound` of ST's and its drift gain is at least `drift_share` of ST's; among those the one with
+    the highest accuracy after a simulated attack wins (ties: the smaller intervention). Accuracy is
+    measured on the trusted calibration split, never on the test split.
+    """
+
+    seeds: list[int] = Field(default_factory=lambda: [1000, 1001], min_length=1)
+    gc_clip_values: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0], min_length=1)
+    gc_norms: list[Literal["inf", "2"]] = Field(default_factory=lambda: ["inf", "2"], min_length=1)
+    at_epsilons: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2], min_length=1)
+    at_steps: list[int] = Field(default_factory=lambda: [3, 10], min_length=1)
+    clean_bound: float = Field(0.02, ge=0, le=1, description="clean-oracle loss vs ST allowed (fraction)")
+    drift_share: float = Field(0.5, ge=0, le=1, description="share of ST's drift gain a baseline must keep")
+    drift_kind: str = "pixel_shift"
+
+    @model_validator(mode="after")
+    def _positive_grids(self):
+        for name in ("gc_clip_values", "at_epsilons", "at_steps"):
+            if min(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must all be > 0, got {getattr(self, name)}")
+        if max(self.at_epsilons) > 1:
+            raise ValueError(f"at_epsilons are pixel units in (0, 1], got {self.at_epsilons}")
+        return self
+
+
+class ArenaConfig(_Section):
+    """The arena: the scenarios every defense faces (`dscguard arena`)."""
+
+    strategies: list[str] = Field(default_factory=lambda: ["st", "gc", "gc-paper", "at", "at-paper", "dsc",
+                                                           "dsc-sample"], min_length=1)
+    clean_batches: int = Field(30, ge=1, description="clean-oracle length")
+    launch_after: list[int] = Field(default_factory=lambda: [0, 300, 1000], min_length=1,
+                                    description="clean batches before the accumulative attack starts")
+    long_horizon_strategies: list[str] | None = Field(
+        None, description="strategies run at launch times > 0 (None: all but the *-paper variants)")
+    slow_poison_every: int = Field(10, ge=2, description="slow poison: one poisoned batch every r batches")
+    slow_poison_count: int = Field(20, ge=1, description="slow poison: poisoned batches before the trigger")
+    drifts: list[str] = Field(default_factory=lambda: ["pixel_shift", "rotation", "brightness_contrast",
+                                                       "label_prior"])
+    drift_batches: int = Field(30, ge=1)
+    drift_attack: str | None = Field("pixel_shift", description="drift kind of the drift-then-attack scenario")
+    black_box: bool = True
+    adaptive_betas: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0],
+                                        description="adaptive attacker (poisons and trigger) weights")
+    tuning: TuningConfig = TuningConfig()
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if min(self.launch_after) < 0:
+            raise ValueError(f"launch_after must be >= 0, got {self.launch_after}")
+        if any(b < 0 for b in self.adaptive_betas):
+            raise ValueError(f"adaptive_betas must be >= 0, got {self.adaptive_betas}")
+        return self
 
 
 class ExperimentConfig(_Section):
@@ -137,6 +199,7 @@ class ExperimentConfig(_Section):
     calibration: CalibrationConfig = CalibrationConfig()
     attack: AttackConfig = AttackConfig()
     campaign: CampaignConfig = CampaignConfig()
+    arena: ArenaConfig = ArenaConfig()
 
     @classmethod
     def from_profile(cls, profile: str, **overrides: Any) -> ExperimentConfig:

@@ -1,0 +1,224 @@
+"""`dscguard arena`: the evaluation every defense must face, as a leaderboard.
+
+For each reporting seed every strategy starts from the same burn-in and faces (`attacker_sim.scenarios`):
+the clean oracle over a long clean stream (with its realised false-flag rate early and late), the
+accumulative attack launched after each of `arena.launch_after` clean batches (branching from snapshots
+of that one long stream), the slow poison, every benign drift kind, drift then attack, the black-box
+attacker with a surrogate it trained on its own data, and the adaptive attacker (poisons and trigger)
+for each beta. The baselines `gc` and `at` are tuned first by `attacker_sim.tuning`'s rule on the
+tuning seeds and the trusted split; the research code's constants stay as `gc-paper` and `at-paper`.
+
+>>> sorted(VARIANTS)[:3]
+['at-paper', 'dsc', 'dsc-sample']
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from attacker_sim import scenarios
+from attacker_sim.campaign import AccumulativeCampaign
+from attacker_sim.evaluation import build_campaign, environment
+from attacker_sim.leaderboard import Leaderboard, build_rows, markdown
+from attacker_sim.tuning import TUNED, TuningResult, tune_baselines
+from service.atomic import atomic_write_text
+from service.config import ExperimentConfig, StrategyConfig
+from service.experiment import Experiment
+
+# label -> settings over the config's strategy section; "gc" and "at" get the tuned settings on top
+VARIANTS: dict[str, dict] = {
+    "st": {"name": "st"},
+    "gc": {"name": "gc"},
+    "gc-paper": {"name": "gc", "clip_value": 0.01, "clip_norm": "inf"},
+    "at": {"name": "at"},
+    "at-paper": {"name": "at", "epsilon": 0.2, "steps": 10, "step_size": 0.02},
+    "dsc": {"name": "dsc"},
+    "dsc-sample": {"name": "dsc", "early_stop": "sample"},
+}
+DEFAULT_STRATEGY = "dsc"  # the product's default defense, the one the checks hold to the bar
+
+
+def resolve_strategies(config: ExperimentConfig, labels: Sequence[str],
+                       tuning: TuningResult | None) -> dict[str, StrategyConfig]:
+    """The strategy settings behind each label (the tuned ones for gc and at)."""
+    unknown = [label for label in labels if label not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown arena strategy {', '.join(unknown)}; expected one of {', '.join(VARIANTS)}")
+    if "st" not in labels:
+        raise ValueError("the arena needs 'st': recovery and drift-gain shares are measured against it")
+    resolved = {}
+    for label in labels:
+        strategy = config.strategy.model_copy(update=VARIANTS[label])
+        if label in TUNED and tuning is not None:
+            strategy = tuning.strategy(label, strategy)
+        resolved[label] = StrategyConfig(**strategy.model_dump())  # validated
+    return resolved
+
+
+def _steps_per_strategy(config: ExperimentConfig, long_horizon: bool) -> int:
+    arena, attack_len = config.arena, config.campaign.max_batches
+    launches = arena.launch_after if long_horizon else [t for t in arena.launch_after if t == 0]
+    length = max([*launches, arena.clean_batches])
+    attackers = len(launches) + int(arena.black_box) + len(arena.adaptive_betas)
+    return (length + attackers * attack_len + arena.slow_poison_count * arena.slow_poison_every
+            + len(arena.drifts) * arena.drift_batches + (arena.drift_batches + attack_len) * bool(arena.drift_attack))
+
+
+def run_arena(config: ExperimentConfig, seeds: Sequence[int] | None = None, strategies: Sequence[str] | None = None,
+              cache_dir=None, progress: bool = True) -> Leaderboard:
+    """Tune the baselines, run every scenario x strategy x seed, and return the leaderboard."""
+    arena = config.arena
+    seeds = list(config.campaign.seeds if seeds is None else seeds)
+    overlap = set(seeds) & set(arena.tuning.seeds)
+    if overlap:
+        raise ValueError(f"reporting seeds {sorted(overlap)} are also tuning seeds (arena.tuning.seeds): "
+                         "choose disjoint seeds, the baselines must not be tuned on what is reported")
+    labels = list(strategies or arena.strategies)
+    resolve_strategies(config, labels, None)  # fail on unknown labels before any work
+    started = time.perf_counter()
+    tuned = [label for label in labels if label in TUNED]
+    tuning = tune_baselines(config, tuple(tuned), cache_dir, progress) if tuned else None
+    resolved = resolve_strategies(config, labels, tuning)
+    long_horizon = set(arena.long_horizon_strategies or [s for s in labels if not s.endswith("-paper")])
+    total = len(seeds) * sum(_steps_per_strategy(config, label in long_horizon) for label in labels)
+    bar = tqdm(total=total, desc=f"arena {config.profile}", unit="step", disable=not progress)
+    outcomes = []
+    for seed in seeds:
+        experiment = Experiment.prepare(config.model_copy(update={"seed": seed}), cache_dir=cache_dir,
+                                        progress=progress)
+        data = scenarios.ScenarioData(experiment, experiment.test_tensors, experiment.splits.attacker_val.tensors())
+        attackers = _attackers(experiment)
+        for label, strategy in resolved.items():
+            bar.set_postfix(seed=seed, strategy=label)
+            expected = bar.n + _steps_per_strategy(config, label in long_horizon)
+            outcomes += _run_strategy(experiment, data, label, strategy, label in long_horizon, attackers, bar.update)
+            bar.update(expected - bar.n)  # attacks that stop early leave steps uncounted
+    bar.close()
+    board = Leaderboard(
+        profile=config.profile, dataset=config.data.dataset, model=config.model.name, seeds=seeds,
+        strategies={label: _settings(strategy) for label, strategy in resolved.items()},
+        tuning=tuning.to_dict() if tuning else None, rows=build_rows(outcomes), config=config.model_dump(),
+        environment=environment(), seconds=time.perf_counter() - started)
+    board.checks = checks(board, config)
+    return board
+
+
+def _settings(strategy: StrategyConfig) -> dict:
+    """The fields that matter for the strategy's kind (so the table does not list AT's epsilon for GC)."""
+    relevant = {"st": [], "gc": ["clip_value", "clip_norm"], "at": ["epsilon", "steps", "step_size", "at_kl_weight"],
+                "dsc": ["epsilon", "steps", "step_size", "early_stop", "divergence", "mu", "tau"]}
+    return {"name": strategy.name, **{k: getattr(strategy, k) for k in relevant[strategy.name]}}
+
+
+def _attackers(experiment: Experiment) -> dict[str, AccumulativeCampaign]:
+    """White box, black box (`config.attack`'s surrogate, trained by default) and the adaptive betas."""
+    config = experiment.config
+    attackers = {"white": build_campaign(experiment)}
+    if config.arena.black_box:
+        black = config.model_copy(update={"attack": config.attack.model_copy(update={"setting": "black_box"})})
+        attackers["black-box"] = build_campaign(replace(experiment, config=black))
+    for beta in config.arena.adaptive_betas:
+        attack = config.attack.model_copy(update={"beta": beta})
+        attackers[f"adaptive:beta={beta:g}"] = AccumulativeCampaign(attack, config.campaign,
+                                                                   auxiliary=experiment.burnin.auxiliary)
+    return attackers
+
+
+def _run_strategy(experiment: Experiment, data: scenarios.ScenarioData, label: str, strategy: StrategyConfig,
+                  long_horizon: bool, attackers: dict[str, AccumulativeCampaign], on_step) -> list:
+    arena = experiment.config.arena
+    launches = sorted(arena.launch_after if long_horizon else [t for t in arena.launch_after if t == 0])
+    length = max([*launches, arena.clean_batches])
+    clean, snapshots = scenarios.clean_prefix(experiment.new_learner(strategy), data, label, length,
+                                              arena.clean_batches, set(launches), on_step)
+    outcomes = [clean]
+    for launch in launches:
+        outcomes.append(scenarios.attack(snapshots.pop(launch), data, label, attackers["white"], f"attack@{launch}",
+                                         stream_offset=10 + launch, on_step=on_step))
+    outcomes.append(scenarios.attack(experiment.new_learner(strategy), data, label, attackers["white"],
+                                     "slow-poison", stream_offset=5, on_step=on_step,
+                                     clean_between=arena.slow_poison_every - 1, max_poisons=arena.slow_poison_count))
+    for kind in arena.drifts:
+        outcomes.append(scenarios.drift(experiment.new_learner(strategy), data, label, kind, arena.drift_batches,
+                                        on_step))
+    if arena.drift_attack:
+        outcomes.append(scenarios.drift_attack(experiment.new_learner(strategy), data, label, arena.drift_attack,
+                                               arena.drift_batches, attackers["white"], on_step))
+    for name, campaign in attackers.items():
+        if name != "white":
+            outcomes.append(scenarios.attack(experiment.new_learner(strategy), data, label, campaign, name,
+                                             stream_offset=10, on_step=on_step))
+    return outcomes
+
+
+def checks(board: Leaderboard, config: ExperimentConfig) -> dict[str, dict]:
+    """The bars the arena holds strategies to (issue 11's for the baselines, issue 12's for the default)."""
+    out: dict[str, dict] = {}
+
+    def check(name: str, passed: bool, detail: str) -> None:
+        out[name] = {"passed": bool(passed), "detail": detail}
+
+    drifts = [s for s in board.scenarios() if s.startswith("drift:")]
+    if drifts and board.row(drifts[0], "gc"):
+        shares = {s: board.row(s, "gc").drift_gain_share for s in drifts}
+        worst = min((v.mean for v in shares.values() if v is not None), default=float("nan"))
+        check("tuned gc learns drift (gain >= 50% of ST's on every kind)", worst >= 0.5,
+              f"worst share {worst:.0%}")
+    st_clean, at_clean = board.row("clean", "st"), board.row("clean", "at")
+    if st_clean and at_clean:
+        gap = st_clean.final_acc.mean - at_clean.final_acc.mean
+        check("tuned at keeps clean accuracy (within 2 points of ST)", gap <= 0.02, f"ST - AT = {gap * 100:.1f} points")
+    black = board.row("black-box", "st")
+    if black:
+        loss = black.start_acc.mean - black.final_acc.mean
+        check("the black box is real (ST loses >= 10 points)", loss >= 0.10, f"ST loses {loss * 100:.1f} points")
+    default = DEFAULT_STRATEGY
+    for scenario in [s for s in board.scenarios() if s.startswith("attack@")]:
+        mine, st = board.row(scenario, default), board.row(scenario, "st")
+        if not mine or not st:
+            continue
+        baselines = [board.row(scenario, b) for b in TUNED if board.row(scenario, b)]
+        best = max([b.final_acc.mean for b in baselines], default=mine.final_acc.mean)
+        recovered = mine.recovery.mean if mine.recovery else float("nan")
+        check(f"{default} at {scenario}: within 1 point of the best tuned baseline and recovers >= half of ST's loss",
+              mine.final_acc.mean >= best - 0.01 and recovered >= 0.5,
+              f"{mine.final_acc.mean:.1%} vs best tuned {best:.1%}; recovers {recovered:.0%}")
+    for scenario in drifts:
+        row = board.row(scenario, default)
+        if row and row.drift_gain_share:
+            check(f"{default} learns {scenario} (gain >= 80% of ST's)", row.drift_gain_share.mean >= 0.8,
+                  f"{row.drift_gain_share.mean:.0%} of ST's gain")
+    mine = board.row("clean", default)
+    if mine and st_clean:
+        gap = st_clean.final_acc.mean - mine.final_acc.mean
+        check(f"{default} clean oracle within 1 point of ST", gap <= 0.01, f"ST - {default} = {gap * 100:.1f} points")
+    if mine and mine.clean_flag_rate and mine.target_flag_rate:
+        realised, target = mine.clean_flag_rate.mean, mine.target_flag_rate
+        check(f"{default} realised clean false-flag rate within [0.5x, 1.5x] of its target",
+              0.5 * target <= realised <= 1.5 * target, f"{realised:.1%} vs target {target:.0%}")
+    return out
+
+
+def write_leaderboard(board: Leaderboard, out: str | Path, plots: bool = True) -> dict[str, Path]:
+    """leaderboard.json, leaderboard.schema.json, leaderboard.md and the plots, under `out`."""
+    out = Path(out)
+    Leaderboard.model_validate(board.model_dump())  # validated on write
+    written = {
+        "json": atomic_write_text(out / "leaderboard.json", board.model_dump_json(indent=2)),
+        "schema": atomic_write_text(out / "leaderboard.schema.json",
+                                    json.dumps(Leaderboard.model_json_schema(), indent=2)),
+        "markdown": atomic_write_text(out / "leaderboard.md", markdown(board)),
+    }
+    if plots:
+        from attacker_sim.arena_plots import plot_drift, plot_long_horizon, plot_pareto
+
+        written["pareto"] = plot_pareto(board, out / "pareto.png")
+        written["long_horizon"] = plot_long_horizon(board, out / "long_horizon.png")
+        written["drift"] = plot_drift(board, out / "drift.png")
+    return written

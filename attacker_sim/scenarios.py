@@ -1,0 +1,160 @@
+"""The arena's scenarios, each a function of (a fresh learner, the experiment's data) -> one `Outcome`.
+
+A scenario says what the defense faces; the arena and the baseline tuning run the same scenarios (the
+tuning on the defender's trusted split and tuning seeds, the arena on the test split and reporting seeds):
+
+- `clean`: the clean oracle, in-distribution batches only; also the realised clean false-flag rate.
+- `attack`: the accumulative attack (Pang et al.) after `launch_after` clean batches.
+- `slow_poison`: one poisoned batch every `every` batches for a long stretch, then the trigger.
+- `drift`: honest data that drifts (`attacker_sim.drift`), accuracy on the drifted test set.
+- `drift_attack`: drift first, then the attack on the drifted stream.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from attacker_sim.campaign import AccumulativeCampaign, RunResult, accuracy
+from attacker_sim.drift import build_drift
+from attacker_sim.targets import InProcessTarget
+from service.experiment import Experiment
+from service.learner import OnlineLearner
+
+Tensors = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Outcome:
+    """One scenario of one strategy with one seed; accuracies are fractions on the scenario's test view."""
+
+    scenario: str
+    strategy: str
+    seed: int
+    start_acc: float
+    final_acc: float
+    poison_acc: float | None = None
+    batches: int | None = None  # accumulative batches before the trigger
+    poisons_flagged: float | None = None  # share of poisoned samples the defense flagged
+    clean_flag_rate: float | None = None  # share of clean samples flagged (the realised false-flag rate)
+    clean_flag_rate_early: float | None = None
+    clean_flag_rate_late: float | None = None
+    target_flag_rate: float | None = None
+    seconds_per_step: float = 0.0
+    trace: list[float] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_run(cls, scenario: str, run: RunResult, target_flag_rate: float | None) -> Outcome:
+        return cls(scenario, run.strategy, run.seed, start_acc=run.start_acc, final_acc=run.final_acc,
+                   poison_acc=run.poison_acc, batches=run.batches, poisons_flagged=run.flagged_rate,
+                   clean_flag_rate=run.clean_flagged_rate, target_flag_rate=target_flag_rate,
+                   seconds_per_step=run.seconds_per_step, trace=run.trace)
+
+
+@dataclass
+class ScenarioData:
+    """What the scenarios of one seed draw on: the experiment, where accuracy is measured, and the streams."""
+
+    experiment: Experiment
+    test: Tensors  # the reporting test split in the arena; the trusted calibration split when tuning
+    validation: Tensors  # the attacker's own validation split (its monitor)
+
+    def stream(self, offset: int) -> Iterator[Tensors]:
+        """Clean stream batches, identical for every strategy of this seed (`offset` picks the stream)."""
+        seed = self.experiment.config.seed
+        return self.experiment.stream_batches(100_000, seed=seed * 7919 + 1 + offset)
+
+    @property
+    def seed(self) -> int:
+        return self.experiment.config.seed
+
+
+def _target_rate(learner: OnlineLearner) -> float | None:
+    return learner.calibration.target_false_flag_rate if learner.calibration is not None else None
+
+
+def clean_prefix(learner: OnlineLearner, data: ScenarioData, label: str, length: int, clean_batches: int,
+                 snapshot_at: set[int], on_step: Callable[[], None] | None = None,
+                 window: int = 100) -> tuple[Outcome, dict[int, OnlineLearner]]:
+    """Stream `length` clean batches; the clean oracle is the accuracy after `clean_batches` of them.
+
+    Returns the clean-oracle outcome (with the realised clean false-flag rate over the whole stretch, its
+    first and its last `window` batches) and copies of the learner taken after each of `snapshot_at` batches.
+    """
+    target = InProcessTarget(learner)
+    start = accuracy(target, *data.test)
+    final = start
+    snapshots: dict[int, OnlineLearner] = {}
+    flagged, samples, seconds = [], [], []
+    batches = data.stream(0)
+    for m in range(length + 1):
+        if m in snapshot_at:
+            snapshots[m] = copy.deepcopy(learner)
+        if m == clean_batches:
+            final = accuracy(target, *data.test)
+        if m == length:
+            break
+        outcome = target.step(*next(batches))
+        flagged.append(outcome.flagged)
+        samples.append(outcome.samples)
+        seconds.append(outcome.seconds)
+        if on_step:
+            on_step()
+
+    def rate(part: slice) -> float | None:
+        total = sum(samples[part])
+        return sum(flagged[part]) / total if total else None
+
+    result = Outcome("clean", label, data.seed, start_acc=start, final_acc=final, clean_flag_rate=rate(slice(None)),
+                     clean_flag_rate_early=rate(slice(0, window)), clean_flag_rate_late=rate(slice(-window, None)),
+                     target_flag_rate=_target_rate(learner), seconds_per_step=float(np.mean(seconds or [0.0])))
+    return result, snapshots
+
+
+def attack(learner: OnlineLearner, data: ScenarioData, label: str, campaign: AccumulativeCampaign,
+           scenario: str, stream_offset: int, on_step: Callable[[], None] | None = None,
+           clean_between: int = 0, max_poisons: int | None = None) -> Outcome:
+    """The accumulative attack against `learner` as it stands (after whatever it has learned so far)."""
+    run = campaign.run(InProcessTarget(learner), data.stream(stream_offset), data.test, data.validation, label,
+                       data.seed, on_step=on_step, clean_between=clean_between, max_poisons=max_poisons)
+    return Outcome.from_run(scenario, run, _target_rate(learner))
+
+
+def drift(learner: OnlineLearner, data: ScenarioData, label: str, kind: str, batches: int,
+          on_step: Callable[[], None] | None = None) -> Outcome:
+    """Honest drifted batches; the gain is accuracy on the drifted test view after minus before."""
+    drifter = build_drift(kind)
+    x_pool, y_pool = data.experiment.splits.stream.tensors()
+    test = drifter.test_view(*data.test, seed=data.seed)
+    target = InProcessTarget(learner)
+    start = accuracy(target, *test)
+    flagged = samples = 0
+    seconds = []
+    size = data.experiment.config.stream.batch_size
+    for x, y in drifter.batches(x_pool, y_pool, size, batches, seed=data.seed * 7919 + 3):
+        outcome = target.step(x, y)
+        flagged, samples = flagged + outcome.flagged, samples + outcome.samples
+        seconds.append(outcome.seconds)
+        if on_step:
+            on_step()
+    return Outcome(f"drift:{kind}", label, data.seed, start_acc=start, final_acc=accuracy(target, *test),
+                   clean_flag_rate=flagged / samples, target_flag_rate=_target_rate(learner),
+                   seconds_per_step=float(np.mean(seconds)))
+
+
+def drift_attack(learner: OnlineLearner, data: ScenarioData, label: str, kind: str, batches: int,
+                 campaign: AccumulativeCampaign, on_step: Callable[[], None] | None = None) -> Outcome:
+    """Drift for `batches` honest batches, then the accumulative attack on the drifted stream."""
+    drift(learner, data, label, kind, batches, on_step)
+    drifter = build_drift(kind)
+    x_pool, y_pool = data.experiment.splits.stream.tensors()
+    stream = drifter.batches(x_pool, y_pool, data.experiment.config.stream.batch_size, 100_000,
+                             seed=data.seed * 7919 + 4)
+    test = drifter.test_view(*data.test, seed=data.seed)
+    validation = drifter.test_view(*data.validation, seed=data.seed + 1)
+    run = campaign.run(InProcessTarget(learner), stream, test, validation, label, data.seed, on_step=on_step)
+    return Outcome.from_run(f"drift+attack:{kind}", run, _target_rate(learner))

@@ -1,0 +1,139 @@
+"""The arena on a tiny budget: every scenario and attacker runs, the leaderboard validates against its
+published schema, the baselines are tuned by the rule on tuning seeds, and bad requests are refused."""
+
+import json
+
+import jsonschema
+import pytest
+
+from attacker_sim import scenarios
+from attacker_sim.arena import VARIANTS, resolve_strategies, run_arena, write_leaderboard
+from attacker_sim.evaluation import build_campaign
+from attacker_sim.leaderboard import Leaderboard
+from attacker_sim.tuning import tune_baselines
+
+TINY_ARENA = {"launch_after": [0, 12], "clean_batches": 4, "slow_poison_every": 3, "slow_poison_count": 2,
+              "drift_batches": 6, "adaptive_betas": [1.0], "strategies": ["st", "gc", "at", "dsc"],
+              "tuning": {"seeds": [1], "gc_clip_values": [0.01, 1.0], "gc_norms": ["inf"], "at_epsilons": [0.05],
+                         "at_steps": [2]}}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(digits_config):
+    arena = digits_config.arena.model_validate(TINY_ARENA)
+    return digits_config.model_copy(update={
+        "arena": arena, "campaign": digits_config.campaign.model_copy(update={"max_batches": 3}),
+        "attack": digits_config.attack.model_copy(update={"surrogate_epochs": 3})})
+
+
+@pytest.fixture(scope="module")
+def board(tiny_config, cache_dir, tmp_path_factory):
+    board = run_arena(tiny_config, seeds=[0], cache_dir=cache_dir, progress=False)
+    out = tmp_path_factory.mktemp("arena")
+    write_leaderboard(board, out)
+    return board, out
+
+
+def test_every_scenario_and_attacker_has_a_row_per_strategy(board):
+    board, _ = board
+    expected = {"clean", "attack@0", "attack@12", "slow-poison", "drift:pixel_shift", "drift:rotation",
+                "drift:brightness_contrast", "drift:label_prior", "drift+attack:pixel_shift", "black-box",
+                "adaptive:beta=1"}
+    assert set(board.scenarios()) == expected
+    for scenario in expected:
+        assert {r.strategy for r in board.rows if r.scenario == scenario} == {"st", "gc", "at", "dsc"}
+
+
+def test_leaderboard_json_validates_against_its_published_schema(board):
+    _, out = board
+    document = json.loads((out / "leaderboard.json").read_text())
+    jsonschema.validate(document, json.loads((out / "leaderboard.schema.json").read_text()))
+    broken = {**document, "rows": [{**document["rows"][0], "final_acc": {"mean": 0.5}}]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, json.loads((out / "leaderboard.schema.json").read_text()))
+    assert Leaderboard.model_validate(document).seeds == [0]
+    markdown = (out / "leaderboard.md").read_text()
+    assert "| dsc |" in markdown and "How gc and at were tuned" in markdown
+    for png in ("pareto.png", "long_horizon.png", "drift.png"):
+        assert (out / png).stat().st_size > 10_000
+
+
+def test_measures_follow_their_definitions(board):
+    board, _ = board
+    st, dsc = board.row("attack@0", "st"), board.row("attack@0", "dsc")
+    st_loss = st.start_acc.values[0] - st.final_acc.values[0]
+    if dsc.recovery is not None:
+        assert dsc.recovery.values[0] == pytest.approx((dsc.final_acc.values[0] - st.final_acc.values[0]) / st_loss)
+    drift = board.row("drift:pixel_shift", "gc")
+    assert drift.drift_gain.values[0] == pytest.approx(drift.final_acc.values[0] - drift.start_acc.values[0])
+    st_gain = board.row("drift:pixel_shift", "st").drift_gain.values[0]
+    assert drift.drift_gain_share.values[0] == pytest.approx(drift.drift_gain.values[0] / st_gain)
+    # st never flags; dsc's realised clean false-flag rate is reported beside its target
+    assert board.row("clean", "st").clean_flag_rate.mean == 0.0
+    assert board.row("clean", "dsc").target_flag_rate == pytest.approx(0.1)
+    assert board.row("clean", "dsc").clean_flag_rate is not None
+
+
+def test_launch_snapshots_are_independent_copies_taken_after_their_batch(digits_experiment):
+    data = scenarios.ScenarioData(digits_experiment, digits_experiment.test_tensors,
+                                  digits_experiment.splits.attacker_val.tensors())
+    learner = digits_experiment.new_learner()
+    clean, snapshots = scenarios.clean_prefix(learner, data, "dsc", length=8, clean_batches=3, snapshot_at={0, 5})
+    assert learner.batches_applied == 8
+    assert {m: s.batches_applied for m, s in snapshots.items()} == {0: 0, 5: 5}
+    assert snapshots[5].model is not learner.model
+    assert snapshots[0].accuracy(*data.test) == pytest.approx(clean.start_acc)
+    assert clean.clean_flag_rate_early is not None and clean.target_flag_rate == pytest.approx(0.1)
+
+
+def test_baselines_are_tuned_on_tuning_seeds_by_the_rule(board):
+    board, _ = board
+    tuning = board.tuning
+    assert tuning["seeds"] == [1]
+    gc = [c for c in tuning["candidates"] if c["strategy"]["name"] == "gc"]
+    chosen = [c for c in gc if c["chosen"]]
+    assert len(chosen) == 1
+    admissible = [c for c in gc if c["admissible"]]
+    if admissible:  # the rule: the admissible one with the best accuracy after the trigger
+        assert chosen[0]["attack_acc"] == max(c["attack_acc"] for c in admissible)
+    assert board.strategies["gc"]["clip_value"] == chosen[0]["strategy"]["clip_value"]
+    reference = tuning["reference"]
+    for c in gc:  # admissibility is exactly the documented bound
+        expected = (c["clean_acc"] >= reference["clean_acc"] - 0.02
+                    and c["drift_gain"] >= 0.5 * reference["drift_gain"])
+        assert c["admissible"] == expected
+
+
+def test_reporting_seeds_that_are_tuning_seeds_are_refused(tiny_config):
+    with pytest.raises(ValueError, match="also tuning seeds"):
+        run_arena(tiny_config, seeds=[1], progress=False)
+
+
+def test_unknown_strategy_label_and_missing_st_are_refused(tiny_config):
+    with pytest.raises(ValueError, match="unknown arena strategy nosuch"):
+        resolve_strategies(tiny_config, ["st", "nosuch"], None)
+    with pytest.raises(ValueError, match="needs 'st'"):
+        resolve_strategies(tiny_config, ["dsc"], None)
+    assert resolve_strategies(tiny_config, list(VARIANTS), None)["gc-paper"].clip_value == 0.01
+
+
+def test_slow_poison_spreads_poisons_between_clean_batches(digits_experiment):
+    data = scenarios.ScenarioData(digits_experiment, digits_experiment.test_tensors,
+                                  digits_experiment.splits.attacker_val.tensors())
+    learner = digits_experiment.new_learner(digits_experiment.config.strategy.model_copy(update={"name": "st"}))
+    outcome = scenarios.attack(learner, data, "st", build_campaign(digits_experiment), "slow-poison", stream_offset=5,
+                               clean_between=2, max_poisons=2)
+    # 2 clean before each poison; the monitor may fire after the first poison
+    assert learner.batches_applied in (1 * 3 + 1, 2 * 3 + 1)
+    assert outcome.clean_flag_rate == 0.0 and outcome.batches == (learner.batches_applied - 1) // 3
+
+
+def test_tuning_refuses_nothing_silently_when_no_candidate_is_admissible(tiny_config, cache_dir):
+    # a drift share no baseline can meet: the closest candidate is taken and the result says so
+    strict = tiny_config.model_copy(update={"arena": tiny_config.arena.model_copy(update={
+        "tuning": tiny_config.arena.tuning.model_copy(update={"drift_share": 1.0, "clean_bound": 0.0,
+                                                               "at_epsilons": [0.2], "at_steps": [10]})})})
+    result = tune_baselines(strict, ("at",), cache_dir=cache_dir, progress=False)
+    (candidate,) = [c for c in result.candidates]
+    assert candidate.chosen
+    assert result.fallback == (["at"] if not candidate.admissible else [])
