@@ -13,7 +13,7 @@ from service.data.dataset import ArrayDataset
 from service.data.digits import load_sklearn_digits
 from service.data.errors import DatasetNotFoundError
 from service.data.image_folder import SPLITS, folder_candidates, read_image_folder
-from service.data.locations import DATA_ENV, candidate_data_dirs, default_cache_dir
+from service.data.locations import DATA_ENV, candidate_data_dirs, default_cache_dir, labelled_data_dirs
 from service.data.torchvision_source import read_torchvision, torchvision_present
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
     """(train, test) for ``name``, one of DATASETS; ``digits`` has no test split and returns (all, None).
 
     Sources tried per data directory: the image-folder tree (``<stem>.tar.gz`` or ``<stem>/``), then
-    torchvision's layout. ``data_dir=None`` searches $DSCGUARD_DATA_DIR, ./data, ../shared/data and
-    <repo>/../shared/data. The first decode is cached under ``cache_dir`` (default: default_cache_dir()).
+    torchvision's layout. A given ``data_dir`` is the only directory searched; ``data_dir=None``
+    searches $DSCGUARD_DATA_DIR, ./data, ../shared/data, <repo>/../shared/data and the download
+    cache. The first decode is cached under ``cache_dir`` (default: default_cache_dir()).
 
     >>> train, test = load_dataset("digits")
     >>> train.x.shape, test is None
@@ -50,11 +51,12 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
     if key == "digits":
         return load_sklearn_digits(), None
 
-    searched = [Path(data_dir)] if data_dir is not None else _default_search_dirs()
+    places = [("data_dir", Path(data_dir))] if data_dir is not None else default_search_places()
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    for directory in searched:
-        for source in _sources(spec, directory):
-            return _load_via_cache(spec, source, cache_root)
+    for _, directory in places:
+        if directory.is_dir():
+            for source in _sources(spec, directory):
+                return _load_via_cache(spec, source, cache_root)
 
     if download and spec.torchvision_files:
         # Never download into ../shared/data (read-only): use the given directory or the user's cache.
@@ -63,18 +65,21 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
         fingerprint = _torchvision_fingerprint(spec, root)
         save_pair(cache_file(cache_root, spec.name, "torchvision", fingerprint), *pair)
         return pair
-    raise DatasetNotFoundError(_not_found_message(spec, searched, data_dir is None))
+    # Without an explicit data_dir, suggest $DSCGUARD_DATA_DIR or ./data: the directory found may
+    # be the read-only ../shared/data.
+    target = candidate_data_dirs()[0] if data_dir is None else Path(data_dir)
+    remedies = _remedies(spec, target)
+    raise DatasetNotFoundError(_not_found_message(spec, places, remedies, data_dir is None), dataset=spec.name,
+                               searched=places, explicit=data_dir is not None, remedies=remedies)
 
 
-def _default_search_dirs() -> list[Path]:
-    # Every candidate that exists (not only the first), so an unrelated ./data does not hide
-    # ../shared/data; plus where download=True puts files when no data_dir is given.
-    # When none exists, all candidates are returned so the error message can list them.
-    dirs = [d for d in candidate_data_dirs() if d.is_dir()]
-    downloads = default_cache_dir() / "downloads"
-    if downloads.is_dir():
-        dirs.append(downloads)
-    return dirs or candidate_data_dirs()
+def default_search_places() -> list[tuple[str, Path]]:
+    """(label, directory) of every place searched when no data_dir is given, in order, existing or not.
+
+    Every candidate (not only the first existing one), so an unrelated ./data does not hide
+    ../shared/data; plus where download=True puts files when no data_dir is given.
+    """
+    return [*labelled_data_dirs(), ("the download cache", default_cache_dir() / "downloads")]
 
 
 def _sources(spec: DatasetSpec, directory: Path) -> list[_Source]:
@@ -129,18 +134,21 @@ def _describe_torchvision_files(spec: DatasetSpec) -> str:
     return " and ".join(spec.torchvision_files)
 
 
-def _not_found_message(spec: DatasetSpec, searched: list[Path], defaulted: bool) -> str:
-    listed = ", ".join(f"{d}{'' if d.is_dir() else ' (missing)'}" for d in searched)
-    # Without an explicit data_dir, suggest $DSCGUARD_DATA_DIR or ./data: the directory found may
-    # be the read-only ../shared/data.
-    target = candidate_data_dirs()[0] if defaulted else searched[0]
-    options = []
+def _remedies(spec: DatasetSpec, target: Path) -> list[str]:
+    """Which files to put where (``target``) for ``spec`` to be found."""
+    remedies = []
     if spec.archive:
         ext = spec.image_ext
-        options.append(f"put {spec.archive} in {target} (or its extracted tree {target / spec.folder_stem}/"
-                       f" with train/<class>/*{ext} and test/<class>/*{ext})")
-    options.append(f"put torchvision's {_describe_torchvision_files(spec)} under {target}")
-    options.append("pass download=True where the network allows")
+        remedies.append(f"put {spec.archive} in {target} (or its extracted tree {target / spec.folder_stem}/"
+                        f" with train/<class>/*{ext} and test/<class>/*{ext})")
+    remedies.append(f"put torchvision's {_describe_torchvision_files(spec)} under {target}")
+    return remedies
+
+
+def _not_found_message(spec: DatasetSpec, places: list[tuple[str, Path]], remedies: list[str],
+                       defaulted: bool) -> str:
+    listed = ", ".join(f"{d}{'' if d.is_dir() else ' (missing)'}" for _, d in places)
+    options = [*remedies, "pass download=True where the network allows"]
     if defaulted:
         options.append(f"point ${DATA_ENV} at a directory holding these files")
     return f"dataset {spec.name!r} not found; searched: {listed}. To fix: " + "; or ".join(options) + "."

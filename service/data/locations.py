@@ -29,18 +29,26 @@ def default_cache_dir() -> Path:
     return path
 
 
-def candidate_data_dirs() -> list[Path]:
-    """Every place a data directory may be, in the order they are tried (existing or not)."""
+def labelled_data_dirs() -> list[tuple[str, Path]]:
+    """Every place a data directory may be, in the order they are tried (existing or not), each with
+    the name it is known by: $DSCGUARD_DATA_DIR (when set), ./data and ../shared/data (relative to
+    the working directory), then the checkout's own ../shared/data."""
     candidates = []
     env = os.environ.get(DATA_ENV)
     if env:
-        candidates.append(Path(env).expanduser())
-    candidates += [Path("data"), Path("..") / "shared" / "data", _REPO_ROOT.parent / "shared" / "data"]
+        candidates.append((f"${DATA_ENV}", Path(env).expanduser()))
+    candidates += [("./data", Path("data")), ("../shared/data", Path("..") / "shared" / "data"),
+                   ("the checkout's ../shared/data", _REPO_ROOT.parent / "shared" / "data")]
     # The same directory may be reached twice (CWD is the repo root); keep the first mention.
-    unique: dict[Path, Path] = {}
-    for path in candidates:
-        unique.setdefault(path.resolve(), path.resolve())
-    return list(unique.values())
+    unique: dict[Path, str] = {}
+    for label, path in candidates:
+        unique.setdefault(path.resolve(), label)
+    return [(label, path) for path, label in unique.items()]
+
+
+def candidate_data_dirs() -> list[Path]:
+    """Every place a data directory may be, in the order they are tried (existing or not)."""
+    return [path for _, path in labelled_data_dirs()]
 
 
 def find_data_dir() -> Path | None:
