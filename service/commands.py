@@ -16,25 +16,19 @@ import tempfile
 
 from pydantic import ValidationError
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
 
 def _settings(**updates):
+    from service.cli import validation_lines
     from service.settings import ServiceSettings
 
     try:
         settings = ServiceSettings()
     except ValidationError as exc:
-        raise SystemExit(f"invalid DSCGUARD_* settings:\n{exc}") from exc
+        lines = validation_lines(exc, name=lambda loc: "DSCGUARD_" + "_".join(map(str, loc)).upper())
+        raise SystemExit("invalid DSCGUARD_* settings:\n" + "\n".join(f"  {line}" for line in lines)) from exc
     return settings.model_copy(update={k: v for k, v in updates.items() if v is not None})
-
-
-def _passive_openmp() -> None:
-    """OpenMP threads that sleep when idle instead of spinning (unless OMP_WAIT_POLICY says otherwise).
-
-    The API, the worker and Redis often share a machine: spinning threads of one process starve the
-    others, and a worker whose threads are descheduled mid-step slows down many times over. Set
-    before torch is imported (libgomp reads it when it loads).
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _logging(level: str) -> None:
@@ -42,8 +36,7 @@ def _logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _passive_openmp()
-    import uvicorn
+    import uvicorn  # torch comes after OMP_WAIT_POLICY: service.cli.main sets it first
 
     from service.metrics import MULTIPROCESS_ENV
 
@@ -61,7 +54,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    _passive_openmp()
     from service.worker import WorkerError, run_worker
 
     _logging(args.log_level)
@@ -117,37 +109,41 @@ def add_service_commands(sub) -> None:
     from service.cli import _experiment_options
 
     p = sub.add_parser("serve", help="run the HTTP API under uvicorn (settings: DSCGUARD_* variables)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: loopback only; 0.0.0.0: every "
+                                                       "interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port of the API")
     p.add_argument("--workers", type=int, default=1, help="uvicorn processes (>1: Prometheus multiprocess mode)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's log level")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run the defense worker: stream -> DSC -> online model (SIGTERM: checkpoint, "
                                       "exit)")
-    p.add_argument("--max-batches", type=int, help="stop after applying this many batches")
-    p.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a batch")
+    p.add_argument("--max-batches", type=int, help="stop after applying this many batches (default: never)")
+    p.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a batch (default: "
+                                                      "never)")
     p.add_argument("--metrics-port", type=int, help="port of the worker's /metrics (default: "
                                                     "$DSCGUARD_WORKER_METRICS_PORT or 9101; 0: off)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="the worker's log level")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("attack", help="the eval campaigns against a running service over HTTP; prints the eval table")
     _experiment_options(p)
     p.add_argument("--target", required=True, help="the service's base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--scenarios", nargs="+", default=["clean", "poison"], choices=("clean", "poison"))
+    p.add_argument("--scenarios", nargs="+", default=["clean", "poison"], choices=("clean", "poison"),
+                   help="clean: the clean oracle (no attacker); poison: the accumulative attack and its trigger")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one batch to be applied")
-    p.add_argument("--out", help="also write results.json and report.md here")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", help="also write results.json and report.md here (default: print the table only)")
+    p.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG plots")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("stack", help="the docker-compose stack without Docker: redis, worker, api, prometheus")
     stack = p.add_subparsers(dest="stack_command", required=True)
     p = stack.add_parser("up", help="start it all on 127.0.0.1 and print the URLs; Ctrl-C or SIGTERM stops it all")
-    p.add_argument("--api-port", type=int, default=8000)
-    p.add_argument("--prometheus-port", type=int, default=9090)
+    p.add_argument("--api-port", type=int, default=8000, help="TCP port of the API on 127.0.0.1")
+    p.add_argument("--prometheus-port", type=int, default=9090, help="TCP port of Prometheus on 127.0.0.1")
     p.add_argument("--scrape-interval", help="Prometheus scrape and rule interval (default: the config's, 15s)")
-    p.add_argument("--run-dir", default="runs/stack", help="logs, checkpoints, Prometheus data (default: %(default)s)")
-    p.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    p.add_argument("--run-dir", default="runs/stack", help="logs, checkpoints, Prometheus data")
+    p.add_argument("--duration", type=float, help="stop by itself after this many seconds (default: run until "
+                                                  "Ctrl-C or SIGTERM)")
     p.set_defaults(func=cmd_stack_up)

@@ -27,13 +27,27 @@ def test_burn_in_is_cached(cache_dir, monkeypatch, capsys):
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["stream", "--set", "strategy.epsilon=-1"], "strategy.epsilon"),
-     (["stream", "--set", "nonsense"], "SECTION.FIELD=VALUE"),
-     (["stream", "--batches", "-2"], "--batches")],
+    [(["stream", "--set", "strategy.epsilon=-1"], "invalid configuration: strategy.epsilon: Input should be greater "
+                                                  "than 0 (got -1)"),
+     (["stream", "--set", "nonsense"], "--set expects SECTION.FIELD=VALUE, got 'nonsense'"),
+     (["sweep", "--vary", "strategy.early_stop=sample,sometimes"], "strategy.early_stop: Input should be 'sample' "
+                                                                   "or 'batch' (got 'sometimes')"),
+     (["sweep", "--vary", "strategy.nosuch=1,2"], "section 'strategy' has no field 'nosuch'")],
 )
-def test_bad_arguments_are_clear_errors(argv, message):
-    with pytest.raises(SystemExit, match=message):
+def test_bad_arguments_are_one_line_errors_with_exit_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dscguard: error: ") and message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [(["stream", "--batches", "-2"], "argument --batches: must be >= 0"),
+                                               (["stream", "--eval-every", "0"], "argument --eval-every: must be >= 1"),
+                                               (["analyze-md", "--k", "0"], "argument --k: must be >= 1")])
+def test_counts_are_checked_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
         main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_unknown_strategy_is_rejected_by_the_parser(capsys):

@@ -23,7 +23,8 @@ def test_checkpoints_default_to_the_cache_dir_one_folder_per_namespace(clean_env
     assert ServiceSettings().checkpoint_dir == tmp_path / "cache" / "checkpoints" / "dscguard"
     clean_env.setenv("DSCGUARD_NAMESPACE", "tenant-b")
     assert ServiceSettings().checkpoint_dir == tmp_path / "cache" / "checkpoints" / "tenant-b"
-    assert ServiceSettings(cache_dir=tmp_path / "other").checkpoint_dir == tmp_path / "other" / "checkpoints" / "tenant-b"
+    other = ServiceSettings(cache_dir=tmp_path / "other")
+    assert other.checkpoint_dir == tmp_path / "other" / "checkpoints" / "tenant-b"
 
 
 def test_without_a_cache_dir_checkpoints_go_to_the_user_cache_not_the_working_directory(clean_env, tmp_path):

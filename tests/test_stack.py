@@ -52,8 +52,9 @@ def test_start_redis_reuses_the_running_one(tmp_path):
     assert start_redis(REDIS_URL, tmp_path / "redis.log") is None
 
 
-def test_stack_up_refuses_to_start_without_an_api_key(monkeypatch, tmp_path):
+def test_stack_up_refuses_to_start_without_an_api_key(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("DSCGUARD_API_KEY", raising=False)
-    with pytest.raises(SystemExit, match="DSCGUARD_API_KEY"):
-        main(["stack", "up", "--run-dir", str(tmp_path), "--duration", "1"])
+    assert main(["stack", "up", "--run-dir", str(tmp_path), "--duration", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dscguard: error: set DSCGUARD_API_KEY") and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # nothing was started
