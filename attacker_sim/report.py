@@ -116,6 +116,27 @@ def table_markdown(evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
+def table_legend(evaluation: Evaluation) -> str:
+    """What each column of `table_markdown` means, with this evaluation's numbers (batches, monitor)."""
+    campaign = evaluation.config.campaign
+    clean_batches = campaign.clean_batches or campaign.max_batches + 1
+    columns = {
+        "clean oracle final": f"test accuracy after {clean_batches} clean batches through the strategy, no attacker",
+        "start": "test accuracy when the stream starts (the burnt-in model)",
+        "batch": f"accumulative batches the attacker submitted before its monitor fired (accuracy down "
+                 f"{campaign.monitor_drop * 100:g} points on its own validation split), at most "
+                 f"{campaign.max_batches}",
+        "+poison": "test accuracy after those accumulative batches",
+        "+trigger": "test accuracy after the trigger batch that follows them",
+        "delta": "+trigger minus +poison: what the trigger itself did (negative: it hurt)",
+        "poisons flagged": "share of the submitted poisoned samples the strategy judged suspicious and corrected "
+                           "(1 - attack success rate; at corrects every sample, st and gc none)",
+        "clean flagged": "the same share on the clean stream: false flags",
+        "s/step": "wall-clock seconds per defended update, mean (noisy when other jobs share the machine)",
+    }
+    return "Columns: " + "; ".join(f"*{name}*: {text}" for name, text in columns.items()) + "."
+
+
 def bar_checks(evaluation: Evaluation) -> dict | None:
     """The product's bar (issue 3), computed from the means; None when a needed row is missing."""
     by_key = {(r["strategy"], r["scenario"]): r for r in rows(evaluation)}
@@ -149,11 +170,11 @@ def report_markdown(evaluation: Evaluation, plots: list[str]) -> str:
              f"Seeds {seeds}; mean ± std over seeds; accuracies in percent on the test split. "
              f"Attack: {cfg.attack.kind}, eps {cfg.attack.epsilon}, {cfg.attack.steps} steps of "
              f"{cfg.attack.step_size}, {cfg.attack.setting.replace('_', '-')}, beta {cfg.attack.beta}; "
-             f"monitor fires at a {cfg.campaign.monitor_drop:.0%} drop on the attacker's validation split, "
+             f"monitor fires at a {cfg.campaign.monitor_drop * 100:g}-point drop on the attacker's validation split, "
              f"at most {cfg.campaign.max_batches} accumulative batches. DSC: early stop per "
              f"{cfg.strategy.early_stop}, divergence {cfg.strategy.divergence}, calibrated for a "
              f"{cfg.calibration.target_false_flag_rate:.0%} false-flag rate on the trusted clean split.", "",
-             table_markdown(evaluation), ""]
+             table_markdown(evaluation), "", table_legend(evaluation), ""]
     checks = bar_checks(evaluation)
     if checks:
         lines += ["## The bar", ""]
