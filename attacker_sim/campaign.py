@@ -130,14 +130,19 @@ class AccumulativeCampaign:
     def run(self, target: Target, batches: Batches, test: tuple[torch.Tensor, torch.Tensor],
             validation: tuple[torch.Tensor, torch.Tensor], strategy: str, seed: int,
             on_step: Callable[[], None] | None = None, clean_between: int = 0,
-            max_poisons: int | None = None) -> RunResult:
+            max_poisons: int | None = None, trace: bool = True) -> RunResult:
         """Poison until the monitor fires (or `max_poisons`, default `campaign.max_batches`), then trigger.
 
         `clean_between` > 0 is the slow poison: that many clean batches go in before each poisoned one,
-        so the poison is spread thin over a long stretch of honest traffic.
+        so the poison is spread thin over a long stretch of honest traffic. `trace=False` measures test
+        accuracy only at the start, before and after the trigger (the attacker's monitor runs regardless).
         """
+        def measure(accuracies: list[float]) -> None:
+            if trace:
+                accuracies.append(accuracy(target, *test))
+
         x_val, y_val = validation
-        trace = [accuracy(target, *test)]
+        accuracies = [accuracy(target, *test)]
         monitor_start = accuracy(target, x_val, y_val)
         x_base, y_trigger = next(batches)
         x_trigger = self.trigger(self._attacker_model(target), x_base, y_trigger, x_val, y_val)
@@ -145,24 +150,27 @@ class AccumulativeCampaign:
         for _ in range(self.campaign.max_batches if max_poisons is None else max_poisons):
             for _ in range(clean_between):
                 clean.add(target.step(*next(batches)))
-                trace.append(accuracy(target, *test))
+                measure(accuracies)
                 if on_step:
                     on_step()
             x, y = next(batches)
             x_poison = self.craft(self._attacker_model(target), x, y, (x_trigger, y_trigger), validation)
             tally.add(target.step(x_poison, y))
-            trace.append(accuracy(target, *test))
+            measure(accuracies)
             if on_step:
                 on_step()
             if monitor_start - accuracy(target, x_val, y_val) > self.campaign.monitor_drop:
                 break
         batches_survived = len(tally.seconds)
-        poison_acc = trace[-1]
+        if not trace:
+            accuracies.append(accuracy(target, *test))
+        poison_acc = accuracies[-1]
         x_trigger = self.trigger(self._attacker_model(target), x_base, y_trigger, x_val, y_val)
         fired = target.step(x_trigger, y_trigger)
-        trace.append(accuracy(target, *test))
-        result = RunResult("poison", strategy, seed, start_acc=trace[0], batches=batches_survived,
-                           final_acc=trace[-1], poison_acc=poison_acc, trigger_acc=trace[-1], trace=trace,
+        accuracies.append(accuracy(target, *test))
+        result = RunResult("poison", strategy, seed, start_acc=accuracies[0], batches=batches_survived,
+                           final_acc=accuracies[-1], poison_acc=poison_acc, trigger_acc=accuracies[-1],
+                           trace=accuracies,
                            trigger_flagged_rate=fired.flagged / fired.samples,
                            clean_flagged_rate=clean.flagged / clean.samples if clean.samples else None)
         return tally.fill(result)

@@ -120,7 +120,8 @@ def attack(learner: OnlineLearner, data: ScenarioData, label: str, campaign: Acc
            clean_between: int = 0, max_poisons: int | None = None) -> Outcome:
     """The accumulative attack against `learner` as it stands (after whatever it has learned so far)."""
     run = campaign.run(InProcessTarget(learner), data.stream(stream_offset), data.test, data.validation, label,
-                       data.seed, on_step=on_step, clean_between=clean_between, max_poisons=max_poisons)
+                       data.seed, on_step=on_step, clean_between=clean_between, max_poisons=max_poisons,
+                       trace=False)
     return Outcome.from_run(scenario, run, _target_rate(learner))
 
 
@@ -156,5 +157,6 @@ def drift_attack(learner: OnlineLearner, data: ScenarioData, label: str, kind: s
                              seed=data.seed * 7919 + 4)
     test = drifter.test_view(*data.test, seed=data.seed)
     validation = drifter.test_view(*data.validation, seed=data.seed + 1)
-    run = campaign.run(InProcessTarget(learner), stream, test, validation, label, data.seed, on_step=on_step)
+    run = campaign.run(InProcessTarget(learner), stream, test, validation, label, data.seed, on_step=on_step,
+                       trace=False)
     return Outcome.from_run(f"drift+attack:{kind}", run, _target_rate(learner))

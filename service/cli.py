@@ -1,4 +1,4 @@
-"""The `dscguard` command line: the experiments (burn-in, stream, demo, eval, sweep, analyze-md) and the
+"""The `dscguard` command line: the experiments (burn-in, stream, demo, arena, eval, sweep, analyze-md) and the
 service (serve, worker, attack, stack); `build_parser` lists them all.
 
 Errors are one short message on stderr, `dscguard: error: ...`, naming the problem and the fix:
@@ -207,8 +207,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _evaluate_and_report(build_config(args), args, args.out)
 
 
+def cmd_arena(args: argparse.Namespace) -> int:
+    from attacker_sim.arena import run_arena, write_leaderboard
+    from attacker_sim.leaderboard import markdown
+
+    board = run_arena(build_config(args), seeds=args.seeds, strategies=args.strategies, progress=not args.no_progress)
+    written = write_leaderboard(board, args.out, plots=not args.no_plots)
+    summary = markdown(board)
+    print(summary[: summary.index("## Every row")].rstrip())
+    for name, check in board.checks.items():
+        print(f"{'PASS' if check['passed'] else 'FAIL'} {name}: {check['detail']}")
+    print(f"wrote {', '.join(str(p) for p in written.values())} ({board.seconds:.0f} s)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    return _evaluate_and_report(build_config(args), args, args.out)  # args.profile is digits: set_defaults
+    return cmd_arena(args)  # the digits arena: args.profile is digits (set_defaults)
 
 
 def cmd_analyze_md(args: argparse.Namespace) -> int:
@@ -293,6 +307,19 @@ def _eval_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
+def _arena_options(parser: argparse.ArgumentParser, default_out: str) -> None:
+    from attacker_sim.arena import VARIANTS
+
+    parser.add_argument("--out", default=default_out,
+                        help="report directory: leaderboard.json (+ schema), leaderboard.md, PNG plots")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="reporting seeds, disjoint from arena.tuning.seeds (default: the profile's, 0 1 2)")
+    parser.add_argument("--strategies", nargs="+", choices=list(VARIANTS),
+                        help="strategies to compare; gc and at are tuned, *-paper are the research code's constants, "
+                             "dsc-sample judges each sample (default: the profile's arena.strategies)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every option's help ends with its default, when it has one worth showing (not for flags, not
     None: an option without a value says in its help what happens)."""
@@ -349,9 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_options(p, "reports/eval")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="the attack-vs-defense demo on digits: table, results.json, report.md, plots")
+    p = sub.add_parser("arena", help="the arena: every strategy vs long-horizon, slow, black-box and adaptive "
+                                      "attacks and benign drift, baselines tuned; leaderboard.json/md and plots")
+    _experiment_options(p, seed=False)
+    _arena_options(p, "reports/arena")
+    p.set_defaults(func=cmd_arena)
+
+    p = sub.add_parser("demo", help="the digits arena (about 10 min on 2 cores): the leaderboard, its JSON and plots")
     _experiment_options(p, profile=False, seed=False)
-    _eval_options(p, "reports/demo")
+    _arena_options(p, "reports/demo")
     p.set_defaults(func=cmd_demo, profile="digits")
 
     p = sub.add_parser("sweep", help="DSC under one-at-a-time changes of its settings (threshold, early stop, ...)")

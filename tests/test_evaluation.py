@@ -1,4 +1,4 @@
-"""The evaluation end to end on a reduced budget: results.json validates, report and plots exist."""
+"""`dscguard eval` end to end on a reduced budget: results.json validates, report and plots exist."""
 
 import json
 
@@ -15,7 +15,7 @@ def demo_dir(tmp_path_factory, cache_dir):
     mp = pytest.MonkeyPatch()
     mp.setenv("DSCGUARD_CACHE_DIR", str(cache_dir))
     overrides = ["campaign.max_batches=3", "burnin.epochs=10", "burnin.auxiliary_epoch=5"]
-    argv = ["demo", "--seeds", "0", "1", "--out", str(out), "--no-progress"]
+    argv = ["eval", "--profile", "digits", "--seeds", "0", "1", "--out", str(out), "--no-progress"]
     assert main(argv + [a for o in overrides for a in ("--set", o)]) == 0
     mp.undo()
     return out
