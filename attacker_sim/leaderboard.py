@@ -8,7 +8,8 @@ unless said otherwise):
   on the drifted test view), after `clean_batches` (clean oracle).
 - `recovery`: share of ST's loss the strategy recovers in the same scenario and seed,
   (acc - acc_ST) / (start_ST - acc_ST); only where ST lost at least `MIN_ST_LOSS`.
-- `drift_gain`: final - start on the drifted test view; `drift_gain_share`: that over ST's gain.
+- `drift_gain`: final - start on the drifted test view; `drift_gain_share`: that over ST's gain, only
+  where ST gained at least `MIN_ST_LOSS` (a drift ST hardly learns says nothing about a defense).
 - `poisons_flagged`: share of poisoned samples flagged; `clean_flag_rate`: share of clean samples
   flagged (the realised false-flag rate, to compare with `target_flag_rate`), also over the first
   (`_early`) and last (`_late`) 100 batches of the long clean stream.
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from attacker_sim.scenarios import Outcome
 
-MIN_ST_LOSS = 0.01  # recovery is undefined where ST itself lost less than a point
+MIN_ST_LOSS = 0.01  # recovery (and drift-gain share) are undefined where ST itself moved less than a point
 SCHEMA_VERSION = 1
 
 
@@ -103,7 +104,7 @@ def build_rows(outcomes: list[Outcome]) -> list[Row]:
             if scenario.startswith("drift:"):
                 gain.append(run.final_acc - run.start_acc)
                 ref_gain = ref.final_acc - ref.start_acc if ref is not None else 0.0
-                share.append(gain[-1] / ref_gain if ref_gain > 0 else None)
+                share.append(gain[-1] / ref_gain if ref_gain >= MIN_ST_LOSS else None)
         targets = [r.target_flag_rate for r in runs if r.target_flag_rate is not None]
         rows.append(Row(
             scenario=scenario, strategy=strategy, seed_count=len(runs),

@@ -67,7 +67,10 @@ def test_measures_follow_their_definitions(board):
     drift = board.row("drift:pixel_shift", "gc")
     assert drift.drift_gain.values[0] == pytest.approx(drift.final_acc.values[0] - drift.start_acc.values[0])
     st_gain = board.row("drift:pixel_shift", "st").drift_gain.values[0]
-    assert drift.drift_gain_share.values[0] == pytest.approx(drift.drift_gain.values[0] / st_gain)
+    if st_gain >= 0.01:
+        assert drift.drift_gain_share.values[0] == pytest.approx(drift.drift_gain.values[0] / st_gain)
+    else:  # a drift ST hardly learns gives no share
+        assert drift.drift_gain_share is None
     # st never flags; dsc's realised clean false-flag rate is reported beside its target
     assert board.row("clean", "st").clean_flag_rate.mean == 0.0
     assert board.row("clean", "dsc").target_flag_rate == pytest.approx(0.1)
