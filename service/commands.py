@@ -20,15 +20,29 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def _settings(**updates):
-    from service.cli import validation_lines
     from service.settings import ServiceSettings
 
     try:
         settings = ServiceSettings()
     except ValidationError as exc:
-        lines = validation_lines(exc, name=lambda loc: "DSCGUARD_" + "_".join(map(str, loc)).upper())
-        raise SystemExit("invalid DSCGUARD_* settings:\n" + "\n".join(f"  {line}" for line in lines)) from exc
+        raise SystemExit(_invalid_settings(exc)) from exc
     return settings.model_copy(update={k: v for k, v in updates.items() if v is not None})
+
+
+def _invalid_settings(exc: ValidationError) -> str:
+    """One line per wrong DSCGUARD_* variable (one line in all when one is wrong); secrets are never echoed."""
+    lines = []
+    for error in exc.errors():
+        if error["type"] == "default_factory_not_called":  # a default computed from a field that failed above
+            continue
+        name = "DSCGUARD_" + "_".join(map(str, error["loc"])).upper()
+        got = error.get("input")
+        secret = error["loc"][0] in ("api_key", "admin_token")
+        shown = "" if secret or isinstance(got, dict) or "input" not in error else f" (got {got!r})"
+        lines.append(f"{name} {error['msg']}{shown}" if secret else f"{name}: {error['msg']}{shown}")
+    if len(lines) == 1:
+        return f"invalid DSCGUARD_* settings: {lines[0]}"
+    return "invalid DSCGUARD_* settings:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _logging(level: str) -> None:
@@ -54,10 +68,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(worker_metrics_port=args.metrics_port)  # before torch loads: a wrong setting fails fast
+
     from service.worker import WorkerError, run_worker
 
     _logging(args.log_level)
-    settings = _settings(worker_metrics_port=args.metrics_port)
     try:
         run_worker(settings, max_batches=args.max_batches, idle_timeout=args.idle_timeout)
     except WorkerError as exc:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.config import ExperimentConfig, StrategyName
@@ -33,6 +34,20 @@ def default_checkpoint_dir(cache_dir: Path | None, namespace: str) -> Path:
     from service.data.locations import cache_dir_path  # here: service.data imports torch, settings need not
 
     return (cache_dir if cache_dir is not None else cache_dir_path()) / "checkpoints" / namespace
+
+
+# `.env.example`'s values (change-me-...) and the FastAPI template's: a deployment that kept one has no secret
+PLACEHOLDER_SECRETS = ("change-me", "changeme", "changethis")
+
+
+def is_placeholder(secret: str) -> bool:
+    """An empty key, or one still carrying a template's placeholder.
+
+    >>> is_placeholder("change-me-client-key"), is_placeholder(""), is_placeholder("3f9c0d7e51a2b8")
+    (True, True, False)
+    """
+    normalised = secret.strip().lower()
+    return not normalised or normalised.startswith(PLACEHOLDER_SECRETS)
 
 
 class ServiceSettings(BaseSettings):
@@ -88,6 +103,14 @@ class ServiceSettings(BaseSettings):
     worker_metrics_port: int = Field(9101, ge=0, le=65535, description="0: no metrics server")
     canary_every: int = Field(0, ge=0, description="canary accuracy every N batches (0: off)")
     canary_samples: int = Field(200, ge=1, description="canary size, taken from the trusted calibration split")
+
+    @field_validator("api_key", "admin_token")
+    @classmethod
+    def _no_placeholder(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and is_placeholder(secret.get_secret_value()):
+            raise PydanticCustomError("placeholder_secret", "is empty or still the placeholder of .env.example: set "
+                                      "a real secret (e.g. `openssl rand -hex 24`) or leave it unset")
+        return secret
 
     def experiment_config(self) -> ExperimentConfig:
         overrides = {section: dict(fields) for section, fields in self.config_overrides.items()}
