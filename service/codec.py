@@ -34,6 +34,8 @@ INPUT_DTYPES = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
 _SAFETENSORS_INPUT = {"U8": "uint8", "F32": "float32"}
 _SAFETENSORS_LABEL = {"I64": np.dtype("<i8"), "I32": np.dtype("<i4")}
 BATCH_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+# a batch's header names two tensors and a batch id: a few hundred bytes; anything near this is not a batch
+SAFETENSORS_HEADER_LIMIT = 1 << 20
 _BATCH_ID = re.compile(BATCH_ID_PATTERN)
 
 
@@ -211,8 +213,12 @@ def _safetensors_header(body: bytes) -> tuple[dict, memoryview]:
     if len(body) < 8:
         raise BatchRejected("encoding", "the body is not a safetensors file (shorter than its 8-byte header)", 400)
     (length,) = struct.unpack("<Q", body[:8])
-    if length > min(len(body) - 8, 1 << 20):
-        raise BatchRejected("encoding", f"safetensors header of {length} bytes does not fit the body", 400)
+    if length > len(body) - 8:
+        raise BatchRejected("encoding", f"safetensors header of {length} bytes does not fit the body ({len(body) - 8} "
+                                        f"bytes after its 8-byte length; headers are limited to 1 MiB)", 400)
+    if length > SAFETENSORS_HEADER_LIMIT:
+        raise BatchRejected("encoding", f"safetensors header of {length} bytes is over the limit of "
+                                        f"{SAFETENSORS_HEADER_LIMIT} bytes (1 MiB) for a header", 400)
     try:
         header = json.loads(bytes(body[8 : 8 + length]))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int too long

@@ -50,20 +50,21 @@ def _logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn  # torch comes after OMP_WAIT_POLICY: service.cli.main sets it first
-
-    from service.metrics import MULTIPROCESS_ENV
-
     settings = _settings()
     if settings.api_key is None:
         raise SystemExit("set DSCGUARD_API_KEY (the client key) before starting the API")
+
+    # torch comes after OMP_WAIT_POLICY: service.cli.main sets it first
+    from service.api.server import serve
+    from service.metrics import MULTIPROCESS_ENV
+
     if args.workers > 1 and not os.environ.get(MULTIPROCESS_ENV):
         # several processes: prometheus_client's multiprocess mode, set before any worker imports it
         directory = tempfile.mkdtemp(prefix="dscguard-metrics-")
         os.environ[MULTIPROCESS_ENV] = directory
         atexit.register(shutil.rmtree, directory, True)
-    uvicorn.run("service.api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, access_log=args.access_log)
+    serve(settings, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level,
+          access_log=args.access_log)
     return 0
 
 

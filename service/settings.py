@@ -77,6 +77,15 @@ class ServiceSettings(BaseSettings):
 
     # Limits of the API.
     max_batch_samples: int = Field(1024, ge=1)
+    header_timeout_seconds: float = Field(10.0, gt=0, description="a request line and headers must arrive within "
+                                          "this (from the connection's start or the next request's first byte); "
+                                          "else 408 and the connection is closed")
+    body_timeout_seconds: float = Field(30.0, gt=0, description="a request body must arrive within this once its "
+                                        "head is in; else 408")
+    keep_alive_timeout_seconds: float = Field(5.0, gt=0, description="an idle connection is closed after this")
+    max_connections: int = Field(1000, ge=1, description="per API process: connections and requests in flight "
+                                 "(long-poll waits included); more: 503")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="size of a request head; more: 400")
     max_body_bytes: int = Field(32 * 2**20, ge=1024)
     queue_max_length: int = Field(1000, ge=1, description="stream entries (waiting, in flight, or applied "
                                   "and kept for a checkpoint fallback); more: 429")

@@ -28,6 +28,7 @@ import torch
 import uvicorn
 
 from service.api import create_app
+from service.api.server import ServeConfig
 from service.model_store import weights_to_bytes
 from service.models import build_model
 from service.redis_queue import GROUP, RedisQueue, connect
@@ -106,12 +107,12 @@ def publish_model(queue: RedisQueue, version: int = 1, seed: int = 0, alive: boo
 
 
 class ApiServer:
-    """uvicorn serving `create_app(settings)` on 127.0.0.1 (a free port) in a thread."""
+    """uvicorn serving `create_app(settings)` on 127.0.0.1 (a free port) in a thread, configured as `dscguard
+    serve` configures it (`ServeConfig`: timeouts, connection limit, the guarded h11 protocol)."""
 
     def __init__(self, settings: ServiceSettings):
         self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="off"))
+        self.server = uvicorn.Server(ServeConfig(self.app, settings, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, name="test-api", daemon=True)
 
     def __enter__(self) -> ApiServer:

@@ -116,6 +116,141 @@ def server_logs():
         logger.setLevel(level)
 
 
+# -- 1. an aborted upload -------------------------------------------------------------------------------------
+@needs_redis
+@pytest.mark.parametrize("path", ["/v1/ingest", "/v1/predict"])
+def test_an_upload_the_client_aborts_is_counted_499_and_logged_without_a_traceback(namespace, tmp_path, path,
+                                                                                   server_logs):
+    settings = make_settings(namespace, tmp_path)
+    queue = RedisQueue.from_settings(settings)
+    with ApiServer(settings) as api:
+        publish_model(queue)
+        with socket.create_connection(_address(api.url)) as sock:  # the probe: 1000 bytes announced, 11 sent
+            sock.sendall(_head("POST", path, content_length=1000) + b'{"batch_id"')
+        wait_until(lambda: _metric(api.client.get("/metrics").text, "dscguard_http_requests_total", route=path,
+                                   status="499") == 1, 10, "the aborted request to be counted as 499",
+                   diagnostics=lambda: api.client.get("/metrics").text)
+        metrics = api.client.get("/metrics").text
+        assert _metric(metrics, "dscguard_http_requests_total", status="500") == 0
+        assert queue.client.xlen(queue.stream) == 0
+        # the server is fine: the next request is answered
+        assert api.client.get("/health/live").status_code == 200
+    errors = [r for r in server_logs if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+    closed = [r for r in server_logs if "closed the connection" in r.getMessage()]
+    assert len(closed) == 1 and closed[0].levelno == logging.INFO and path in closed[0].getMessage()
+
+
+# -- 3. slow clients ------------------------------------------------------------------------------------------
+@needs_redis
+def test_a_stalled_body_is_answered_408_within_the_body_timeout(namespace, tmp_path):
+    settings = make_settings(namespace, tmp_path, body_timeout_seconds=1.0)
+    queue = RedisQueue.from_settings(settings)
+    with ApiServer(settings) as api:
+        publish_model(queue)
+        with socket.create_connection(_address(api.url)) as sock:
+            sock.sendall(_head("POST", "/v1/ingest", content_length=1000) + b'{"batch_id"')  # then nothing
+            answer, closed_after = _read_until_closed(sock, timeout=10)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body["reason"] == "body_timeout" and "1 s" in body["detail"]
+        assert closed_after is not None and closed_after < 1.0 + 3.0, closed_after
+        assert queue.client.xlen(queue.stream) == 0
+        assert _metric(api.client.get("/metrics").text, "dscguard_http_requests_total", route="/v1/ingest",
+                       status="408") == 1
+
+
+@needs_redis
+def test_an_incomplete_request_head_is_closed_within_the_head_timeout(namespace, tmp_path):
+    settings = make_settings(namespace, tmp_path, header_timeout_seconds=1.0)
+    with ApiServer(settings) as api:
+        partial_line, partial_headers, silent = (socket.create_connection(_address(api.url)) for _ in range(3))
+        partial_line.sendall(b"GET /health/li")
+        partial_headers.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        for sock in (partial_line, partial_headers, silent):
+            with sock:
+                answer, closed_after = _read_until_closed(sock, timeout=10)
+                assert closed_after is not None and closed_after < 1.0 + 3.0, (answer, closed_after)
+                if sock is not silent:
+                    assert answer.startswith(b"HTTP/1.1 408 ") and b'"reason":"head_timeout"' in answer, answer
+        # a keep-alive connection whose next request head stalls is cut off too
+        with socket.create_connection(_address(api.url)) as sock:
+            sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            sock.settimeout(5)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 1")
+            _, closed_after = _read_until_closed(sock, timeout=10)
+            assert closed_after is not None and closed_after < 1.0 + 3.0
+
+
+@needs_redis
+def test_connections_beyond_the_limit_are_answered_503_overloaded(namespace, tmp_path):
+    settings = make_settings(namespace, tmp_path, max_connections=4)
+    with ApiServer(settings) as api:
+        held = [socket.create_connection(_address(api.url)) for _ in range(4)]
+        try:
+            for sock in held:
+                sock.sendall(b"GET /health/li")
+            wait_until(lambda: len(api.server.server_state.connections) >= 4, 5, "the held connections")
+            with httpx.Client(base_url=api.url) as client:
+                refused = client.get("/health/live")
+        finally:
+            for sock in held:
+                sock.close()
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["reason"] == "overloaded" and refused.headers["Retry-After"] == "1"
+        wait_until(lambda: len(api.server.server_state.connections) <= 1, 5, "the held connections to go")
+        assert httpx.get(f"{api.url}/health/live").status_code == 200
+
+
+@needs_redis
+def test_dscguard_serve_applies_the_timeouts(namespace, tmp_path):
+    settings = make_settings(namespace, tmp_path, header_timeout_seconds=1.0, body_timeout_seconds=1.0)
+    publish_model(RedisQueue.from_settings(settings))
+    with ApiProcess(settings) as api:
+        api.wait_live()
+        with socket.create_connection(_address(api.url)) as head, socket.create_connection(_address(api.url)) as body:
+            head.sendall(b"POST /v1/ingest HT")
+            body.sendall(_head("POST", "/v1/ingest", content_length=1000) + b"{")
+            for sock, status in ((head, b"408"), (body, b"408")):
+                answer, closed_after = _read_until_closed(sock, timeout=10)
+                assert answer.startswith(b"HTTP/1.1 " + status) and closed_after is not None and closed_after < 4.0, (
+                    answer, closed_after, api.output())
+
+
+# -- 5. the error format ----------------------------------------------------------------------------------------
+@needs_redis
+def test_every_error_answer_has_detail_and_reason(namespace, tmp_path):
+    settings = make_settings(namespace, tmp_path)
+    with ApiServer(settings) as api:
+        publish_model(RedisQueue.from_settings(settings))
+        not_found = api.client.get("/no/such/route")
+        wrong_method = api.client.delete("/v1/ingest")
+        with socket.create_connection(_address(api.url)) as sock:
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            garbage, _ = _read_until_closed(sock, timeout=10)
+    assert not_found.status_code == 404 and not_found.json()["reason"] == "not_found", not_found.text
+    assert wrong_method.status_code == 405 and wrong_method.json()["reason"] == "method_not_allowed"
+    assert "POST" in wrong_method.headers["Allow"]
+    for answer in (not_found, wrong_method):
+        assert set(answer.json()) == {"detail", "reason"} and answer.json()["detail"]
+    assert garbage.startswith(b"HTTP/1.1 400 "), garbage
+    body = json.loads(garbage.split(b"\r\n\r\n", 1)[1])
+    assert set(body) == {"detail", "reason"} and body["reason"] == "bad_http"
+
+
+@needs_redis
+def test_an_oversize_safetensors_header_is_refused_by_naming_the_cap(namespace, tmp_path):
+    settings = make_settings(namespace, tmp_path)
+    with ApiServer(settings) as api:
+        publish_model(RedisQueue.from_settings(settings))
+        header = 10 * 2**20  # the probe: a 10 MB header, all of it in the body
+        response = api.client.post("/v1/ingest", content=struct.pack("<Q", header) + b" " * header, headers=SAFETENSORS)
+    assert response.status_code == 400 and response.json()["reason"] == "encoding"
+    detail = response.json()["detail"]
+    assert "1 MiB" in detail and str(header) in detail and "does not fit" not in detail, detail
+
+
 # -- 7. placeholder secrets ----------------------------------------------------------------------------------------
 def _env_example() -> dict[str, str]:
     pairs = [line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()

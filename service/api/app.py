@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.api.errors import install_error_handlers
-from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.middleware import RequestGuard, RequestMetrics
 from service.api.routes import router
 from service.api.schemas import IngestRequest, PredictRequest
 from service.api.state import ApiState
@@ -33,8 +33,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.api = ApiState(settings, queue, ModelStore(queue), metrics)
     app.include_router(router)
     install_error_handlers(app, metrics, settings.retry_after_seconds)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees 413s too
+    app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_seconds,
+                       retry_after_seconds=settings.retry_after_seconds, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees 503s, 413s and 408s too
 
     def openapi() -> dict:
         if app.openapi_schema is None:
