@@ -10,6 +10,7 @@ Keys, all under `<namespace>:`:
 | `deadletter` | stream, capped | entries the worker could not decode, with the reason |
 | `model` | hash | model spec, version and current weights (safetensors), published by the worker |
 | `worker` | string | the worker's status (JSON); `worker:heartbeat` its lease, refreshed while alive |
+| `batch-events` | pub/sub channel | the ids of batches whose state changed (space-separated): wakes long-poll waits |
 
 An entry is XACKed only once a checkpoint holds its update, and deleted only once the oldest kept
 checkpoint holds it, so the stream length bounds everything not yet durable, a crashed worker's
@@ -63,6 +64,17 @@ def entry_id_key(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def decode_batch_state(fields: Mapping[bytes, bytes]) -> dict | None:
+    """A `batch:<id>` hash as the API shows it (None when the batch is unknown)."""
+    if not fields:
+        return None
+    state = {k.decode(): v.decode() for k, v in fields.items()}
+    for name in ("record", "discrepancy"):
+        if name in state:
+            state[name] = json.loads(state[name])
+    return state
+
+
 @dataclass(frozen=True)
 class EnqueueResult:
     state: str  # "queued", "duplicate" or "full"
@@ -104,6 +116,7 @@ class RedisQueue:
         self.stream, self.audit_stream = self.key("ingest"), self.key("audit")
         self.dead_letters, self.model_key = self.key("deadletter"), self.key("model")
         self.status_key, self.heartbeat_key = self.key("worker"), self.key("worker:heartbeat")
+        self.events_channel = self.key("batch-events")
         self._enqueue = client.register_script(_ENQUEUE)
         self._refresh = client.register_script(_REFRESH_LEASE)
         self._release = client.register_script(_RELEASE_LEASE)
@@ -134,31 +147,8 @@ class RedisQueue:
         return EnqueueResult(state.decode(), entry_id.decode() or None)
 
     def batch_state(self, batch_id: str) -> dict | None:
-        """What became of a batch: queued, applied (with its audit record), or dead_letter (with the reason)."""
-        fields = self.client.hgetall(self.batch_key(batch_id))
-        if not fields:
-            return None
-        state = {k.decode(): v.decode() for k, v in fields.items()}
-        for name in ("record", "discrepancy"):
-            if name in state:
-                state[name] = json.loads(state[name])
-        return state
-
-    def wait_for_batch(self, batch_id: str, timeout_seconds: float, slice_ms: int = 100) -> dict | None:
-        """The batch's state, once it is no longer queued or after `timeout_seconds` (blocking, not polling).
-
-        Sleeps on the audit stream (XREAD BLOCK from its newest record, read before the state, so no
-        record is missed) in slices of `slice_ms`, so a dead-lettered batch is noticed within a slice.
-        """
-        deadline = time.monotonic() + timeout_seconds
-        while True:
-            newest = self.client.xrevrange(self.audit_stream, count=1)
-            state = self.batch_state(batch_id)
-            remaining_ms = int(1000 * (deadline - time.monotonic()))
-            if state is None or state["state"] != "queued" or remaining_ms <= 0:
-                return state
-            self.client.xread({self.audit_stream: newest[0][0] if newest else "0-0"}, count=1,
-                              block=min(slice_ms, remaining_ms))
+        """What became of a batch: queued, applied (with its audit record), dead_letter or skipped (with the reason)."""
+        return decode_batch_state(self.client.hgetall(self.batch_key(batch_id)))
 
     def model_version(self) -> int | None:
         version = self.client.hget(self.model_key, "version")
@@ -273,6 +263,7 @@ class RedisQueue:
                 key = self.batch_key(batch_id.decode(errors="replace"))
                 pipe.hset(key, mapping={"state": "dead_letter", "reason": message})
                 pipe.expire(key, self.ttl_seconds)
+                pipe.publish(self.events_channel, batch_id)
             pipe.xack(self.stream, GROUP, entry_id)
             pipe.xdel(self.stream, entry_id)
             pipe.execute()
@@ -283,6 +274,7 @@ class RedisQueue:
         with self.client.pipeline() as pipe:
             pipe.hset(key, mapping={"state": "skipped", "reason": reason})
             pipe.expire(key, self.ttl_seconds)
+            pipe.publish(self.events_channel, batch_id)
             pipe.xack(self.stream, GROUP, entry_id)
             pipe.xdel(self.stream, entry_id)
             pipe.execute()
@@ -294,6 +286,7 @@ class RedisQueue:
                      weights: bytes | None = None) -> None:
         """One round trip for a run of applied batches: their audit records and states, the worker's
         status and, when given, the weights (written first, so a batch seen as applied is in them)."""
+        steps = list(steps)
         with self.client.pipeline() as pipe:
             if weights is not None:
                 pipe.hset(self.model_key, mapping={"version": version, "weights": weights})
@@ -309,6 +302,8 @@ class RedisQueue:
                 pipe.hset(key, mapping=mapping)
                 pipe.expire(key, self.ttl_seconds)
             pipe.set(self.status_key, json.dumps(status))
+            if steps:
+                pipe.publish(self.events_channel, " ".join(step.batch_id for step in steps))
             pipe.execute()
 
     def acquire_lease(self, owner: str, ttl_seconds: float, wait_seconds: float) -> bool:

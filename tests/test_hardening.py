@@ -141,6 +141,65 @@ def test_an_upload_the_client_aborts_is_counted_499_and_logged_without_a_traceba
     assert len(closed) == 1 and closed[0].levelno == logging.INFO and path in closed[0].getMessage()
 
 
+# -- 2. long-poll waits and liveness --------------------------------------------------------------------------
+WAITS, WAIT_SECONDS = 200, 3.0
+
+
+@needs_redis
+def test_liveness_answers_while_200_waits_are_open_and_each_wait_ends_on_time(namespace, tmp_path):
+    settings = make_settings(namespace, tmp_path)
+    queue = RedisQueue.from_settings(settings)
+    with ApiServer(settings) as api:
+        publish_model(queue, alive=False)  # no worker: the batch stays queued, every wait runs to its end
+        x = np.zeros((1, 1, 8, 8), np.uint8)
+        assert api.client.post("/v1/ingest", json=encode_json_batch("waited", x, [0])).status_code == 202
+
+        async def probe() -> tuple[list, list]:
+            limits = httpx.Limits(max_connections=WAITS + 10, max_keepalive_connections=WAITS + 10)
+            async with httpx.AsyncClient(base_url=api.url, headers={"X-API-Key": API_KEY}, limits=limits,
+                                         timeout=60) as client:
+                async def wait_once():
+                    started = time.monotonic()
+                    response = await client.get("/v1/batches/waited", params={"wait": WAIT_SECONDS})
+                    return response.status_code, response.json().get("state"), time.monotonic() - started
+
+                waits = [asyncio.create_task(wait_once()) for _ in range(WAITS)]
+                await asyncio.sleep(1.0)  # every wait is open now (each lasts 3 s)
+                probes = []
+                for _ in range(3):
+                    started = time.monotonic()
+                    response = await client.get("/health/live")
+                    probes.append((response.status_code, time.monotonic() - started))
+                    await asyncio.sleep(0.3)
+                return probes, await asyncio.gather(*waits)
+
+        probes, waits = asyncio.run(probe())
+    print(f"liveness with {WAITS} waits open: {[round(t, 3) for _, t in probes]} s; waits took "
+          f"{min(t for *_, t in waits):.2f}-{max(t for *_, t in waits):.2f} s")
+    assert all(status == 200 and took < 1.0 for status, took in probes), probes
+    assert all(status == 200 and state == "queued" for status, state, _ in waits), waits[:3]
+    took = [t for *_, t in waits]
+    assert min(took) >= WAIT_SECONDS - 0.2 and max(took) <= WAIT_SECONDS + 2.0, (min(took), max(took))
+
+
+@needs_redis
+def test_a_wait_ends_when_the_batch_leaves_the_queue(namespace, tmp_path):
+    """The wait is woken by the worker's state change, not by its timeout."""
+    settings = make_settings(namespace, tmp_path)
+    queue = RedisQueue.from_settings(settings)
+    with ApiServer(settings) as api:
+        publish_model(queue, alive=False)
+        x = np.zeros((1, 1, 8, 8), np.uint8)
+        entry_id = api.client.post("/v1/ingest", json=encode_json_batch("soon-gone", x, [0])).json()["entry_id"]
+        timer = threading.Timer(0.5, queue.dead_letter, (entry_id, {b"batch_id": b"soon-gone"}, "entry", "test"))
+        timer.start()
+        started = time.monotonic()
+        answer = api.client.get("/v1/batches/soon-gone", params={"wait": 20}).json()
+        took = time.monotonic() - started
+        timer.join()
+    assert answer["state"] == "dead_letter" and took < 5, (answer, took)
+
+
 # -- 3. slow clients ------------------------------------------------------------------------------------------
 @needs_redis
 def test_a_stalled_body_is_answered_408_within_the_body_timeout(namespace, tmp_path):

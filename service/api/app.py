@@ -6,6 +6,8 @@ publishes there (model spec and weights, status, audit records).
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
@@ -14,6 +16,7 @@ from service.api.middleware import RequestGuard, RequestMetrics
 from service.api.routes import router
 from service.api.schemas import IngestRequest, PredictRequest
 from service.api.state import ApiState
+from service.api.waits import BatchWaits
 from service.metrics import ApiMetrics
 from service.model_store import ModelStore
 from service.redis_queue import RedisQueue
@@ -27,10 +30,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         raise ValueError("DSCGUARD_API_KEY must be set: the API refuses to run without a client key")
     queue = RedisQueue.from_settings(settings)
     metrics = ApiMetrics()
-    app = FastAPI(title="dscguard", version="0.1.0",
+    waits = BatchWaits(settings, queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await waits.close()
+
+    app = FastAPI(title="dscguard", version="0.1.0", lifespan=lifespan,
                   description="Online learning behind a poisoning defense (DSC): ingest mini-batches, predict, "
                               "watch what the defense decides.")
-    app.state.api = ApiState(settings, queue, ModelStore(queue), metrics)
+    app.state.api = ApiState(settings, queue, ModelStore(queue), metrics, waits)
     app.include_router(router)
     install_error_handlers(app, metrics, settings.retry_after_seconds)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_seconds,

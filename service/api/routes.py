@@ -49,14 +49,15 @@ async def ingest(request: Request, state: State):
 
 @router.get("/v1/batches/{batch_id}", response_model=BatchState, tags=["stream"],
             dependencies=[Depends(require_client)], responses={404: {"model": ErrorResponse}})
-def batch_state(batch_id: str, state: State,
-                wait: Annotated[float, Query(ge=0, le=30, description="seconds to wait while it is queued")] = 0):
+async def batch_state(batch_id: str, state: State,
+                      wait: Annotated[float, Query(ge=0, le=30, description="seconds to wait while it is queued")] = 0):
     """Queued, applied (with its audit record and per-sample discrepancy), dead-lettered or skipped.
 
-    With `wait`, the answer comes once the batch has left the queue (or after `wait` seconds); the
-    wait holds one of the API's threads, so keep it for clients that wait on their own batches.
+    With `wait`, the answer comes once the batch has left the queue (or after `wait` seconds). A wait
+    holds no thread (it is a coroutine woken by the worker's batch events), but it holds its
+    connection, which counts towards DSCGUARD_MAX_CONNECTIONS.
     """
-    found = state.queue.wait_for_batch(batch_id, wait)
+    found = await state.waits.wait(batch_id, wait)
     if found is None:
         raise ApiError(404, "unknown_batch", f"no batch {batch_id!r} is known (never ingested, or forgotten)")
     return BatchState(batch_id=batch_id, **found)
@@ -89,7 +90,8 @@ def model(state: State):
 
 
 @router.get("/health/live", tags=["health"])
-def live():
+async def live():
+    """Answers on the event loop itself: no thread, no Redis, so nothing the other routes hold can delay it."""
     return {"status": "ok"}
 
 

@@ -1,7 +1,8 @@
 """What the routes do, behind them: decode and validate a body, enqueue, predict, report status.
 
 These run in the threadpool (the Redis client is synchronous), so a slow or unreachable Redis
-never blocks the event loop.
+never blocks the event loop. Long-poll waits on a batch are the exception: they are coroutines
+(`waits`, redis.asyncio), so that open waits hold no thread.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 
 from service.api.errors import ApiError
 from service.api.schemas import SAFETENSORS_MEDIA_TYPES, IngestRequest, PredictRequest
+from service.api.waits import BatchWaits
 from service.codec import Batch, BatchRejected, InputSpec, decode_json_batch, decode_safetensors_batch, to_stream_fields
 from service.metrics import ApiMetrics
 from service.model_store import ModelStore, PublishedModel
@@ -29,6 +31,7 @@ class ApiState:
     queue: RedisQueue
     models: ModelStore
     metrics: ApiMetrics
+    waits: BatchWaits
 
     def input_spec(self) -> InputSpec:
         spec = self.models.spec()
