@@ -40,8 +40,10 @@ VARIANTS: dict[str, dict] = {
     "at-paper": {"name": "at", "epsilon": 0.2, "steps": 10, "step_size": 0.02},
     "dsc": {"name": "dsc"},
     "dsc-sample": {"name": "dsc", "early_stop": "sample"},
+    "guard": {"name": "guard"},
+    "guard-skip": {"name": "guard", "gate_action": "skip"},
 }
-DEFAULT_STRATEGY = "dsc"  # the product's default defense, the one the checks hold to the bar
+DEFAULT_STRATEGY = "guard"  # the product's default defense, the one the checks hold to the bar
 
 
 def resolve_strategies(config: ExperimentConfig, labels: Sequence[str],
@@ -112,7 +114,9 @@ def run_arena(config: ExperimentConfig, seeds: Sequence[int] | None = None, stra
 def _settings(strategy: StrategyConfig) -> dict:
     """The fields that matter for the strategy's kind (so the table does not list AT's epsilon for GC)."""
     relevant = {"st": [], "gc": ["clip_value", "clip_norm"], "at": ["epsilon", "steps", "step_size", "at_kl_weight"],
-                "dsc": ["epsilon", "steps", "step_size", "early_stop", "divergence", "mu", "tau"]}
+                "dsc": ["epsilon", "steps", "step_size", "early_stop", "divergence", "mu", "tau"],
+                "guard": ["gate_action", "gate_target_false_flag_rate", "gate_calibration_updates",
+                          "gate_recalibrate_every"]}
     return {"name": strategy.name, **{k: getattr(strategy, k) for k in relevant[strategy.name]}}
 
 
@@ -198,7 +202,7 @@ def checks(board: Leaderboard, config: ExperimentConfig) -> dict[str, dict]:
     if mine and st_clean:
         gap = st_clean.final_acc.mean - mine.final_acc.mean
         check(f"{default} clean oracle within 1 point of ST", gap <= 0.01, f"ST - {default} = {gap * 100:.1f} points")
-    if mine and mine.clean_flag_rate and mine.target_flag_rate:
+    if mine and mine.clean_flag_rate is not None and mine.target_flag_rate:
         realised, target = mine.clean_flag_rate.mean, mine.target_flag_rate
         check(f"{default} realised clean false-flag rate within [0.5x, 1.5x] of its target",
               0.5 * target <= realised <= 1.5 * target, f"{realised:.1%} vs target {target:.0%}")

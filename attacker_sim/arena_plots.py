@@ -15,7 +15,8 @@ from attacker_sim.leaderboard import Leaderboard  # noqa: E402
 from service.atomic import atomic_write_bytes  # noqa: E402
 
 COLORS = {"st": "tab:red", "gc": "tab:orange", "gc-paper": "navajowhite", "at": "tab:purple",
-          "at-paper": "plum", "dsc": "tab:blue", "dsc-sample": "lightskyblue"}
+          "at-paper": "plum", "dsc": "tab:blue", "dsc-sample": "lightskyblue", "guard": "tab:green",
+          "guard-skip": "yellowgreen"}
 
 
 def _save(fig, path: Path) -> Path:

@@ -74,7 +74,7 @@ class ScenarioData:
 
 
 def _target_rate(learner: OnlineLearner) -> float | None:
-    return learner.calibration.target_false_flag_rate if learner.calibration is not None else None
+    return learner.strategy.target_false_flag_rate()
 
 
 def clean_prefix(learner: OnlineLearner, data: ScenarioData, label: str, length: int, clean_batches: int,

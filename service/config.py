@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-StrategyName = Literal["st", "gc", "at", "dsc"]
+StrategyName = Literal["st", "gc", "at", "dsc", "guard"]
 
 
 class _Section(BaseModel):
@@ -88,6 +88,12 @@ class StrategyConfig(_Section):
     divergence: Literal["kl", "reverse_kl", "js"] = "kl"
     mu: float | None = Field(None, ge=0, description="dsc: hand-set threshold base (None: calibrated)")
     tau: float | None = Field(None, ge=0, description="dsc: hand-set threshold drift per batch")
+    gate_action: Literal["shrink", "skip"] = Field(
+        "shrink", description="guard: what a flagged update gets: halved until under the threshold, or dropped")
+    gate_target_false_flag_rate: float = Field(0.1, gt=0, lt=1,
+                                               description="guard: share of clean updates the threshold flags")
+    gate_calibration_updates: int = Field(40, ge=1, description="guard: clean trusted updates per calibration")
+    gate_recalibrate_every: int = Field(50, ge=1, description="guard: updates between recalibrations")
 
 
 class CalibrationConfig(_Section):
@@ -159,7 +165,7 @@ class ArenaConfig(_Section):
     """The arena: the scenarios every defense faces (`dscguard arena`)."""
 
     strategies: list[str] = Field(default_factory=lambda: ["st", "gc", "gc-paper", "at", "at-paper", "dsc",
-                                                           "dsc-sample"], min_length=1)
+                                                           "guard"], min_length=1)
     clean_batches: int = Field(30, ge=1, description="clean-oracle length")
     launch_after: list[int] = Field(default_factory=lambda: [0, 300, 1000], min_length=1,
                                     description="clean batches before the accumulative attack starts")
@@ -249,7 +255,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "burnin": {"epochs": 8, "lr": 0.05, "batch_size": 100, "checkpoint_every": 2, "auxiliary_epoch": 4},
         "stream": {"batch_size": 100, "lr": 0.01, "momentum": 0.9},
         # the reduced arena for 2 CPU cores: two launch times, two drift kinds, one beta, a small tuning grid
-        "arena": {"strategies": ["st", "gc", "at", "dsc"], "launch_after": [0, 100], "slow_poison_count": 5,
+        "arena": {"strategies": ["st", "gc", "at", "dsc", "guard"], "launch_after": [0, 100], "slow_poison_count": 5,
                   "drifts": ["pixel_shift", "brightness_contrast"], "adaptive_betas": [1.0],
                   "tuning": {"seeds": [1000], "gc_clip_values": [0.03, 0.1, 0.3], "gc_norms": ["inf"],
                              "at_epsilons": [0.02, 0.05], "at_steps": [3]}},

@@ -77,7 +77,9 @@ class Experiment:
         stream = self.config.stream
         return OnlineLearner(
             copy.deepcopy(self.burnin.model), copy.deepcopy(self.burnin.auxiliary),
-            build_strategy(strategy, calibration), model_spec=self.burnin.model_spec, lr=stream.lr,
+            build_strategy(strategy, calibration, trusted=self.calibration_tensors, batch_size=stream.batch_size,
+                           seed=self.config.seed),
+            model_spec=self.burnin.model_spec, lr=stream.lr,
             momentum=stream.momentum, weight_decay=stream.weight_decay, calibration=calibration, device=self.device,
         )
 

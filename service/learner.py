@@ -41,6 +41,7 @@ class StepReport:
     correction_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     seconds: dict[str, float] = field(default_factory=dict)
     model_version: int = 0
+    update_scale: float = 1.0  # share of the batch's gradient applied (the guard's gate may shrink it)
 
     @property
     def flagged_count(self) -> int:
@@ -60,7 +61,7 @@ class StepReport:
             "discrepancy_mean": float(before.mean()) if before is not None and len(before) else None,
             "discrepancy_max": float(before.max()) if before is not None and len(before) else None,
             "threshold": self.threshold, "loss": self.loss, "grad_norm": self.grad_norm,
-            "model_version": self.model_version, "seconds": dict(self.seconds),
+            "model_version": self.model_version, "update_scale": self.update_scale, "seconds": dict(self.seconds),
         }
 
 
@@ -129,7 +130,7 @@ class OnlineLearner:
         grad_norm = torch.linalg.vector_norm(
             torch.stack([p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None])
         )
-        self.strategy.before_optimizer_step(self.model)
+        verdict = self.strategy.before_optimizer_step(self.model, self.optimizer)
         self.optimizer.step()
         loss_value, grad_norm_value = float(loss.detach()), float(grad_norm)
         done = time.perf_counter()
@@ -148,6 +149,10 @@ class OnlineLearner:
         else:
             report.flagged = np.zeros(len(x), dtype=bool)
             report.correction_steps = np.zeros(len(x), dtype=np.int64)
+        if verdict is not None:  # the verdict is on the whole update: every sample of a flagged batch counts
+            report.flagged = np.full(len(x), verdict.flagged)
+            report.threshold = verdict.threshold
+            report.update_scale = verdict.scale
         self.batches_applied += 1
         self.model_version += 1
         report.model_version = self.model_version
@@ -183,6 +188,7 @@ class OnlineLearner:
             buffer = self.optimizer.state.get(param, {}).get("momentum_buffer")
             if buffer is not None:
                 tensors[f"optimizer.{index}.momentum_buffer"] = buffer
+        tensors.update({f"strategy.{k}": v for k, v in self.strategy.tensors().items()})
         tensors["rng.torch"] = torch.get_rng_state()
         group = self.optimizer.param_groups[0]
         meta = {
@@ -191,6 +197,7 @@ class OnlineLearner:
             "strategy": self.strategy.config.model_dump(),
             "optimizer": {k: group[k] for k in ("lr", "momentum", "weight_decay")},
             "calibration": self.calibration.to_dict() if self.calibration else None,
+            "strategy_state": self.strategy.state(),
             "batches_applied": self.batches_applied,
             "model_version": self.model_version,
             "extra": extra_meta or {},
@@ -210,8 +217,12 @@ class OnlineLearner:
             auxiliary = build_model(**spec)
             auxiliary.load_state_dict(aux_state)
         calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
-        learner = cls(model, auxiliary, build_strategy(StrategyConfig(**meta["strategy"])), model_spec=spec,
-                      calibration=calibration, device=device, **meta["optimizer"])
+        strategy_tensors = split_prefix(tensors, "strategy")
+        trusted = (strategy_tensors["trusted_x"], strategy_tensors["trusted_y"]) if strategy_tensors else None
+        strategy = build_strategy(StrategyConfig(**meta["strategy"]), trusted=trusted)
+        strategy.restore(meta.get("strategy_state", {}))
+        learner = cls(model, auxiliary, strategy, model_spec=spec, calibration=calibration, device=device,
+                      **meta["optimizer"])
         for index, param in enumerate(learner.model.parameters()):
             buffer = tensors.get(f"optimizer.{index}.momentum_buffer")
             if buffer is not None:

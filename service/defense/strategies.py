@@ -2,8 +2,9 @@
 
 `st` is the plain SGD step, `gc` clips the gradient norm, `at` corrects every sample with
 reverse-PGD and adds KL(p_nat || p_adv) (Tao et al. 2021), `dsc` corrects only the samples whose
-Memorization Discrepancy exceeds P = mu + tau * m (Zhu et al. 2023). The learner calls the same
-three methods whatever the strategy, and never branches on its name.
+Memorization Discrepancy exceeds P = mu + tau * m (Zhu et al. 2023), `guard` judges each update by
+what it would do to trusted data and shrinks the ones that would hurt it (`service/defense/update_gate.py`).
+The learner calls the same methods whatever the strategy, and never branches on its name.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from service.defense.calibration import Calibration
 from service.defense.correction import CorrectionResult, ReversePGD
 from service.defense.discrepancy import divergence_from_logits
 from service.defense.eval_mode import eval_mode
+from service.defense.update_gate import GateVerdict, UpdateGate
 from service.models.trunk import split_mode_invariant
 
-STRATEGIES = ("st", "gc", "at", "dsc")
+STRATEGIES = ("st", "gc", "at", "dsc", "guard")
+Trusted = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,24 @@ class Strategy:
     def loss(self, model: nn.Module, prepared: PreparedBatch, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(prepared.x), y)
 
-    def before_optimizer_step(self, model: nn.Module) -> None:
-        """Hook between backward and the optimizer step (gradient clipping lives here)."""
+    def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GateVerdict | None:
+        """Hook between backward and the optimizer step (gradient clipping and the update gate live here)."""
+        return None
+
+    def target_false_flag_rate(self) -> float | None:
+        """The share of clean samples the strategy's verdict is calibrated to flag (None: it flags none)."""
+        return None
+
+    def state(self) -> dict:
+        """What the strategy learned along the stream, as JSON (saved with the learner's checkpoint)."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        """Take back what `state` returned."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the strategy needs to be rebuilt (saved with the checkpoint, given back to `build_strategy`)."""
+        return {}
 
 
 class GradientClipping(Strategy):
@@ -59,7 +78,7 @@ class GradientClipping(Strategy):
 
     name = "gc"
 
-    def before_optimizer_step(self, model: nn.Module) -> None:
+    def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         norm_type = float("inf") if self.config.clip_norm == "inf" else 2.0
         nn.utils.clip_grad_norm_(model.parameters(), self.config.clip_value, norm_type=norm_type)
 
@@ -68,6 +87,9 @@ class AdversarialTraining(Strategy):
     """`at`: reverse-PGD on every sample for all K steps, loss CE(x_adv) + w * KL(p_nat || p_adv)."""
 
     name = "at"
+
+    def target_false_flag_rate(self) -> float:
+        return 1.0  # every sample is corrected, by design
 
     def __init__(self, config: StrategyConfig):
         super().__init__(config)
@@ -97,6 +119,9 @@ class DiscrepancyAwareCorrection(Strategy):
         self.calibration = calibration
         self.correct = ReversePGD(config.steps, config.step_size, config.epsilon, early_stop=config.early_stop,
                                   divergence=config.divergence)
+
+    def target_false_flag_rate(self) -> float | None:
+        return self.calibration.target_false_flag_rate if self.calibration is not None else None
 
     def threshold(self, batch_index: int) -> float:
         """P for the m-th stream batch; hand-set mu/tau win over the calibrated ones."""
@@ -134,13 +159,57 @@ class DiscrepancyAwareCorrection(Strategy):
         return F.cross_entropy(logits, labels)
 
 
+class TrustedUpdateGuard(Strategy):
+    """`guard`: learn from every batch, but judge its update by what it would do to trusted data first.
+
+    The update gate (`UpdateGate`) is calibrated on the trusted split for a false-flag target; a flagged
+    update is shrunk until it no longer raises the trusted probe loss beyond the threshold (or dropped,
+    `gate_action="skip"`). Honest batches, drifted ones included, are applied whole.
+    """
+
+    name = "guard"
+
+    def __init__(self, config: StrategyConfig, trusted: Trusted | None = None, batch_size: int | None = None,
+                 seed: int = 0):
+        super().__init__(config)
+        if trusted is None:
+            raise ValueError("strategy 'guard' needs the trusted split (trusted=(x, y)) to calibrate its gate")
+        x, y = trusted
+        self.trusted = (x.detach().cpu().float(), y.detach().cpu().long())
+        self.gate = UpdateGate(*self.trusted, batch_size=batch_size or len(x) // 4,
+                               target_false_flag_rate=config.gate_target_false_flag_rate,
+                               calibration_updates=config.gate_calibration_updates,
+                               recalibrate_every=config.gate_recalibrate_every, action=config.gate_action, seed=seed)
+
+    def before_optimizer_step(self, model, optimizer):
+        return self.gate.judge(model, optimizer)
+
+    def target_false_flag_rate(self) -> float:
+        return self.config.gate_target_false_flag_rate
+
+    def state(self) -> dict:
+        return {"gate": self.gate.state()}
+
+    def restore(self, state: dict) -> None:
+        if state.get("gate"):
+            self.gate.restore(state["gate"])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"trusted_x": self.trusted[0], "trusted_y": self.trusted[1]}
+
+
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "st": Strategy, "gc": GradientClipping, "at": AdversarialTraining, "dsc": DiscrepancyAwareCorrection,
+    "guard": TrustedUpdateGuard,
 }
 
 
-def build_strategy(config: StrategyConfig | str, calibration: Calibration | None = None) -> Strategy:
+def build_strategy(config: StrategyConfig | str, calibration: Calibration | None = None,
+                   trusted: Trusted | None = None, batch_size: int | None = None, seed: int = 0) -> Strategy:
     """The strategy named in `config` (or by a bare name, with default budgets).
+
+    `calibration` is DSC's threshold schedule; `trusted` (x, y) the trusted split the guard's gate
+    calibrates on, with the stream's `batch_size`.
 
     >>> build_strategy("gc").name
     'gc'
@@ -149,6 +218,8 @@ def build_strategy(config: StrategyConfig | str, calibration: Calibration | None
         if config not in _STRATEGY_CLASSES:
             raise ValueError(f"unknown strategy {config!r}; expected one of {', '.join(STRATEGIES)}")
         config = StrategyConfig(name=config)
+    if config.name == "guard":
+        return TrustedUpdateGuard(config, trusted, batch_size, seed)
     strategy = _STRATEGY_CLASSES[config.name](config)
     if calibration is not None and isinstance(strategy, DiscrepancyAwareCorrection):
         strategy.calibration = calibration

@@ -1,0 +1,184 @@
+"""The trusted-update gate: judge each proposed update by what it would do to trusted data, before it lands.
+
+A trigger batch exists to cost accuracy in one step; its gradient points against the gradient of clean
+data. Honest batches, drifted ones included, are learned without hurting what the model already knows.
+So the gate looks ahead: for the update the optimizer is about to take, it measures the increase of the
+cross-entropy on a trusted *probe* set (half of the defender's trusted split),
+
+    delta(s) = CE_probe(theta - lr * (momentum * buffer + s * g)) - CE_probe(theta),
+
+the probe being the defender's trusted split, and judges the batch against a threshold calibrated on that
+split: `threshold` is the finite-sample (conformal) upper quantile, at level (1 - target_false_flag_rate),
+of delta(1) over updates on clean batches drawn from the trusted split the way the stream draws them (same
+batch size, with replacement: a fresh population, not a reshuffle of a couple of hundred samples), each
+measured on the trusted samples *not* in its batch (cross-fitting: a stream batch is never in the probe
+either), from the current model. An update above the threshold is *flagged*, and the action shrinks it: halve s
+until delta(s) is back under the threshold (`shrink`, at most `max_halvings`, then s = 0), or drop it
+(`skip`). An update under the threshold is applied whole, so honest drift is learned at full speed.
+The threshold is recalibrated every `recalibrate_every` updates, since clean updates change size as the
+model converges or drifts.
+
+>>> import torch
+>>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+>>> x, y = torch.rand(40, 1, 2, 2), torch.randint(0, 3, (40,))
+>>> gate = UpdateGate(x, y, batch_size=8, target_false_flag_rate=0.1, seed=0)
+>>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+>>> gate.calibrate(net, opt) > 0
+True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from service.defense.eval_mode import eval_mode
+
+ACTIONS = ("shrink", "skip")
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """What the gate decided about one update: the statistic, the threshold, and the scale applied."""
+
+    increase: float  # delta(1): increase of the probe cross-entropy the whole update would cause
+    threshold: float
+    flagged: bool
+    scale: float  # the share of the batch's gradient that was applied
+
+
+def conformal_quantile(values: torch.Tensor, level: float) -> float:
+    """The ceil((n + 1) * level)-th smallest of n values: a finite-sample-valid upper quantile.
+
+    With fewer values than the level needs, the largest is returned (the bound is then loose).
+
+    >>> conformal_quantile(torch.arange(1.0, 11.0), 0.9)
+    10.0
+    >>> conformal_quantile(torch.arange(1.0, 101.0), 0.9)
+    91.0
+    """
+    n = len(values)
+    if n == 0:
+        raise ValueError("conformal_quantile needs at least one value")
+    rank = min(math.ceil((n + 1) * level), n)
+    return float(torch.sort(values.flatten()).values[rank - 1])
+
+
+class UpdateGate:
+    """Calibrated from the trusted split once (`calibrate`), then asked about every update (`judge`)."""
+
+    def __init__(self, trusted_x: torch.Tensor, trusted_y: torch.Tensor, *, batch_size: int,
+                 target_false_flag_rate: float = 0.1, calibration_updates: int = 40, recalibrate_every: int = 50,
+                 action: str = "shrink", max_halvings: int = 6, seed: int = 0):
+        if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
+            raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
+                             f"and {len(trusted_y)} labels")
+        if not 0 < target_false_flag_rate < 1:
+            raise ValueError(f"target_false_flag_rate must be in (0, 1), got {target_false_flag_rate}")
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
+        if calibration_updates < 1 or recalibrate_every < 1 or max_halvings < 0 or batch_size < 1:
+            raise ValueError("calibration_updates, recalibrate_every and batch_size must be >= 1, max_halvings >= 0")
+        self.trusted = (trusted_x, trusted_y)
+        self.batch_size = batch_size
+        self.level = 1.0 - target_false_flag_rate
+        self.calibration_updates, self.recalibrate_every = calibration_updates, recalibrate_every
+        self.action, self.max_halvings = action, max_halvings
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.threshold: float | None = None
+        self.updates_since_calibration = 0
+        self.history: list[dict] = []  # one entry per calibration: when, the threshold, the clean increases seen
+
+    def _probe_loss(self, model: nn.Module, keep: torch.Tensor | None = None) -> float:
+        x, y = self.trusted
+        if keep is not None:
+            x, y = x[keep], y[keep]
+        with torch.no_grad(), eval_mode(model):
+            return float(F.cross_entropy(model(x.to(_device(model))), y.to(_device(model))))
+
+    def _increase(self, model: nn.Module, optimizer: torch.optim.Optimizer, params, grads, scale: float,
+                  base: float, keep: torch.Tensor | None = None) -> float:
+        """delta(scale): the probe loss (on `keep`) after the optimizer's step with the gradient scaled, minus
+        `base`."""
+        saved = [p.detach().clone() for p in params]
+        group = optimizer.param_groups[0]
+        lr, momentum, decay = group["lr"], group.get("momentum", 0.0), group.get("weight_decay", 0.0)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                step = scale * g + decay * p
+                buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+                if momentum and buffer is not None:
+                    step = momentum * buffer + step
+                p.sub_(lr * step)
+        try:
+            return self._probe_loss(model, keep) - base
+        finally:
+            with torch.no_grad():
+                for p, value in zip(params, saved, strict=True):
+                    p.copy_(value)
+
+    def calibrate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """Set the threshold from updates on clean trusted batches, taken from the current model."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        x_ref, y_ref = self.trusted
+        device = _device(model)
+        increases = []
+        for _ in range(self.calibration_updates):
+            # with replacement: a batch of the stream is drawn from a far larger population than the trusted
+            # split; drawing without replacement from a few hundred samples would shrink the spread of updates
+            pick = torch.randint(len(x_ref), (self.batch_size,), generator=self.generator)
+            keep = torch.ones(len(x_ref), dtype=torch.bool)
+            keep[pick] = False
+            with eval_mode(model):  # BatchNorm statistics untouched: a simulation, not an update
+                loss = F.cross_entropy(model(x_ref[pick].to(device)), y_ref[pick].to(device))
+            grads = torch.autograd.grad(loss, params)
+            base = self._probe_loss(model, keep)
+            increases.append(self._increase(model, optimizer, params, grads, 1.0, base, keep))
+        values = torch.tensor(increases)
+        # never below zero: an update that does not raise the probe loss is never suspicious
+        self.threshold = max(conformal_quantile(values, self.level), 0.0)
+        self.updates_since_calibration = 0
+        self.history.append({"threshold": self.threshold, "increase_median": float(values.median()),
+                             "increase_max": float(values.max()), "updates": self.calibration_updates})
+        return self.threshold
+
+    def judge(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GateVerdict:
+        """Judge the update in the parameters' `.grad` and scale it in place by the action's choice."""
+        if self.threshold is None or self.updates_since_calibration >= self.recalibrate_every:
+            self.calibrate(model, optimizer)  # autograd.grad: the batch's .grad is left as it is
+        self.updates_since_calibration += 1
+        params = [p for p in model.parameters() if p.grad is not None]
+        grads = [p.grad.detach().clone() for p in params]
+        base = self._probe_loss(model)
+        increase = self._increase(model, optimizer, params, grads, 1.0, base)
+        scale = 1.0
+        if increase > self.threshold:
+            scale = 0.0
+            if self.action == "shrink":
+                for halving in range(1, self.max_halvings + 1):
+                    if self._increase(model, optimizer, params, grads, 0.5**halving, base) <= self.threshold:
+                        scale = 0.5**halving
+                        break
+            with torch.no_grad():
+                for p in params:
+                    p.grad.mul_(scale)
+        return GateVerdict(increase, self.threshold, increase > self.threshold, scale)
+
+    # -- persistence: the calibration state travels with the learner's checkpoint ---------------------
+    def state(self) -> dict:
+        return {"threshold": self.threshold, "updates_since_calibration": self.updates_since_calibration,
+                "history": self.history[-20:], "generator": self.generator.get_state().tolist()}
+
+    def restore(self, state: dict) -> None:
+        self.threshold = state["threshold"]
+        self.updates_since_calibration = int(state["updates_since_calibration"])
+        self.history = list(state["history"])
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

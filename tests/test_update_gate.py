@@ -1,0 +1,124 @@
+"""The trusted-update gate and the `guard` strategy: calibration meets its false-flag target on fresh
+clean batches, a trigger's update is flagged and shrunk, the state survives a checkpoint, bad input is refused."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from attacker_sim.evaluation import build_campaign
+from service.config import StrategyConfig
+from service.defense.strategies import build_strategy
+from service.defense.update_gate import UpdateGate, conformal_quantile
+from service.learner import OnlineLearner
+
+
+def _guard_learner(experiment, **fields):
+    return experiment.new_learner(StrategyConfig(name="guard", **fields))
+
+
+def _judge_only(learner, x, y):
+    """The gate's verdict on the update this batch would cause, without taking the step."""
+    model = learner.model
+    model.train()
+    learner.optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    return learner.strategy.gate.judge(model, learner.optimizer)
+
+
+def _blobs(n, generator):
+    centers = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    y = torch.randint(0, 3, (n,), generator=generator)
+    return centers[y] + torch.randn(n, 4, generator=generator), y
+
+
+def test_realised_false_flag_rate_of_a_seeded_synthetic_stream_lands_in_the_band():
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(100):  # a model that has learned something, as after burn-in
+        x, y = _blobs(32, generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    gate = UpdateGate(*_blobs(1000, generator), batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
+                      recalibrate_every=10_000, seed=1)
+    gate.calibrate(model, optimizer)
+    flagged = []
+    for _ in range(300):  # fresh clean batches from the same distribution, judged against that calibration
+        x, y = _blobs(32, generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        flagged.append(gate.judge(model, optimizer).flagged)
+    rate = float(np.mean(flagged))
+    assert 0.05 <= rate <= 0.15, f"realised clean false-flag rate {rate:.1%} against a 10% target"
+
+
+def test_a_trigger_update_is_flagged_and_shrunk_while_the_model_keeps_learning(digits_experiment):
+    learner = _guard_learner(digits_experiment)
+    campaign = build_campaign(digits_experiment)
+    validation = digits_experiment.splits.attacker_val.tensors()
+    x, y = next(digits_experiment.stream_batches(1, seed=5))
+    trigger = campaign.trigger(copy.deepcopy(learner.model).eval(), x, y, *validation)
+    verdict = _judge_only(learner, trigger, y)
+    assert verdict.flagged and verdict.scale < 1.0 and verdict.increase > verdict.threshold
+    # the report carries the verdict: every sample of the batch flagged, the scale applied
+    report = learner.step(trigger, y)
+    assert report.flagged.all() and report.update_scale < 1.0 and report.threshold == pytest.approx(verdict.threshold)
+
+
+def test_skip_drops_a_flagged_update_entirely(digits_experiment):
+    learner = _guard_learner(digits_experiment, gate_action="skip")
+    campaign = build_campaign(digits_experiment)
+    x, y = next(digits_experiment.stream_batches(1, seed=5))
+    validation = digits_experiment.splits.attacker_val.tensors()
+    trigger = campaign.trigger(copy.deepcopy(learner.model).eval(), x, y, *validation)
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    report = learner.step(trigger, y)
+    assert report.update_scale == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
+
+
+def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path):
+    learner = _guard_learner(digits_experiment)
+    batches = list(digits_experiment.stream_batches(6, seed=9))
+    for x, y in batches[:5]:
+        learner.step(x, y)
+    learner.save(tmp_path / "ckpt")
+    restored = OnlineLearner.load(tmp_path / "ckpt")
+    assert restored.strategy.gate.threshold == learner.strategy.gate.threshold
+    a, b = learner.step(*batches[5]), restored.step(*batches[5])
+    assert (a.threshold, a.update_scale, a.loss) == pytest.approx((b.threshold, b.update_scale, b.loss))
+
+
+def test_recalibration_follows_the_model(digits_experiment):
+    learner = _guard_learner(digits_experiment, gate_recalibrate_every=3)
+    for x, y in digits_experiment.stream_batches(7, seed=3):
+        learner.step(x, y)
+    history = learner.strategy.gate.history
+    assert len(history) == 3  # at the first update, then after every 3
+    assert history[0]["threshold"] != history[-1]["threshold"]
+
+
+def test_bad_gate_settings_and_missing_trusted_data_are_refused():
+    x, y = torch.rand(10, 1, 2, 2), torch.randint(0, 3, (10,))
+    with pytest.raises(ValueError, match="at least 4 labelled trusted samples"):
+        UpdateGate(x[:3], y[:3], batch_size=2)
+    with pytest.raises(ValueError, match="action must be one of shrink, skip"):
+        UpdateGate(x, y, batch_size=2, action="clip")
+    with pytest.raises(ValueError, match="target_false_flag_rate"):
+        UpdateGate(x, y, batch_size=2, target_false_flag_rate=1.5)
+    with pytest.raises(ValueError, match="needs the trusted split"):
+        build_strategy(StrategyConfig(name="guard"))
+    with pytest.raises(ValueError, match="gate_action"):
+        StrategyConfig(name="guard", gate_action="clip")
+
+
+def test_conformal_quantile_is_finite_sample_valid():
+    values = torch.arange(1.0, 20.0)  # 19 values: rank ceil(20 * 0.9) = 18
+    assert conformal_quantile(values, 0.9) == 18.0
+    assert conformal_quantile(torch.tensor([3.0]), 0.9) == 3.0
+    with pytest.raises(ValueError):
+        conformal_quantile(torch.tensor([]), 0.9)
