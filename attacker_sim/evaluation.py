@@ -24,7 +24,7 @@ from service.config import ExperimentConfig
 from service.experiment import Experiment
 
 SCENARIOS = ("clean", "poison")
-STRATEGY_ORDER = ("st", "gc", "at", "dsc")
+STRATEGY_ORDER = ("st", "gc", "at", "dsc")  # the paper's Table 1 rows; `dscguard arena` compares guard too
 
 
 @dataclass

@@ -35,7 +35,7 @@ RESULTS_SCHEMA = {
                          "attack_success_rate", "seconds_per_step"],
             "properties": {
                 "dataset": {"type": "string"}, "model": {"type": "string"},
-                "strategy": {"enum": ["st", "gc", "at", "dsc"]}, "scenario": {"enum": ["clean", "poison"]},
+                "strategy": {"enum": ["st", "gc", "at", "dsc", "guard"]}, "scenario": {"enum": ["clean", "poison"]},
                 "seed_count": {"type": "integer", "minimum": 1},
                 "start_acc": _FRACTION_STAT, "poison_acc": _FRACTION_STAT, "trigger_acc": _FRACTION_STAT,
                 "clean_final_acc": _FRACTION_STAT, "flagged_rate": _FRACTION_STAT,

@@ -14,16 +14,19 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from typing import get_args
 
 from pydantic import BaseModel, ValidationError
 
 from service.commands import add_service_commands
-from service.config import PROFILES, ExperimentConfig
+from service.config import PROFILES, ExperimentConfig, StrategyName
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-STRATEGY_HELP = "st: plain SGD, gc: gradient clipping, at: adversarial training on every sample, dsc: the defense"
+STRATEGY_HELP = ("st: plain SGD, gc: gradient clipping, at: adversarial training on every sample, dsc: the paper's "
+                 "discrepancy-aware correction, guard: the trusted-update gate")
+STRATEGY_NAMES = get_args(StrategyName)
 
 
 class CommandLineError(Exception):
@@ -301,7 +304,7 @@ def _eval_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="seeds, each a burn-in and a run of everything (default: the profile's, 0 1 2)")
     parser.add_argument("--strategies", nargs="+", default=["st", "gc", "at", "dsc"],
-                        choices=("st", "gc", "at", "dsc"), help=f"strategies to compare ({STRATEGY_HELP})")
+                        choices=STRATEGY_NAMES, help=f"strategies to compare ({STRATEGY_HELP})")
     parser.add_argument("--scenarios", nargs="+", default=["clean", "poison"], choices=("clean", "poison"),
                         help="clean: the clean oracle (no attacker); poison: the accumulative attack and its trigger")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -363,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stream", help="stream clean batches through a strategy; print accuracy and discrepancy")
     _experiment_options(p)
-    p.add_argument("--strategy", default="dsc", choices=("st", "gc", "at", "dsc"), help=STRATEGY_HELP)
+    p.add_argument("--strategy", default="dsc", choices=STRATEGY_NAMES, help=STRATEGY_HELP)
     p.add_argument("--dataset", choices=("digits", "mnist", "cifar10", "cifar100", "svhn"),
                    help="dataset (default: the profile's)")
     p.add_argument("--batches", type=_count(0), default=0,
