@@ -5,7 +5,7 @@ Keys, all under `<namespace>:`:
 | key | type | what |
 |---|---|---|
 | `ingest` | stream, group `workers` | batches waiting, in flight, or applied and kept for a fallback |
-| `batch:<batch_id>` | hash, expires | idempotency key; then the batch's state and audit record |
+| `batch:<batch_id>` | hash, expires | idempotency key; then the batch's state, audit record, `committed` |
 | `audit` | stream, capped | one record per applied batch |
 | `deadletter` | stream, capped | entries the worker could not decode, with the reason |
 | `model` | hash | model spec, version and current weights (safetensors), published by the worker |
@@ -45,6 +45,14 @@ _REFRESH_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# A checkpoint holds these batches: say so on those the published model holds (state applied); the others
+# (queued: applied by a worker that replays and does not publish yet) get it when their record is published.
+_MARK_COMMITTED = """
+for _, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'state') == 'applied' then redis.call('HSET', key, 'committed', '1') end
+end
+return 0
+"""
 _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -72,6 +80,8 @@ def decode_batch_state(fields: Mapping[bytes, bytes]) -> dict | None:
     for name in ("record", "discrepancy"):
         if name in state:
             state[name] = json.loads(state[name])
+    if "committed" in state:
+        state["committed"] = state["committed"] == "1"
     return state
 
 
@@ -120,6 +130,7 @@ class RedisQueue:
         self._enqueue = client.register_script(_ENQUEUE)
         self._refresh = client.register_script(_REFRESH_LEASE)
         self._release = client.register_script(_RELEASE_LEASE)
+        self._mark_committed = client.register_script(_MARK_COMMITTED)
 
     @classmethod
     def from_settings(cls, settings, client: redis.Redis | None = None) -> RedisQueue:
@@ -241,12 +252,17 @@ class RedisQueue:
             return []
         return [(i, f) for i, f in self.client.xrange(self.stream, f"({entry_id}", last) if f]
 
-    def settle(self, entry_ids: Iterable[bytes | str], keep_after: str) -> None:
-        """A checkpoint holds these entries: acknowledge them, and delete every entry up to `keep_after`
-        (the last entry the oldest kept checkpoint holds); later ones stay for a fallback replay."""
+    def settle(self, entry_ids: Iterable[bytes | str], keep_after: str,
+               committed_batch_ids: Iterable[str] = ()) -> None:
+        """A checkpoint holds these entries: mark their batches committed, acknowledge them, and delete every
+        entry up to `keep_after` (the last entry the oldest kept checkpoint holds); later ones stay for a
+        fallback replay."""
         ids = list(entry_ids)
+        keys = [self.batch_key(batch_id) for batch_id in committed_batch_ids]
         ms, seq = entry_id_key(keep_after)
         with self.client.pipeline() as pipe:
+            if keys:
+                self._mark_committed(keys=keys, args=[], client=pipe)
             if ids:
                 pipe.xack(self.stream, GROUP, *ids)
             pipe.xtrim(self.stream, minid=f"{ms}-{seq + 1}")
@@ -283,9 +299,10 @@ class RedisQueue:
         self.client.hset(self.model_key, "spec", json.dumps(spec, sort_keys=True))
 
     def record_steps(self, steps: Iterable[AppliedBatch], *, status: dict, version: int | None = None,
-                     weights: bytes | None = None) -> None:
+                     weights: bytes | None = None, committed_through: str = "0-0") -> None:
         """One round trip for a run of applied batches: their audit records and states, the worker's
-        status and, when given, the weights (written first, so a batch seen as applied is in them)."""
+        status and, when given, the weights (written first, so a batch seen as applied is in them).
+        A batch whose entry is at or before `committed_through` is marked committed (a checkpoint holds it)."""
         steps = list(steps)
         with self.client.pipeline() as pipe:
             if weights is not None:
@@ -296,7 +313,8 @@ class RedisQueue:
                     pipe.xadd(self.audit_stream, {"record": record}, maxlen=self.audit_max_length,
                               approximate=True)
                 key = self.batch_key(step.batch_id)
-                mapping = {"state": "applied", "record": record}
+                committed = entry_id_key(step.record["entry_id"]) <= entry_id_key(committed_through)
+                mapping = {"state": "applied", "record": record, "committed": "1" if committed else "0"}
                 if step.discrepancy is not None:
                     mapping["discrepancy"] = json.dumps(step.discrepancy)
                 pipe.hset(key, mapping=mapping)
@@ -305,6 +323,9 @@ class RedisQueue:
             if steps:
                 pipe.publish(self.events_channel, " ".join(step.batch_id for step in steps))
             pipe.execute()
+
+    def publish_status(self, status: dict) -> None:
+        self.client.set(self.status_key, json.dumps(status))
 
     def acquire_lease(self, owner: str, ttl_seconds: float, wait_seconds: float) -> bool:
         """Become the namespace's only worker; wait (bounded) for a dead holder's lease to expire."""

@@ -23,6 +23,15 @@ A checkpoint that cannot be loaded (truncated, corrupt) is refused with an error
 `refused-step-...`, and the next older one is loaded; the updates between the two are replayed
 from the entries kept in the stream.
 
+What readers see never goes backwards. A batch is `applied` once the published model holds it, and
+`committed` once a checkpoint does too (a crash costs only its replay). A worker that restarts from a
+checkpoint older than the published model (a crash after updates that no checkpoint held) replays
+them without publishing: the API keeps serving the newer model, its status and batch states, and the
+worker's status says how far the replay is (`replaying`); it publishes again once it has caught up.
+If the replay cannot catch up (the published updates are in neither a checkpoint nor the stream: a
+replaced checkpoint directory, a Redis that lost its stream), it says so in an error and publishes
+what it has.
+
 Redis going away is waited out with exponential backoff (capped); once it answers again the
 worker takes back the entries it was handed but never applied, and carries on.
 """
@@ -60,6 +69,8 @@ CHECKPOINT_PREFIX = "step-"
 REFUSED_PREFIX = "refused-"
 RECONNECT_BACKOFF_SECONDS = (0.2, 5.0)  # first wait after a Redis error, doubled up to the second
 CANARY_FILE = "canary.safetensors"
+# the published status fields that describe the served model: kept as published while a replay catches up
+SERVED_MODEL_FIELDS = ("model_version", "batches_applied", "threshold", "calibration", "canary_accuracy")
 
 
 class WorkerError(RuntimeError):
@@ -100,13 +111,16 @@ class Worker:
         self.spec: InputSpec | None = None
         self.last_applied_id = "0-0"
         self.recent_ids: OrderedDict[str, None] = OrderedDict()
-        self.uncommitted: list[bytes] = []
+        self.uncommitted: dict[bytes, str] = {}  # applied entries no checkpoint holds yet -> their batch ids
+        self.committed_id = "0-0"  # the last entry the newest checkpoint holds
         self.unpublished: list[AppliedBatch] = []
         self.recorded: set[bytes] = set()  # replayed entries whose records went out before a crash
         self.keep_after = "0-0"  # the last entry the oldest kept checkpoint holds: older ones may leave the stream
         self.canary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.canary_accuracy: float | None = None
         self._checkpointed_batches = -1
+        self._replaying_below: int | None = None  # the published model version while this worker is behind it
+        self._served_status: dict = {}  # the published status of that model
         self._published_at = 0.0
         self._stop = threading.Event()
         self._lease_lost = False
@@ -134,7 +148,15 @@ class Worker:
         self._heartbeat = threading.Thread(target=self._beat, name="dscguard-heartbeat", daemon=True)
         self._heartbeat.start()
         try:
+            published = self.queue.model_version()
+            if published is not None:
+                self._replaying_below, self._served_status = published, self.queue.worker_status() or {}
             self.learner = self._load_or_create()
+            if self._replaying_below is not None and self.learner.model_version >= self._replaying_below:
+                self._replaying_below = None  # the checkpoint holds the published model (a clean restart)
+            if self._replaying_below is not None:
+                log.info("the published model (version %d) is ahead of checkpoint version %d: replaying without "
+                         "publishing until caught up", self._replaying_below, self.learner.model_version)
             self.spec = InputSpec.from_model_spec(self.learner.model_spec, max_samples=2**31)
             self.queue.publish_spec(self.learner.model_spec)
             self.publish()
@@ -168,14 +190,17 @@ class Worker:
         applied = 0
         try:
             backlog = self._backlog()
+            replay_pending = bool(backlog)  # the first pass over the backlog is the replay
+            if not replay_pending:
+                self._end_replay()
             idle_since = time.monotonic()
             backoff = 0.0
+            entries: list[tuple[bytes, dict]] = []
             while not self._stop.is_set() and (max_batches is None or applied < max_batches):
                 self.metrics.loop_timestamp.set(time.time())
                 try:
                     if backoff:  # Redis is back: take back what it handed out and this worker never applied
-                        uncommitted = set(self.uncommitted)
-                        backlog = [e for e in self.queue.reclaim(self.consumer) if e[0] not in uncommitted]
+                        backlog = [e for e in self.queue.reclaim(self.consumer) if e[0] not in self.uncommitted]
                     remaining = self.settings.read_count if max_batches is None else max_batches - applied
                     # with applied batches not yet published, only look (no wait) for more work
                     block_ms = None if self.unpublished else self.settings.read_block_ms
@@ -186,6 +211,10 @@ class Worker:
                         if self._stop.is_set() or (max_batches is not None and applied >= max_batches):
                             break  # entries left pending are reclaimed by the next start
                         applied += self.process(entry_id, fields)
+                    else:
+                        if replay_pending:
+                            replay_pending = False
+                            self._end_replay()
                     if not entries or time.monotonic() - self._published_at >= self.settings.publish_interval_seconds:
                         self.flush()
                     backoff = 0.0
@@ -193,9 +222,8 @@ class Worker:
                     first, cap = RECONNECT_BACKOFF_SECONDS
                     backoff = min(cap, max(first, 2 * backoff))
                     log.warning("Redis unavailable (%s); retrying in %.1f s", exc, backoff)
-                    entries = []
                     self._stop.wait(backoff)
-                if entries:
+                if entries:  # work came (and an outage that interrupted it is no idleness either)
                     idle_since = time.monotonic()
                 elif idle_timeout is not None and time.monotonic() - idle_since >= idle_timeout:
                     break
@@ -289,7 +317,8 @@ class Worker:
             self.metrics.dead_letters.labels(reason=exc.reason).inc()
             return 0
         if entry_id_key(entry_id) <= entry_id_key(self.last_applied_id):
-            self.queue.settle([entry_id], self.keep_after)  # a replayed entry the checkpoint already holds
+            # a replayed entry the checkpoint already holds (a crash came between the checkpoint and the XACK)
+            self.queue.settle([entry_id], self.keep_after, committed_batch_ids=[batch.batch_id])
             self.metrics.duplicates.inc()
             return 0
         if batch.batch_id in self.recent_ids:  # re-sent after the API forgot its id: applied once already
@@ -301,7 +330,7 @@ class Worker:
         report = self.learner.step(x, y)
         self.last_applied_id = entry_id.decode()
         self._remember(batch.batch_id)
-        self.uncommitted.append(entry_id)
+        self.uncommitted[entry_id] = batch.batch_id
         canary_due = self.settings.canary_every and self.learner.batches_applied % self.settings.canary_every == 0
         if canary_due and self.canary is not None:
             self.canary_accuracy = self.learner.accuracy(*self.canary)
@@ -326,13 +355,20 @@ class Worker:
                 "step_seconds": report.seconds.get("total"), "applied_at": time.time()}
 
     def status(self) -> dict:
+        """The worker's status; while it replays behind the published model, the served model's fields stay
+        as published and `replaying` says where the replay is."""
         learner = self.learner
-        return {"consumer": self.consumer, "strategy": learner.strategy.name, "device": str(learner.device),
-                "model_version": learner.model_version, "batches_applied": learner.batches_applied,
-                "threshold": learner.threshold(),
-                "calibration": learner.calibration.to_dict() if learner.calibration else None,
-                "last_applied_id": self.last_applied_id, "checkpointed_batches": self._checkpointed_batches,
-                "canary_accuracy": self.canary_accuracy, "updated_at": time.time()}
+        status = {"consumer": self.consumer, "strategy": learner.strategy.name, "device": str(learner.device),
+                  "model_version": learner.model_version, "batches_applied": learner.batches_applied,
+                  "threshold": learner.threshold(),
+                  "calibration": learner.calibration.to_dict() if learner.calibration else None,
+                  "last_applied_id": self.last_applied_id, "checkpointed_batches": self._checkpointed_batches,
+                  "canary_accuracy": self.canary_accuracy, "replaying": None, "updated_at": time.time()}
+        if self._replaying_below is not None:
+            status["replaying"] = {"model_version": learner.model_version, "batches_applied": learner.batches_applied,
+                                   "until_model_version": self._replaying_below}
+            status.update({name: self._served_status.get(name) for name in SERVED_MODEL_FIELDS})
+        return status
 
     def publish(self) -> None:
         """Publish the current weights and status (the API serves /v1/predict and /v1/model from them)."""
@@ -344,12 +380,32 @@ class Worker:
         if not (self.unpublished or force):
             return
         started = time.perf_counter()
-        self.queue.record_steps(self.unpublished, status=self.status(), version=self.learner.model_version,
-                                weights=self._weights())
-        self.unpublished = []
+        self._caught_up()
+        if self._replaying_below is not None:  # the published model is newer: leave it, and its batches' states
+            self.queue.publish_status(self.status())
+        else:
+            self.queue.record_steps(self.unpublished, status=self.status(), version=self.learner.model_version,
+                                    weights=self._weights(), committed_through=self.committed_id)
+            self.unpublished = []
         self._published_at = time.monotonic()
         self.metrics.observe_queue(**self.queue.stats(self.last_applied_id).to_dict())
         self.metrics.step_duration.labels(phase="publish").observe(time.perf_counter() - started)
+
+    def _caught_up(self) -> None:
+        if self._replaying_below is not None and self.learner.model_version >= self._replaying_below:
+            log.info("caught up with the published model at version %d: publishing again", self.learner.model_version)
+            self._replaying_below = None
+
+    def _end_replay(self) -> None:
+        """The replay is over: a worker still behind the published model cannot rebuild it; say so, publish."""
+        if self._replaying_below is None:
+            return
+        log.error("the published model (version %d) is ahead of what the checkpoints and the stream rebuild "
+                  "(version %d): its last updates are lost (checkpoint directory replaced, or stream entries gone); "
+                  "publishing version %d", self._replaying_below, self.learner.model_version,
+                  self.learner.model_version)
+        self._replaying_below = None
+        self.flush(force=True)
 
     def _weights(self) -> bytes:
         return weights_to_bytes(self.learner.model, self.learner.model_version, self.learner.model_spec)
@@ -373,13 +429,14 @@ class Worker:
                                            "deployment": deployment_fingerprint(self.config),
                                            "namespace": self.queue.namespace})
             self._checkpointed_batches = learner.batches_applied
+            self.committed_id = self.last_applied_id
             for old in checkpoints(self.checkpoint_dir)[self.settings.checkpoints_kept :]:
                 shutil.rmtree(old, ignore_errors=True)
             self.keep_after = self._oldest_kept_id()
             self.metrics.checkpoints.inc()
             self.metrics.step_duration.labels(phase="checkpoint").observe(time.perf_counter() - started)
-        self.queue.settle(self.uncommitted, self.keep_after)
-        self.uncommitted = []
+        self.queue.settle(list(self.uncommitted), self.keep_after, committed_batch_ids=list(self.uncommitted.values()))
+        self.uncommitted = {}
 
     def _oldest_kept_id(self) -> str:
         """The last stream entry the oldest readable checkpoint on disk holds ("0-0" when none says)."""
@@ -405,7 +462,7 @@ class Worker:
                 raise WorkerError(f"checkpoint {path} was written for another configuration (fingerprint "
                                   f"{extra.get('deployment')}, these settings give {expected}); use an empty "
                                   "DSCGUARD_CHECKPOINT_DIR for a new deployment")
-            self.last_applied_id = extra.get("last_applied_id", "0-0")
+            self.last_applied_id = self.committed_id = extra.get("last_applied_id", "0-0")
             for batch_id in extra.get("recent_batch_ids", []):
                 self._remember(batch_id)
             self._checkpointed_batches = learner.batches_applied

@@ -149,10 +149,13 @@ WAITS, WAIT_SECONDS = 200, 3.0
 def test_liveness_answers_while_200_waits_are_open_and_each_wait_ends_on_time(namespace, tmp_path):
     settings = make_settings(namespace, tmp_path)
     queue = RedisQueue.from_settings(settings)
-    with ApiServer(settings) as api:
-        publish_model(queue, alive=False)  # no worker: the batch stays queued, every wait runs to its end
+    publish_model(queue, alive=False)  # no worker: the batch stays queued, every wait runs to its end
+    with ApiProcess(settings) as api:  # its own process, as deployed: the clients here do not share its GIL
+        api.wait_live()
         x = np.zeros((1, 1, 8, 8), np.uint8)
-        assert api.client.post("/v1/ingest", json=encode_json_batch("waited", x, [0])).status_code == 202
+        ingest = httpx.post(f"{api.url}/v1/ingest", json=encode_json_batch("waited", x, [0]),
+                            headers={"X-API-Key": API_KEY}, timeout=30)
+        assert ingest.status_code == 202, ingest.text
 
         async def probe() -> tuple[list, list]:
             limits = httpx.Limits(max_connections=WAITS + 10, max_keepalive_connections=WAITS + 10)
@@ -275,6 +278,92 @@ def test_dscguard_serve_applies_the_timeouts(namespace, tmp_path):
                 answer, closed_after = _read_until_closed(sock, timeout=10)
                 assert answer.startswith(b"HTTP/1.1 " + status) and closed_after is not None and closed_after < 4.0, (
                     answer, closed_after, api.output())
+
+
+# -- 4. a restart from an older checkpoint --------------------------------------------------------------------
+@needs_redis
+def test_readers_never_see_the_model_go_back_while_a_restarted_worker_replays(digits_experiment, cache_dir,
+                                                                              namespace, tmp_path):
+    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=4)
+    queue = RedisQueue.from_settings(settings)
+    batches = list(digits_experiment.stream_batches(9, seed=16))
+    x = [(xb * 255).round().byte().numpy() for xb, _ in batches]
+    with ApiServer(settings) as api:
+        crashed = Worker(settings)
+        crashed.start()
+        for index in range(6):
+            assert api.client.post("/v1/ingest", json=encode_json_batch(f"b{index}", x[index],
+                                                                        batches[index][1])).status_code == 202
+        for entry_id, fields in queue.read(crashed.consumer, 10, 1000):
+            crashed.process(entry_id, fields)  # checkpoints after the 4th
+        crashed.flush()
+        crashed._release()  # the crash: b4 and b5 are applied and published, in no checkpoint
+        assert queue.model_version() == 6 and [p.name[-2:] for p in checkpoints(Path(settings.checkpoint_dir))] == [
+            "04", "00"]
+
+        seen: list[tuple[int, int]] = []
+        stop = threading.Event()
+
+        def read() -> None:  # a reader polling what the API serves, all along the restart
+            with httpx.Client(base_url=api.url, headers={"X-API-Key": API_KEY}, timeout=10) as client:
+                while not stop.is_set():
+                    status = client.get("/v1/status").json()
+                    seen.append((status["model_version"], status["batches_applied"]))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            restarted = Worker(settings)
+            restarted.start()
+            # the restarted worker holds the step-4 model; readers still see the model of step 6
+            assert queue.model_version() == 6 and queue.worker_status()["batches_applied"] == 6
+            assert queue.worker_status()["replaying"]["model_version"] == 4
+            assert queue.batch_state("b5")["state"] == "applied"  # true of the served model
+            for index in range(6, 9):
+                api.client.post("/v1/ingest", json=encode_json_batch(f"b{index}", x[index], batches[index][1]))
+            assert restarted.run(max_batches=5, idle_timeout=5) == 5  # b4, b5 replayed, b6-b8 new
+        finally:
+            stop.set()
+            reader.join()
+    versions = [v for v, _ in seen]
+    applied = [a for _, a in seen]
+    assert versions == sorted(versions) and applied == sorted(applied), seen
+    assert versions[0] == 6 and versions[-1] == 9
+    assert queue.worker_status().get("replaying") is None
+    newest = checkpoints(Path(settings.checkpoint_dir))[0]
+    held = load_meta(newest)["extra"]["recent_batch_ids"]
+    for index in range(9):
+        state = queue.batch_state(f"b{index}")
+        assert state["state"] == "applied" and state["committed"] is True, state
+        assert f"b{index}" in held
+
+
+@needs_redis
+def test_committed_means_in_a_checkpoint(digits_experiment, cache_dir, namespace, tmp_path):
+    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=3)
+    queue = RedisQueue.from_settings(settings)
+    batches = list(digits_experiment.stream_batches(5, seed=17))
+    with ApiServer(settings) as api:
+        worker = Worker(settings)
+        worker.start()
+        try:
+            for index, (xb, yb) in enumerate(batches):
+                pixels = (xb * 255).round().byte().numpy()
+                api.client.post("/v1/ingest", json=encode_json_batch(f"c{index}", pixels, yb))
+                for entry_id, fields in queue.read(worker.consumer, 10, 1000):
+                    worker.process(entry_id, fields)
+                worker.flush()
+                newest = checkpoints(Path(settings.checkpoint_dir))[0]
+                held = set(load_meta(newest)["extra"]["recent_batch_ids"])
+                for seen in range(index + 1):
+                    answer = api.client.get(f"/v1/batches/c{seen}").json()
+                    assert answer["state"] == "applied"
+                    assert answer["committed"] == (f"c{seen}" in held), (index, seen, answer)
+            assert [api.client.get(f"/v1/batches/c{i}").json()["committed"] for i in range(5)] == [True] * 3 + [
+                False] * 2
+        finally:
+            worker.shutdown()
+    assert all(queue.batch_state(f"c{i}")["committed"] for i in range(5))  # the shutdown checkpointed them
 
 
 # -- 5. the error format ----------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def _assert_applied_exactly_once(api: ApiServer, queue: RedisQueue, settings, ba
     assert meta["extra"]["recent_batch_ids"] == batch_ids
     states = [queue.batch_state(batch_id) for batch_id in batch_ids]
     assert [s["state"] for s in states] == ["applied"] * count
+    assert [s["committed"] for s in states] == [True] * count  # the final checkpoint holds every update
     assert [s["record"]["batch_index"] for s in states] == list(range(count))
     audit = [json.loads(fields[b"record"]) for _, fields in queue.client.xrange(queue.audit_stream)]
     assert [r["batch_id"] for r in audit] == batch_ids, "the audit stream lost or repeated a record"

@@ -62,7 +62,7 @@ def test_entries_checkpointed_but_not_acknowledged_are_skipped_on_restart(digits
     for entry_id, fields in queue.read(crashed.consumer, 10, 100):
         crashed.process(entry_id, fields)
     with monkeypatch.context() as patch:  # a crash between the checkpoint and the XACK
-        patch.setattr(crashed.queue, "settle", lambda ids, keep_after: None)
+        patch.setattr(crashed.queue, "settle", lambda *args, **kwargs: None)
         crashed.commit()
     crashed._release()
     assert queue.client.xpending(queue.stream, "workers")["pending"] == 2

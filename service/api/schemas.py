@@ -49,11 +49,14 @@ class PredictResponse(BaseModel):
 class BatchState(BaseModel):
     """What became of an ingested batch (kept as long as the batch_id is remembered).
 
-    skipped: the worker had already applied a batch with this id (re-sent after the API forgot it).
+    applied: the served model holds its update (and `committed` says whether a checkpoint holds it too,
+    so that a worker crash cannot undo it even for the time of a replay); skipped: the worker had
+    already applied a batch with this id (re-sent after the API forgot it).
     """
 
     batch_id: str
     state: Literal["queued", "applied", "dead_letter", "skipped"]
+    committed: bool | None = Field(None, description="applied batches: whether a worker checkpoint holds the update")
     entry_id: str | None = None
     record: dict | None = Field(None, description="the audit record, once applied")
     discrepancy: list[float] | None = Field(None, description="per-sample memorization discrepancy, once applied")
