@@ -39,6 +39,30 @@ def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+class GaugeOnceSet:
+    """A gauge that is absent from the exposition until it is first set: a default 0 would read as a
+    measurement (a canary accuracy of 0 when no canary runs).
+
+    >>> registry = CollectorRegistry()
+    >>> gauge = GaugeOnceSet("dscguard_example_ratio", "An example", registry=registry)
+    >>> b"dscguard_example_ratio" in generate_latest(registry)
+    False
+    >>> gauge.set(0.5)
+    >>> b"dscguard_example_ratio 0.5" in generate_latest(registry)
+    True
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry):
+        self._gauge = Gauge(name, documentation, registry=None)
+        self._registry, self._registered = registry, False
+
+    def set(self, value: float) -> None:
+        if not self._registered:
+            self._registry.register(self._gauge)
+            self._registered = True
+        self._gauge.set(value)
+
+
 class ApiMetrics:
     """Requests, latency, ingested samples and rejections, by route and reason (never by client)."""
 
@@ -64,9 +88,13 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.discrepancy = Histogram("dscguard_memorization_discrepancy",
-                                     "Per-sample memorization discrepancy of received samples, by verdict",
+                                     "Per-sample memorization discrepancy of received samples, by the defense's "
+                                     "verdict on them (see dscguard_samples_flagged_total)",
                                      ["verdict"], buckets=DISCREPANCY_BUCKETS, registry=r)
-        self.flagged = Counter("dscguard_samples_flagged_total", "Samples whose discrepancy exceeded the threshold",
+        self.flagged = Counter("dscguard_samples_flagged_total", "Samples the defense flagged, counted by its "
+                               "strategy's verdict unit: a per-sample verdict flags the samples whose discrepancy "
+                               "is above the threshold; a batch verdict (dsc's batch-mean rule, the default) flags "
+                               "every sample of a batch whose mean discrepancy is above it, those below included",
                                registry=r)
         self.corrected = Counter("dscguard_samples_corrected_total", "Samples changed by correction steps",
                                  registry=r)
@@ -86,8 +114,9 @@ class WorkerMetrics:
         self.queue_lag = Gauge("dscguard_queue_lag_seconds", "Age of the oldest entry not yet applied", registry=r)
         self.model_version = Gauge("dscguard_model_version", "Version of the online model (one per update)",
                                    registry=r)
-        self.canary_accuracy = Gauge("dscguard_canary_accuracy", "Accuracy of the online model on the trusted "
-                                     "canary set (ratio)", registry=r)
+        self.canary_accuracy = GaugeOnceSet("dscguard_canary_accuracy", "Accuracy of the online model on the "
+                                            "trusted canary set (ratio); absent until measured (canary off: "
+                                            "DSCGUARD_CANARY_EVERY=0)", registry=r)
         self.dead_letters = Counter("dscguard_dead_letters_total", "Entries moved to the dead-letter stream",
                                     ["reason"], registry=r)
         self.duplicates = Counter("dscguard_duplicates_skipped_total", "Entries skipped: their update was "

@@ -399,6 +399,52 @@ def test_an_oversize_safetensors_header_is_refused_by_naming_the_cap(namespace, 
     assert "1 MiB" in detail and str(header) in detail and "does not fit" not in detail, detail
 
 
+# -- 6. metrics that say what happens ---------------------------------------------------------------------------
+def _readme_phases() -> set[str]:
+    readme = (ROOT / "README.md").read_text()
+    listed = re.search(r"`step_duration_seconds\{phase\}` \(([^);]*)[;)]", readme)
+    assert listed, "README no longer lists the phases of step_duration_seconds"
+    return {phase.strip() for phase in listed.group(1).split(",")}
+
+
+@needs_redis
+def test_the_worker_exports_the_phases_the_readme_lists_and_no_canary_while_it_is_off(digits_experiment, cache_dir,
+                                                                                      namespace, tmp_path):
+    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=2, canary_every=0)
+    queue = RedisQueue.from_settings(settings)
+    worker = Worker(settings)
+    worker.start()
+    try:
+        for index, (xb, yb) in enumerate(digits_experiment.stream_batches(3, seed=18)):
+            batch = Batch(f"p{index}", (xb * 255).round().byte().numpy(), yb.numpy())
+            queue.client.xadd(queue.stream, to_stream_fields(batch))
+        assert worker.run(max_batches=3, idle_timeout=5) == 3
+    finally:
+        worker.shutdown()
+    text = render(worker.metrics.registry)[0].decode()
+    phases = {s.labels["phase"] for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name == "dscguard_step_duration_seconds_count"}
+    assert phases == _readme_phases()
+    assert "dscguard_canary_accuracy" not in text
+    assert queue.worker_status()["canary_accuracy"] is None
+
+
+def test_the_canary_gauge_appears_once_it_has_a_value():
+    metrics = WorkerMetrics(CollectorRegistry())
+    assert b"dscguard_canary_accuracy" not in render(metrics.registry)[0]
+    metrics.canary_accuracy.set(0.875)
+    assert _metric(render(metrics.registry)[0].decode(), "dscguard_canary_accuracy") == 0.875
+
+
+def test_the_flagged_counter_says_what_it_counts():
+    """With the batch-mean verdict (dsc's default) a flagged batch flags every sample, those below P too."""
+    registry = CollectorRegistry()
+    WorkerMetrics(registry)
+    family = next(f for f in registry.collect() if f.name == "dscguard_samples_flagged")
+    assert "exceeded the threshold" not in family.documentation
+    assert "batch" in family.documentation and "verdict" in family.documentation, family.documentation
+
+
 # -- 7. placeholder secrets ----------------------------------------------------------------------------------------
 def _env_example() -> dict[str, str]:
     pairs = [line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
