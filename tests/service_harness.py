@@ -194,8 +194,8 @@ class ApiProcess(ServiceProcess):
 
     command = "serve"
 
-    def __init__(self, settings: ServiceSettings, *args: str):
-        self.port = free_port()
+    def __init__(self, settings: ServiceSettings, *args: str, port: int | None = None):
+        self.port = port or free_port()  # a given port: a restart where the clients expect it
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(settings, "--port", str(self.port), "--log-level", "warning", *args)
 
