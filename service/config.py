@@ -92,8 +92,8 @@ class StrategyConfig(_Section):
         "shrink", description="guard: what a flagged update gets: halved until under the threshold, or dropped")
     gate_target_false_flag_rate: float = Field(0.1, gt=0, lt=1,
                                                description="guard: share of clean updates the threshold flags")
-    gate_calibration_updates: int = Field(40, ge=1, description="guard: clean trusted updates per calibration")
-    gate_recalibrate_every: int = Field(50, ge=1, description="guard: updates between recalibrations")
+    gate_calibration_updates: int = Field(32, ge=1, description="guard: clean trusted updates per calibration")
+    gate_recalibrate_every: int = Field(100, ge=1, description="guard: updates between recalibrations")
 
 
 class CalibrationConfig(_Section):

@@ -72,7 +72,7 @@ class UpdateGate:
     """Calibrated from the trusted split once (`calibrate`), then asked about every update (`judge`)."""
 
     def __init__(self, trusted_x: torch.Tensor, trusted_y: torch.Tensor, *, batch_size: int,
-                 target_false_flag_rate: float = 0.1, calibration_updates: int = 40, recalibrate_every: int = 50,
+                 target_false_flag_rate: float = 0.1, calibration_updates: int = 32, recalibrate_every: int = 100,
                  action: str = "shrink", max_halvings: int = 6, seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
