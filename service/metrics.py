@@ -18,6 +18,8 @@ import os
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from service.learner import StepReport
@@ -39,28 +41,35 @@ def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-class GaugeOnceSet:
-    """A gauge that is absent from the exposition until it is first set: a default 0 would read as a
-    measurement (a canary accuracy of 0 when no canary runs).
+class GaugeOnceSet(Collector):
+    """A gauge whose series is absent until it is first set: a default 0 would read as a measurement (a
+    canary accuracy of 0 when no canary runs). The family (HELP, TYPE) is always described.
 
     >>> registry = CollectorRegistry()
     >>> gauge = GaugeOnceSet("dscguard_example_ratio", "An example", registry=registry)
-    >>> b"dscguard_example_ratio" in generate_latest(registry)
-    False
+    >>> [family.samples for family in registry.collect()]
+    [[]]
     >>> gauge.set(0.5)
     >>> b"dscguard_example_ratio 0.5" in generate_latest(registry)
     True
     """
 
     def __init__(self, name: str, documentation: str, registry: CollectorRegistry):
-        self._gauge = Gauge(name, documentation, registry=None)
-        self._registry, self._registered = registry, False
+        self.name, self.documentation = name, documentation
+        self._value: float | None = None
+        registry.register(self)
 
     def set(self, value: float) -> None:
-        if not self._registered:
-            self._registry.register(self._gauge)
-            self._registered = True
-        self._gauge.set(value)
+        self._value = float(value)
+
+    def describe(self):
+        yield GaugeMetricFamily(self.name, self.documentation)
+
+    def collect(self):
+        family = GaugeMetricFamily(self.name, self.documentation)
+        if self._value is not None:
+            family.add_metric([], self._value)
+        yield family
 
 
 class ApiMetrics:

@@ -425,15 +425,20 @@ def test_the_worker_exports_the_phases_the_readme_lists_and_no_canary_while_it_i
     phases = {s.labels["phase"] for f in text_string_to_metric_families(text) for s in f.samples
               if s.name == "dscguard_step_duration_seconds_count"}
     assert phases == _readme_phases()
-    assert "dscguard_canary_accuracy" not in text
+    assert not _samples(text, "dscguard_canary_accuracy")
     assert queue.worker_status()["canary_accuracy"] is None
 
 
-def test_the_canary_gauge_appears_once_it_has_a_value():
+def _samples(text: str, name: str) -> list:
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == name]
+
+
+def test_the_canary_series_appears_once_it_has_a_value():
     metrics = WorkerMetrics(CollectorRegistry())
-    assert b"dscguard_canary_accuracy" not in render(metrics.registry)[0]
+    assert not _samples(render(metrics.registry)[0].decode(), "dscguard_canary_accuracy")
     metrics.canary_accuracy.set(0.875)
-    assert _metric(render(metrics.registry)[0].decode(), "dscguard_canary_accuracy") == 0.875
+    assert [s.value for s in _samples(render(metrics.registry)[0].decode(), "dscguard_canary_accuracy")] == [0.875]
 
 
 def test_the_flagged_counter_says_what_it_counts():
