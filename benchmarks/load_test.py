@@ -218,6 +218,27 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every service benchmark shares: the worker's cache and config, the seed, sampling, timeouts."""
+    parser.add_argument("--cache-dir", default=os.environ.get("DSCGUARD_CACHE_DIR"), help="burn-in cache")
+    parser.add_argument("--config-overrides", default="{}", help="DSCGUARD_CONFIG_OVERRIDES (JSON)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample-interval", type=float, default=0.5, help="seconds between RSS samples")
+    parser.add_argument("--ready-timeout", type=float, default=900.0)
+    parser.add_argument("--drain-timeout", type=float, default=600.0)
+    parser.add_argument("--json", help="write the figures here")
+
+
+def emit(result: dict, path: str | None) -> None:
+    """Print the figures, and write them to `path` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        from service.atomic import atomic_write_text
+
+        atomic_write_text(path, text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -229,21 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-threads", type=int, default=1, help="DSCGUARD_TORCH_THREADS (one core left to "
                         "the API and Redis)")
     parser.add_argument("--redis-url", default=os.environ.get("DSCGUARD_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--cache-dir", default=os.environ.get("DSCGUARD_CACHE_DIR"), help="burn-in cache")
-    parser.add_argument("--config-overrides", default="{}", help="DSCGUARD_CONFIG_OVERRIDES (JSON)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sample-interval", type=float, default=0.5, help="seconds between RSS samples")
-    parser.add_argument("--ready-timeout", type=float, default=900.0)
-    parser.add_argument("--drain-timeout", type=float, default=600.0)
-    parser.add_argument("--json", help="write the figures here")
+    add_run_options(parser)
     args = parser.parse_args(argv)
     result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        from service.atomic import atomic_write_text
-
-        atomic_write_text(args.json, text + "\n")
+    emit(result, args.json)
     r = result["results"]
     held = r["status_5xx"] == 0 and r["other_errors"] == 0 and r["lost"] == 0 and r["doubled"] == 0 and (
         r["max_queue_depth"] <= r["queue_max_length"])

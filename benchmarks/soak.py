@@ -45,7 +45,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the process helpers of the test harness, when run as a script
 
-from load_test import Sampler, _applied, _cpu_model  # noqa: E402
+from load_test import Sampler, _applied, _cpu_model, add_run_options, emit  # noqa: E402
 
 from service.codec import encode_json_batch  # noqa: E402
 from service.redis_queue import RedisQueue, connect  # noqa: E402
@@ -347,21 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-ttl", type=float, default=3.0, help="the worker's lease: a killed worker's "
                         "successor waits this long")
     parser.add_argument("--worker-threads", type=int, default=1)
-    parser.add_argument("--cache-dir", default=os.environ.get("DSCGUARD_CACHE_DIR"), help="burn-in cache")
-    parser.add_argument("--config-overrides", default="{}", help="DSCGUARD_CONFIG_OVERRIDES (JSON)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sample-interval", type=float, default=0.5)
-    parser.add_argument("--ready-timeout", type=float, default=900.0)
-    parser.add_argument("--drain-timeout", type=float, default=600.0)
-    parser.add_argument("--json", help="write the figures here")
+    add_run_options(parser)
     args = parser.parse_args(argv)
     result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        from service.atomic import atomic_write_text
-
-        atomic_write_text(args.json, text + "\n")
+    emit(result, args.json)
     r = result["results"]
     held = (r["status_5xx"] == 0 and r["lost"] == 0 and r["doubled"] == 0 and r["served_status_went_back"] == 0)
     return 0 if held else 1
