@@ -8,8 +8,9 @@ attacker with a surrogate it trained on its own data, and the adaptive attacker 
 for each beta. The baselines `gc` and `at` are tuned first by `attacker_sim.tuning`'s rule on the
 tuning seeds and the trusted split; the research code's constants stay as `gc-paper` and `at-paper`.
 
->>> sorted(VARIANTS)[:3]
-['at-paper', 'dsc', 'dsc-sample']
+>>> from service.config import ExperimentConfig
+>>> resolve_strategies(ExperimentConfig(), ["st", "gc-paper", "guard"], None)["gc-paper"].clip_value
+0.01
 """
 
 from __future__ import annotations

@@ -150,11 +150,12 @@ def test_demo_is_the_digits_arena_and_prints_the_leaderboard(cache_dir, tmp_path
                  "campaign.max_batches=2", "arena.launch_after=[0]", "arena.clean_batches=3", "arena.drifts=[]",
                  "arena.drift_attack=null", "arena.black_box=false", "arena.adaptive_betas=[]",
                  "arena.slow_poison_count=1", "arena.slow_poison_every=2"]
-    argv = ["demo", "--seeds", "0", "--strategies", "st", "dsc", "--out", str(tmp_path), "--no-progress", "--no-plots"]
+    argv = ["demo", "--seeds", "0", "--strategies", "st", "guard", "--out", str(tmp_path), "--no-progress",
+            "--no-plots"]
     assert main(argv + [a for o in overrides for a in ("--set", o)]) == 0
     printed = capsys.readouterr().out
-    assert "# Arena: digits" in printed and "| dsc |" in printed
-    assert "dsc clean oracle within 1 point of ST" in printed
+    assert "# Arena: digits" in printed and "| guard |" in printed
+    assert "guard clean oracle within 1 point of ST" in printed  # the default defense is held to the bar
     board = json.loads((tmp_path / "leaderboard.json").read_text())
-    assert board["profile"] == "digits" and set(board["strategies"]) == {"st", "dsc"}
+    assert board["profile"] == "digits" and set(board["strategies"]) == {"st", "guard"}
     assert {r["scenario"] for r in board["rows"]} == {"clean", "attack@0", "slow-poison"}
