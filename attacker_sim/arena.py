@@ -170,11 +170,11 @@ def checks(board: Leaderboard, config: ExperimentConfig) -> dict[str, dict]:
         out[name] = {"passed": bool(passed), "detail": detail}
 
     drifts = [s for s in board.scenarios() if s.startswith("drift:")]
-    if drifts and board.row(drifts[0], "gc"):
-        shares = {s: board.row(s, "gc").drift_gain_share for s in drifts}
-        worst = min((v.mean for v in shares.values() if v is not None), default=float("nan"))
-        check("tuned gc learns drift (gain >= 50% of ST's on every kind)", worst >= 0.5,
-              f"worst share {worst:.0%}")
+    shares = [board.row(s, "gc").drift_gain_share for s in drifts if board.row(s, "gc")]
+    shares = [share.mean for share in shares if share is not None]  # none where ST itself gained under a point
+    if shares:
+        check("tuned gc learns drift (gain >= 50% of ST's on every kind)", min(shares) >= 0.5,
+              f"worst share {min(shares):.0%}")
     st_clean, at_clean = board.row("clean", "st"), board.row("clean", "at")
     if st_clean and at_clean:
         gap = st_clean.final_acc.mean - at_clean.final_acc.mean

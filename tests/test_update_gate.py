@@ -122,3 +122,12 @@ def test_conformal_quantile_is_finite_sample_valid():
     assert conformal_quantile(torch.tensor([3.0]), 0.9) == 3.0
     with pytest.raises(ValueError):
         conformal_quantile(torch.tensor([]), 0.9)
+
+
+def test_the_probe_is_bounded_so_a_lookahead_costs_the_same_on_any_trusted_split():
+    small = UpdateGate(torch.rand(200, 1, 2, 2), torch.randint(0, 3, (200,)), batch_size=8)
+    large = UpdateGate(torch.rand(1000, 1, 2, 2), torch.randint(0, 3, (1000,)), batch_size=8, seed=3)
+    assert torch.equal(small.probe, torch.arange(200))  # all of a small split, in order
+    assert len(large.probe) == 256 and len(set(large.probe.tolist())) == 256
+    with pytest.raises(ValueError, match="probe_samples"):
+        UpdateGate(torch.rand(10, 1, 2, 2), torch.randint(0, 3, (10,)), batch_size=2, probe_samples=2)
