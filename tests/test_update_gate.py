@@ -83,12 +83,16 @@ def test_skip_drops_a_flagged_update_entirely(digits_experiment):
 
 def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path):
     learner = _guard_learner(digits_experiment)
+    # settings a rebuilt gate would not guess from the trusted split alone: they must travel with the state
+    learner.strategy.gate.batch_size, learner.strategy.gate.probe = 13, torch.arange(0, 200, 2)
     batches = list(digits_experiment.stream_batches(6, seed=9))
     for x, y in batches[:5]:
         learner.step(x, y)
     learner.save(tmp_path / "ckpt")
     restored = OnlineLearner.load(tmp_path / "ckpt")
-    assert restored.strategy.gate.threshold == learner.strategy.gate.threshold
+    gate, back = learner.strategy.gate, restored.strategy.gate
+    assert (back.threshold, back.batch_size) == (gate.threshold, gate.batch_size)
+    assert torch.equal(back.probe, gate.probe)
     a, b = learner.step(*batches[5]), restored.step(*batches[5])
     assert (a.threshold, a.update_scale, a.loss) == pytest.approx((b.threshold, b.update_scale, b.loss))
 

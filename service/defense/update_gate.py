@@ -178,9 +178,12 @@ class UpdateGate:
     # -- persistence: the calibration state travels with the learner's checkpoint ---------------------
     def state(self) -> dict:
         return {"threshold": self.threshold, "updates_since_calibration": self.updates_since_calibration,
-                "history": self.history[-20:], "generator": self.generator.get_state().tolist()}
+                "history": self.history[-20:], "generator": self.generator.get_state().tolist(),
+                "batch_size": self.batch_size, "probe": self.probe.tolist()}
 
     def restore(self, state: dict) -> None:
+        self.batch_size = int(state["batch_size"])
+        self.probe = torch.tensor(state["probe"], dtype=torch.long)
         self.threshold = state["threshold"]
         self.updates_since_calibration = int(state["updates_since_calibration"])
         self.history = list(state["history"])
