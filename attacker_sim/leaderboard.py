@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from attacker_sim.report import plus_minus, summarize
 from attacker_sim.scenarios import Outcome
 
 MIN_ST_LOSS = 0.01  # recovery (and drift-gain share) are undefined where ST itself moved less than a point
@@ -83,8 +83,8 @@ class Leaderboard(BaseModel):
 
 
 def _stat(values) -> Stat | None:
-    values = [float(v) for v in values if v is not None]
-    return Stat(mean=float(np.mean(values)), std=float(np.std(values)), values=values) if values else None
+    summary = summarize(values)
+    return Stat(**summary) if summary else None
 
 
 def build_rows(outcomes: list[Outcome]) -> list[Row]:
@@ -122,9 +122,7 @@ def build_rows(outcomes: list[Outcome]) -> list[Row]:
 
 
 def _pm(stat: Stat | None, scale: float = 100.0, digits: int = 1) -> str:
-    if stat is None:
-        return "–"
-    return f"{stat.mean * scale:.{digits}f} ± {stat.std * scale:.{digits}f}"
+    return plus_minus(stat.model_dump() if stat else None, scale, digits)
 
 
 def summary_columns(board: Leaderboard) -> list[tuple[str, str]]:

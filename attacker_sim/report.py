@@ -49,7 +49,8 @@ RESULTS_SCHEMA = {
 }
 
 
-def _stat(values: list[float | None]) -> dict | None:
+def summarize(values) -> dict | None:
+    """Mean, std and the values themselves over seeds (None where no seed measured it)."""
     values = [float(v) for v in values if v is not None]
     if not values:
         return None
@@ -68,7 +69,7 @@ def rows(evaluation: Evaluation) -> list[dict]:
             row = {"dataset": cfg.data.dataset, "model": cfg.model.name, "strategy": strategy, "scenario": scenario,
                    "seed_count": len(runs)}
             for metric in METRICS:
-                row[metric] = _stat([getattr(r, metric) for r in runs])
+                row[metric] = summarize(getattr(r, metric) for r in runs)
             row["clean_final_acc"] = row.pop("final_acc") if scenario == "clean" else None
             if scenario == "poison":
                 row.pop("final_acc")
@@ -90,10 +91,10 @@ def results_document(evaluation: Evaluation) -> dict:
     }
 
 
-def _pm(stat: dict | None, percent: bool = True, digits: int = 1) -> str:
+def plus_minus(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    """'mean ± std' of a `summarize` result, scaled (100: fractions as percent); '–' where not measured."""
     if stat is None:
         return "–"
-    scale = 100 if percent else 1
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
@@ -107,10 +108,11 @@ def table_markdown(evaluation: Evaluation) -> str:
         clean, poison = by_key.get((strategy, "clean")), by_key.get((strategy, "poison"))
         start = (poison or clean)["start_acc"]
         lines.append("| " + " | ".join([
-            strategy.upper(), _pm(clean and clean["clean_final_acc"]), _pm(start),
-            _pm(poison and poison["batches"], percent=False), _pm(poison and poison["poison_acc"]),
-            _pm(poison and poison["trigger_acc"]), _pm(poison and poison["delta"]),
-            _pm(poison and poison["flagged_rate"], digits=0), _pm(clean and clean["flagged_rate"], digits=0),
+            strategy.upper(), plus_minus(clean and clean["clean_final_acc"]), plus_minus(start),
+            plus_minus(poison and poison["batches"], 1), plus_minus(poison and poison["poison_acc"]),
+            plus_minus(poison and poison["trigger_acc"]), plus_minus(poison and poison["delta"]),
+            plus_minus(poison and poison["flagged_rate"], digits=0),
+            plus_minus(clean and clean["flagged_rate"], digits=0),
             f"{(poison or clean)['seconds_per_step']['mean']:.3f}",
         ]) + " |")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 
 from attacker_sim.evaluation import evaluate
-from attacker_sim.report import rows
+from attacker_sim.report import plus_minus, rows
 from service.config import ExperimentConfig
 
 
@@ -48,15 +48,13 @@ def sweep(config: ExperimentConfig, varies: Sequence[str], seeds: Sequence[int] 
 
 
 def sweep_markdown(results: list[dict]) -> str:
-    def pm(stat, scale=100, digits=1):
-        return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
-
     lines = ["| parameter | value | clean oracle final | batch | +poison | +trigger | poisons flagged "
              "| clean flagged |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         c, p = r["clean"], r["poison"]
-        lines.append(f"| {r['parameter']} | {r['value']} | {pm(c['clean_final_acc'])} | {pm(p['batches'], 1)} | "
-                     f"{pm(p['poison_acc'])} | {pm(p['trigger_acc'])} | {pm(p['flagged_rate'], digits=0)} | "
-                     f"{pm(c['flagged_rate'], digits=0)} |")
+        cells = [plus_minus(c["clean_final_acc"]), plus_minus(p["batches"], 1), plus_minus(p["poison_acc"]),
+                 plus_minus(p["trigger_acc"]), plus_minus(p["flagged_rate"], digits=0),
+                 plus_minus(c["flagged_rate"], digits=0)]
+        lines.append(f"| {r['parameter']} | {r['value']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
