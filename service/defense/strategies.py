@@ -28,6 +28,17 @@ Trusted = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class StrategyContext:
+    """What the experiment or checkpoint offers a strategy at construction: DSC's calibrated threshold
+    schedule, the trusted split and stream batch size guard's gate calibrates on, and the seed."""
+
+    calibration: Calibration | None = None
+    trusted: Trusted | None = None
+    batch_size: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class PreparedBatch:
     """The batch the model will learn from, with what the strategy decided about each sample."""
 
@@ -45,6 +56,11 @@ class Strategy:
 
     def __init__(self, config: StrategyConfig):
         self.config = config
+
+    @classmethod
+    def from_context(cls, config: StrategyConfig, context: StrategyContext) -> Strategy:
+        """Build the strategy, taking from `context` what it needs (most need nothing)."""
+        return cls(config)
 
     def prepare(self, model: nn.Module, auxiliary: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
                 batch_index: int) -> PreparedBatch:
@@ -120,6 +136,10 @@ class DiscrepancyAwareCorrection(Strategy):
         self.correct = ReversePGD(config.steps, config.step_size, config.epsilon, early_stop=config.early_stop,
                                   divergence=config.divergence)
 
+    @classmethod
+    def from_context(cls, config: StrategyConfig, context: StrategyContext) -> Strategy:
+        return cls(config, context.calibration)
+
     def target_false_flag_rate(self) -> float | None:
         return self.calibration.target_false_flag_rate if self.calibration is not None else None
 
@@ -181,6 +201,10 @@ class TrustedUpdateGuard(Strategy):
                                calibration_updates=config.gate_calibration_updates,
                                recalibrate_every=config.gate_recalibrate_every, action=config.gate_action, seed=seed)
 
+    @classmethod
+    def from_context(cls, config: StrategyConfig, context: StrategyContext) -> Strategy:
+        return cls(config, context.trusted, context.batch_size, context.seed)
+
     def before_optimizer_step(self, model, optimizer):
         return self.gate.judge(model, optimizer)
 
@@ -218,9 +242,5 @@ def build_strategy(config: StrategyConfig | str, calibration: Calibration | None
         if config not in _STRATEGY_CLASSES:
             raise ValueError(f"unknown strategy {config!r}; expected one of {', '.join(STRATEGIES)}")
         config = StrategyConfig(name=config)
-    if config.name == "guard":
-        return TrustedUpdateGuard(config, trusted, batch_size, seed)
-    strategy = _STRATEGY_CLASSES[config.name](config)
-    if calibration is not None and isinstance(strategy, DiscrepancyAwareCorrection):
-        strategy.calibration = calibration
-    return strategy
+    context = StrategyContext(calibration, trusted, batch_size, seed)
+    return _STRATEGY_CLASSES[config.name].from_context(config, context)
