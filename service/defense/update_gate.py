@@ -19,12 +19,14 @@ The threshold is recalibrated every `recalibrate_every` updates, since clean upd
 model converges or drifts.
 
 >>> import torch
+>>> _ = torch.manual_seed(0)
 >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
 >>> x, y = torch.rand(40, 1, 2, 2), torch.randint(0, 3, (40,))
 >>> gate = UpdateGate(x, y, batch_size=8, target_false_flag_rate=0.1, seed=0)
 >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
->>> gate.calibrate(net, opt) > 0
-True
+>>> threshold = gate.calibrate(net, opt)
+>>> threshold == gate.threshold, len(gate.history), gate.history[0]["updates"]
+(True, 1, 32)
 """
 
 from __future__ import annotations
