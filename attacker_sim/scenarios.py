@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,14 +45,13 @@ class Outcome:
     clean_flag_rate_late: float | None = None
     target_flag_rate: float | None = None
     seconds_per_step: float = 0.0
-    trace: list[float] = field(default_factory=list, repr=False)
 
     @classmethod
     def from_run(cls, scenario: str, run: RunResult, target_flag_rate: float | None) -> Outcome:
         return cls(scenario, run.strategy, run.seed, start_acc=run.start_acc, final_acc=run.final_acc,
                    poison_acc=run.poison_acc, batches=run.batches, poisons_flagged=run.flagged_rate,
                    clean_flag_rate=run.clean_flagged_rate, target_flag_rate=target_flag_rate,
-                   seconds_per_step=run.seconds_per_step, trace=run.trace)
+                   seconds_per_step=run.seconds_per_step)
 
 
 @dataclass
@@ -65,16 +64,18 @@ class ScenarioData:
 
     def stream(self, offset: int) -> Iterator[Tensors]:
         """Clean stream batches, identical for every strategy of this seed (`offset` picks the stream)."""
-        seed = self.experiment.config.seed
-        return self.experiment.stream_batches(100_000, seed=seed * 7919 + 1 + offset)
+        return self.experiment.stream_batches(100_000, seed=self.seed * 7919 + 1 + offset)
+
+    def drifted(self, kind: str, offset: int, count: int) -> tuple[Iterator[Tensors], Tensors]:
+        """`count` honest batches drifted by `kind` (`offset` picks the stream), and the drifted test view."""
+        drifter = build_drift(kind)
+        batches = drifter.batches(*self.experiment.splits.stream.tensors(), self.experiment.config.stream.batch_size,
+                                  count, seed=self.seed * 7919 + offset)
+        return batches, drifter.test_view(*self.test, seed=self.seed)
 
     @property
     def seed(self) -> int:
         return self.experiment.config.seed
-
-
-def _target_rate(learner: OnlineLearner) -> float | None:
-    return learner.strategy.target_false_flag_rate()
 
 
 def clean_prefix(learner: OnlineLearner, data: ScenarioData, label: str, length: int, clean_batches: int,
@@ -111,7 +112,8 @@ def clean_prefix(learner: OnlineLearner, data: ScenarioData, label: str, length:
 
     result = Outcome("clean", label, data.seed, start_acc=start, final_acc=final, clean_flag_rate=rate(slice(None)),
                      clean_flag_rate_early=rate(slice(0, window)), clean_flag_rate_late=rate(slice(-window, None)),
-                     target_flag_rate=_target_rate(learner), seconds_per_step=float(np.mean(seconds or [0.0])))
+                     target_flag_rate=learner.strategy.target_false_flag_rate(),
+                     seconds_per_step=float(np.mean(seconds or [0.0])))
     return result, snapshots
 
 
@@ -122,28 +124,25 @@ def attack(learner: OnlineLearner, data: ScenarioData, label: str, campaign: Acc
     run = campaign.run(InProcessTarget(learner), data.stream(stream_offset), data.test, data.validation, label,
                        data.seed, on_step=on_step, clean_between=clean_between, max_poisons=max_poisons,
                        trace=False)
-    return Outcome.from_run(scenario, run, _target_rate(learner))
+    return Outcome.from_run(scenario, run, learner.strategy.target_false_flag_rate())
 
 
 def drift(learner: OnlineLearner, data: ScenarioData, label: str, kind: str, batches: int,
           on_step: Callable[[], None] | None = None) -> Outcome:
     """Honest drifted batches; the gain is accuracy on the drifted test view after minus before."""
-    drifter = build_drift(kind)
-    x_pool, y_pool = data.experiment.splits.stream.tensors()
-    test = drifter.test_view(*data.test, seed=data.seed)
+    stream, test = data.drifted(kind, offset=3, count=batches)
     target = InProcessTarget(learner)
     start = accuracy(target, *test)
     flagged = samples = 0
     seconds = []
-    size = data.experiment.config.stream.batch_size
-    for x, y in drifter.batches(x_pool, y_pool, size, batches, seed=data.seed * 7919 + 3):
+    for x, y in stream:
         outcome = target.step(x, y)
         flagged, samples = flagged + outcome.flagged, samples + outcome.samples
         seconds.append(outcome.seconds)
         if on_step:
             on_step()
     return Outcome(f"drift:{kind}", label, data.seed, start_acc=start, final_acc=accuracy(target, *test),
-                   clean_flag_rate=flagged / samples, target_flag_rate=_target_rate(learner),
+                   clean_flag_rate=flagged / samples, target_flag_rate=learner.strategy.target_false_flag_rate(),
                    seconds_per_step=float(np.mean(seconds)))
 
 
@@ -151,12 +150,8 @@ def drift_attack(learner: OnlineLearner, data: ScenarioData, label: str, kind: s
                  campaign: AccumulativeCampaign, on_step: Callable[[], None] | None = None) -> Outcome:
     """Drift for `batches` honest batches, then the accumulative attack on the drifted stream."""
     drift(learner, data, label, kind, batches, on_step)
-    drifter = build_drift(kind)
-    x_pool, y_pool = data.experiment.splits.stream.tensors()
-    stream = drifter.batches(x_pool, y_pool, data.experiment.config.stream.batch_size, 100_000,
-                             seed=data.seed * 7919 + 4)
-    test = drifter.test_view(*data.test, seed=data.seed)
-    validation = drifter.test_view(*data.validation, seed=data.seed + 1)
+    stream, test = data.drifted(kind, offset=4, count=100_000)
+    validation = build_drift(kind).test_view(*data.validation, seed=data.seed + 1)
     run = campaign.run(InProcessTarget(learner), stream, test, validation, label, data.seed, on_step=on_step,
                        trace=False)
-    return Outcome.from_run(f"drift+attack:{kind}", run, _target_rate(learner))
+    return Outcome.from_run(f"drift+attack:{kind}", run, learner.strategy.target_false_flag_rate())

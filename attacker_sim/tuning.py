@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from attacker_sim import scenarios
+from attacker_sim.campaign import AccumulativeCampaign
 from attacker_sim.evaluation import build_campaign
 from service.config import ExperimentConfig, StrategyConfig
 from service.experiment import Experiment
@@ -81,7 +82,7 @@ def _label(setting: dict) -> str:
     return setting["name"]
 
 
-def _measure(data: scenarios.ScenarioData, setting: dict, config: ExperimentConfig,
+def _measure(data: scenarios.ScenarioData, campaign: AccumulativeCampaign, setting: dict, config: ExperimentConfig,
              on_step: Callable[[], None]) -> tuple[float, float, float]:
     experiment = data.experiment
     strategy = config.strategy.model_copy(update=setting)
@@ -89,8 +90,8 @@ def _measure(data: scenarios.ScenarioData, setting: dict, config: ExperimentConf
                                       config.arena.clean_batches, config.arena.clean_batches, set(), on_step)
     drifted = scenarios.drift(experiment.new_learner(strategy), data, "tuning", config.arena.tuning.drift_kind,
                               config.arena.drift_batches, on_step)
-    attacked = scenarios.attack(experiment.new_learner(strategy), data, "tuning", build_campaign(experiment),
-                                "attack@0", stream_offset=10, on_step=on_step)
+    attacked = scenarios.attack(experiment.new_learner(strategy), data, "tuning", campaign, "attack@0",
+                                stream_offset=10, on_step=on_step)
     return clean.final_acc, drifted.final_acc - drifted.start_acc, attacked.final_acc
 
 
@@ -109,9 +110,10 @@ def tune_baselines(config: ExperimentConfig, names: tuple[str, ...] = TUNED, cac
                                         progress=progress)
         data = scenarios.ScenarioData(experiment, test=experiment.calibration_tensors,
                                       validation=experiment.splits.attacker_val.tensors())
+        campaign = build_campaign(experiment)  # one attacker per seed, the same for every candidate
         for index, setting in enumerate(settings):
             done = bar.n
-            figures[index].append(_measure(data, setting, config, bar.update))
+            figures[index].append(_measure(data, campaign, setting, config, bar.update))
             bar.update(done + per_step - bar.n)
     bar.close()
     means = {i: np.mean(np.asarray(v), axis=0) for i, v in figures.items()}
