@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict] = {
     "at-paper": {"name": "at", "epsilon": 0.2, "steps": 10, "step_size": 0.02},
     "dsc": {"name": "dsc"},
     "dsc-sample": {"name": "dsc", "early_stop": "sample"},
+    "dsc-rolling": {"name": "dsc", "auxiliary": "rolling"},
     "guard": {"name": "guard"},
     "guard-skip": {"name": "guard", "gate_action": "skip"},
 }

@@ -26,7 +26,7 @@ from attacker_sim.report import plus_minus, summarize
 from attacker_sim.scenarios import Outcome
 
 MIN_ST_LOSS = 0.01  # recovery (and drift-gain share) are undefined where ST itself moved less than a point
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: promotions_refused
 
 
 class Stat(BaseModel):
@@ -55,6 +55,7 @@ class Row(BaseModel):
     clean_flag_rate_early: Stat | None = None
     clean_flag_rate_late: Stat | None = None
     target_flag_rate: float | None = None
+    promotions_refused: Stat | None = None
     seconds_per_step: Stat
 
 
@@ -116,6 +117,7 @@ def build_rows(outcomes: list[Outcome]) -> list[Row]:
             clean_flag_rate_early=_stat(r.clean_flag_rate_early for r in runs),
             clean_flag_rate_late=_stat(r.clean_flag_rate_late for r in runs),
             target_flag_rate=targets[0] if targets else None,
+            promotions_refused=_stat(r.promotions_refused for r in runs),
             seconds_per_step=_stat(r.seconds_per_step for r in runs),
         ))
     return rows
@@ -156,8 +158,8 @@ def markdown(board: Leaderboard) -> str:
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     lines += ["", "## Every row", "",
               "| scenario | strategy | start | final | batch | recovery of ST's loss | drift gain share | "
-              "poisons flagged | clean flagged (target) | early / late | ms/step |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "poisons flagged | clean flagged (target) | early / late | promotions refused | ms/step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in board.rows:
         target = f" ({row.target_flag_rate:.0%})" if row.target_flag_rate is not None else ""
         early_late = (f"{_pm(row.clean_flag_rate_early, digits=0)} / {_pm(row.clean_flag_rate_late, digits=0)}"
@@ -166,7 +168,7 @@ def markdown(board: Leaderboard) -> str:
             f"| {row.scenario} | {row.strategy} | {_pm(row.start_acc)} | {_pm(row.final_acc)} | "
             f"{_pm(row.batches, 1.0)} | {_pm(row.recovery, 100, 0)} | {_pm(row.drift_gain_share, 100, 0)} | "
             f"{_pm(row.poisons_flagged, 100, 0)} | {_pm(row.clean_flag_rate, 100, 0)}{target} | {early_late} | "
-            f"{_pm(row.seconds_per_step, 1000, 1)} |")
+            f"{_pm(row.promotions_refused, 1.0, 1)} | {_pm(row.seconds_per_step, 1000, 1)} |")
     lines += ["", "## Strategies", ""]
     for label, settings in board.strategies.items():
         lines.append(f"- **{label}**: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
@@ -194,7 +196,8 @@ def markdown(board: Leaderboard) -> str:
               "ST's loss*: (final - final_ST) / (start_ST - final_ST), where ST lost at least a point. *drift "
               "gain share*: the drift gain over ST's. *poisons flagged*: share of poisoned samples flagged. "
               "*clean flagged*: share of clean samples flagged (realised false-flag rate; target in brackets); "
-              "*early / late*: over the first and last 100 batches of the long clean stream. *ms/step*: wall "
+              "*early / late*: over the first and last 100 batches of the long clean stream. *promotions refused*: "
+              "snapshots DSC's rolling auxiliary did not promote, by its health gate. *ms/step*: wall "
               "time per step on this machine, other work included.",
               "", f"Run time {board.seconds:.0f} s on {board.environment.get('machine')} "
                   f"({board.environment.get('cpu_threads')} threads, torch {board.environment.get('torch')})."]

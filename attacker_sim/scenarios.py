@@ -44,6 +44,7 @@ class Outcome:
     clean_flag_rate_early: float | None = None
     clean_flag_rate_late: float | None = None
     target_flag_rate: float | None = None
+    promotions_refused: int | None = None  # DSC's rolling auxiliary: health-gate refusals during the scenario
     seconds_per_step: float = 0.0
 
     @classmethod
@@ -113,7 +114,7 @@ def clean_prefix(learner: OnlineLearner, data: ScenarioData, label: str, length:
     result = Outcome("clean", label, data.seed, start_acc=start, final_acc=final, clean_flag_rate=rate(slice(None)),
                      clean_flag_rate_early=rate(slice(0, window)), clean_flag_rate_late=rate(slice(-window, None)),
                      target_flag_rate=learner.strategy.target_false_flag_rate(),
-                     seconds_per_step=float(np.mean(seconds or [0.0])))
+                     promotions_refused=_refusals(learner), seconds_per_step=float(np.mean(seconds or [0.0])))
     return result, snapshots
 
 
@@ -121,10 +122,20 @@ def attack(learner: OnlineLearner, data: ScenarioData, label: str, campaign: Acc
            scenario: str, stream_offset: int, on_step: Callable[[], None] | None = None,
            clean_between: int = 0, max_poisons: int | None = None) -> Outcome:
     """The accumulative attack against `learner` as it stands (after whatever it has learned so far)."""
+    refused = _refusals(learner)
     run = campaign.run(InProcessTarget(learner), data.stream(stream_offset), data.test, data.validation, label,
                        data.seed, on_step=on_step, clean_between=clean_between, max_poisons=max_poisons,
                        trace=False)
-    return Outcome.from_run(scenario, run, learner.strategy.target_false_flag_rate())
+    outcome = Outcome.from_run(scenario, run, learner.strategy.target_false_flag_rate())
+    if refused is not None:
+        outcome.promotions_refused = _refusals(learner) - refused
+    return outcome
+
+
+def _refusals(learner: OnlineLearner) -> int | None:
+    """Promotions the strategy's health gate refused so far (None: it has no such gate)."""
+    promotions = learner.strategy.health(learner.batches_applied).get("promotions")
+    return sum(n for reason, n in promotions.items() if reason != "healthy") if promotions is not None else None
 
 
 def drift(learner: OnlineLearner, data: ScenarioData, label: str, kind: str, batches: int,

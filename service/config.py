@@ -88,12 +88,37 @@ class StrategyConfig(_Section):
     divergence: Literal["kl", "reverse_kl", "js"] = "kl"
     mu: float | None = Field(None, ge=0, description="dsc: hand-set threshold base (None: calibrated)")
     tau: float | None = Field(None, ge=0, description="dsc: hand-set threshold drift per batch")
+    auxiliary: Literal["frozen", "rolling"] = Field(
+        "frozen", description="dsc: the burn-in checkpoint for ever (the paper), or the online model "
+                              "auxiliary_window batches ago, promoted from healthy windows only")
+    auxiliary_window: int = Field(50, ge=1, description="dsc rolling: batches the auxiliary stays behind")
+    auxiliary_every: int = Field(10, ge=1, description="dsc rolling: batches between snapshots")
+    auxiliary_ring: int = Field(6, ge=1, description="dsc rolling: snapshots kept (ring * every >= window)")
+    auxiliary_max_age: int | None = Field(None, ge=1, description="dsc rolling: age at which a flag-rate refusal "
+                                                                 "no longer holds (None: 4 x auxiliary_window)")
+    promotion_canary_drop: float = Field(0.02, ge=0, le=1, description="dsc rolling: trusted accuracy a "
+                                                                        "promoted snapshot may lose vs the recent "
+                                                                        "best, beyond sampling noise")
+    promotion_z: float = Field(3.0, ge=0, description="dsc rolling: sampling noise allowed, in binomial "
+                                                        "standard deviations, for the canary and the flagged share")
     gate_action: Literal["shrink", "skip"] = Field(
         "shrink", description="guard: what a flagged update gets: halved until under the threshold, or dropped")
     gate_target_false_flag_rate: float = Field(0.1, gt=0, lt=1,
                                                description="guard: share of clean updates the threshold flags")
     gate_calibration_updates: int = Field(32, ge=1, description="guard: clean trusted updates per calibration")
     gate_recalibrate_every: int = Field(100, ge=1, description="guard: updates between recalibrations")
+
+
+    @model_validator(mode="after")
+    def _window_fits_the_ring(self):
+        if self.auxiliary_window > self.auxiliary_ring * self.auxiliary_every:
+            raise ValueError(f"auxiliary_window {self.auxiliary_window} is longer than the ring: auxiliary_ring "
+                             f"{self.auxiliary_ring} snapshots every auxiliary_every {self.auxiliary_every} batches "
+                             f"span {self.auxiliary_ring * self.auxiliary_every}")
+        if self.auxiliary_max_age is not None and self.auxiliary_max_age < self.auxiliary_window:
+            raise ValueError(f"auxiliary_max_age {self.auxiliary_max_age} is shorter than auxiliary_window "
+                             f"{self.auxiliary_window}")
+        return self
 
 
 class CalibrationConfig(_Section):

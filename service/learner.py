@@ -19,6 +19,7 @@ from torch import nn
 from service.checkpoint import load_checkpoint, save_checkpoint, split_prefix
 from service.config import StrategyConfig
 from service.defense.calibration import Calibration
+from service.defense.rolling_auxiliary import PromotionDecision
 from service.defense.strategies import Strategy, build_strategy
 from service.models import build_model
 
@@ -42,6 +43,7 @@ class StepReport:
     seconds: dict[str, float] = field(default_factory=dict)
     model_version: int = 0
     update_scale: float = 1.0  # share of the batch's gradient applied (the guard's gate may shrink it)
+    promotion: PromotionDecision | None = None  # DSC's rolling auxiliary: the health gate's decision, if due
 
     @property
     def flagged_count(self) -> int:
@@ -62,6 +64,7 @@ class StepReport:
             "discrepancy_max": float(before.max()) if before is not None and len(before) else None,
             "threshold": self.threshold, "loss": self.loss, "grad_norm": self.grad_norm,
             "model_version": self.model_version, "update_scale": self.update_scale, "seconds": dict(self.seconds),
+            "promotion": self.promotion.to_dict() if self.promotion is not None else None,
         }
 
 
@@ -132,10 +135,12 @@ class OnlineLearner:
         )
         verdict = self.strategy.before_optimizer_step(self.model, self.optimizer)
         self.optimizer.step()
+        self.batches_applied += 1
+        self.model_version += 1
         loss_value, grad_norm_value = float(loss.detach()), float(grad_norm)
         done = time.perf_counter()
         report = StepReport(
-            batch_index=self.batches_applied, samples=len(x), strategy=self.strategy.name, loss=loss_value,
+            batch_index=self.batches_applied - 1, samples=len(x), strategy=self.strategy.name, loss=loss_value,
             grad_norm=grad_norm_value, threshold=prepared.threshold,
             seconds={"prepare": prepared_at - start, "update": done - prepared_at, "total": done - start},
         )
@@ -153,8 +158,8 @@ class OnlineLearner:
             report.flagged = np.full(len(x), verdict.flagged)
             report.threshold = verdict.threshold
             report.update_scale = verdict.scale
-        self.batches_applied += 1
-        self.model_version += 1
+        report.promotion = self.strategy.after_step(self.model, self.auxiliary, self.batches_applied,
+                                                    float(report.flagged.mean()))
         report.model_version = self.model_version
         return report
 
@@ -219,8 +224,8 @@ class OnlineLearner:
         calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
         strategy_tensors = split_prefix(tensors, "strategy")
         trusted = (strategy_tensors["trusted_x"], strategy_tensors["trusted_y"]) if strategy_tensors else None
-        strategy = build_strategy(StrategyConfig(**meta["strategy"]), trusted=trusted)
-        strategy.restore(meta.get("strategy_state", {}))
+        strategy = build_strategy(StrategyConfig(**meta["strategy"]), calibration, trusted=trusted)
+        strategy.restore(meta.get("strategy_state", {}), strategy_tensors)
         learner = cls(model, auxiliary, strategy, model_spec=spec, calibration=calibration, device=device,
                       **meta["optimizer"])
         for index, param in enumerate(learner.model.parameters()):

@@ -10,6 +10,7 @@ saved with the checkpoint and every verdict can be traced to the threshold it wa
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -50,6 +51,42 @@ class Calibration:
         return cls(**data)
 
 
+def conformal_quantile(values: torch.Tensor, level: float) -> float:
+    """The ceil((n + 1) * level)-th smallest of n values: a finite-sample-valid upper quantile.
+
+    With fewer values than the level needs, the largest is returned (the bound is then loose).
+
+    >>> conformal_quantile(torch.arange(1.0, 11.0), 0.9)
+    10.0
+    >>> conformal_quantile(torch.arange(1.0, 101.0), 0.9)
+    91.0
+    """
+    n = len(values)
+    if n == 0:
+        raise ValueError("conformal_quantile needs at least one value")
+    rank = min(math.ceil((n + 1) * level), n)
+    return float(torch.sort(values.flatten()).values[rank - 1])
+
+
+def threshold_statistic(scores: torch.Tensor, level: float, unit: str, batch_size: int, seed: int = 0) -> float:
+    """The conformal `level` quantile of what a verdict judges, from per-sample clean discrepancies.
+
+    `unit="sample"`: of the scores themselves. `unit="batch"`: of the means of 512 clean batches of
+    `batch_size` drawn with replacement (stream batches come from a far larger population than the
+    calibration split, so a reshuffle of it would understate their spread).
+
+    >>> threshold_statistic(torch.arange(1.0, 101.0), 0.9, "sample", batch_size=10)
+    91.0
+    """
+    if unit not in ("sample", "batch"):
+        raise ValueError(f"unit must be 'sample' or 'batch', got {unit!r}")
+    if unit == "batch":
+        generator = torch.Generator().manual_seed(seed + 1)
+        picks = torch.randint(len(scores), (512, batch_size), generator=generator)
+        scores = scores.cpu()[picks].mean(dim=1)
+    return conformal_quantile(scores.double(), level)
+
+
 def calibrate(
     model: nn.Module,
     auxiliary: nn.Module,
@@ -67,9 +104,9 @@ def calibrate(
 ) -> Calibration:
     """Calibrate mu and tau on trusted clean samples (`clean_x` in [0,1], labels `clean_y`).
 
-    mu: the (1 - target) quantile of the clean discrepancy now: of every calibration sample
-    (`unit="sample"`, per-sample early stop), or of the mean over random clean batches of
-    `batch_size` (`unit="batch"`, the research code's batch-mean early stop).
+    mu: the conformal (1 - target) quantile of the clean discrepancy now (`threshold_statistic`): of
+    every calibration sample (`unit="sample"`, per-sample early stop), or of the mean over random clean
+    batches of `batch_size` (`unit="batch"`, the research code's batch-mean early stop).
     tau: the least-squares slope of that quantile over `warmup_batches` plain SGD steps on clean
     batches, measured on a held-out half of the calibration samples; never negative.
     """
@@ -83,13 +120,7 @@ def calibrate(
     scores = memorization_discrepancy(auxiliary, model, clean_x, divergence)
 
     def statistic(values: torch.Tensor) -> float:
-        if unit == "batch":
-            # bootstrap clean batches (with replacement, as fresh stream batches are drawn from a far
-            # larger population than the calibration split): the verdict judges batch means
-            generator = torch.Generator().manual_seed(seed + 1)
-            picks = torch.randint(len(values), (512, batch_size), generator=generator)
-            values = values[picks].mean(dim=1)
-        return float(torch.quantile(values.double(), level))
+        return threshold_statistic(values, level, unit, batch_size, seed)
 
     mu = statistic(scores)
     tau, quantiles = 0.0, [mu]

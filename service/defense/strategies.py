@@ -20,6 +20,7 @@ from service.defense.calibration import Calibration
 from service.defense.correction import CorrectionResult, ReversePGD
 from service.defense.discrepancy import divergence_from_logits
 from service.defense.eval_mode import eval_mode
+from service.defense.rolling_auxiliary import REASONS, PromotionDecision, RollingAuxiliary
 from service.defense.update_gate import GateVerdict, UpdateGate
 from service.models.trunk import split_mode_invariant
 
@@ -73,6 +74,11 @@ class Strategy:
         """Hook between backward and the optimizer step (gradient clipping and the update gate live here)."""
         return None
 
+    def after_step(self, model: nn.Module, auxiliary: nn.Module | None, applied: int,
+                   flagged_share: float) -> PromotionDecision | None:
+        """Hook after the optimizer step (`applied` batches so far): DSC's rolling auxiliary lives here."""
+        return None
+
     def target_false_flag_rate(self) -> float | None:
         """The share of clean samples the strategy's verdict is calibrated to flag (None: it flags none)."""
         return None
@@ -81,8 +87,12 @@ class Strategy:
         """What the strategy learned along the stream, as JSON (saved with the learner's checkpoint)."""
         return {}
 
-    def restore(self, state: dict) -> None:
-        """Take back what `state` returned."""
+    def health(self, applied: int) -> dict:
+        """What the strategy reports about itself after `applied` batches (status, metrics, the arena), as JSON."""
+        return {}
+
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what `state` and `tensors` returned."""
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Tensors the strategy needs to be rebuilt (saved with the checkpoint, given back to `build_strategy`)."""
@@ -125,31 +135,75 @@ class AdversarialTraining(Strategy):
 
 
 class DiscrepancyAwareCorrection(Strategy):
-    """`dsc`: correct only samples whose discrepancy exceeds P = mu + tau * m, then learn."""
+    """`dsc`: correct only samples whose discrepancy exceeds P = mu + tau * m, then learn.
+
+    With `auxiliary="rolling"` the auxiliary follows the online model `auxiliary_window` batches behind,
+    promoted from healthy windows only, and mu is recalibrated at each promotion
+    (`service/defense/rolling_auxiliary.py`); with `"frozen"` (the paper) it is the burn-in checkpoint.
+    """
 
     name = "dsc"
     uses_auxiliary = True
 
-    def __init__(self, config: StrategyConfig, calibration: Calibration | None = None):
+    def __init__(self, config: StrategyConfig, calibration: Calibration | None = None, trusted: Trusted | None = None,
+                 batch_size: int | None = None, seed: int = 0):
         super().__init__(config)
         self.calibration = calibration
         self.correct = ReversePGD(config.steps, config.step_size, config.epsilon, early_stop=config.early_stop,
                                   divergence=config.divergence)
+        self.rolling = None
+        if config.auxiliary == "rolling":
+            if trusted is None or calibration is None:
+                raise ValueError("dsc with auxiliary='rolling' needs the trusted split and the calibration "
+                                 "(its promotions are judged and recalibrated on them)")
+            self.rolling = RollingAuxiliary(
+                *trusted, window=config.auxiliary_window, every=config.auxiliary_every, ring=config.auxiliary_ring,
+                max_age=config.auxiliary_max_age,                target_false_flag_rate=calibration.target_false_flag_rate, canary_drop=config.promotion_canary_drop,
+                z=config.promotion_z, divergence=config.divergence, unit=config.early_stop,
+                batch_size=batch_size or len(trusted[0]) // 4, seed=seed)
 
     @classmethod
     def from_context(cls, config: StrategyConfig, context: StrategyContext) -> Strategy:
-        return cls(config, context.calibration)
+        return cls(config, context.calibration, context.trusted, context.batch_size, context.seed)
 
     def target_false_flag_rate(self) -> float | None:
         return self.calibration.target_false_flag_rate if self.calibration is not None else None
 
     def threshold(self, batch_index: int) -> float:
-        """P for the m-th stream batch; hand-set mu/tau win over the calibrated ones."""
-        mu = self.config.mu if self.config.mu is not None else getattr(self.calibration, "mu", None)
+        """P for the m-th stream batch (m since the last promotion when rolling); hand-set mu/tau win."""
+        recalibrated = self.rolling.mu if self.rolling is not None else None
+        mu = self.config.mu if self.config.mu is not None else recalibrated
+        mu = mu if mu is not None else getattr(self.calibration, "mu", None)
         tau = self.config.tau if self.config.tau is not None else getattr(self.calibration, "tau", None)
         if mu is None or tau is None:
             raise RuntimeError("dsc has no threshold: calibrate on clean data first or set mu and tau")
-        return mu + tau * batch_index
+        m = self.rolling.batches_since_promotion(batch_index) if self.rolling is not None else batch_index
+        return mu + tau * m
+
+    def after_step(self, model, auxiliary, applied, flagged_share):
+        if self.rolling is None:
+            return None
+        return self.rolling.observe(model, auxiliary, applied, flagged_share)
+
+    def state(self) -> dict:
+        return {"rolling": self.rolling.state()} if self.rolling is not None else {}
+
+    def health(self, applied: int) -> dict:
+        if self.rolling is None:
+            return {"auxiliary": "frozen", "auxiliary_age": applied}
+        last = self.rolling.decisions[-1].to_dict() if self.rolling.decisions else None
+        return {"auxiliary": "rolling", "auxiliary_age": applied - self.rolling.promoted_at,
+                "mu": self.rolling.mu, "promotions": {reason: self.rolling.counts.get(reason, 0) for reason in REASONS},
+                "last_promotion": last}
+
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        if self.rolling is not None and state.get("rolling"):
+            self.rolling.restore(state["rolling"], tensors)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.rolling is None:
+            return {}
+        return {"trusted_x": self.rolling.trusted[0], "trusted_y": self.rolling.trusted[1], **self.rolling.tensors()}
 
     def prepare(self, model, auxiliary, x, y, batch_index):
         if auxiliary is None:
@@ -214,7 +268,10 @@ class TrustedUpdateGuard(Strategy):
     def state(self) -> dict:
         return {"gate": self.gate.state()}
 
-    def restore(self, state: dict) -> None:
+    def health(self, applied: int) -> dict:
+        return {"gate_threshold": self.gate.threshold, "gate_calibrations": len(self.gate.history)}
+
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         if state.get("gate"):
             self.gate.restore(state["gate"])
 

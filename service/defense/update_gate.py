@@ -31,13 +31,13 @@ model converges or drifts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from service.defense.calibration import conformal_quantile
 from service.defense.eval_mode import eval_mode
 
 ACTIONS = ("shrink", "skip")
@@ -51,23 +51,6 @@ class GateVerdict:
     threshold: float
     flagged: bool
     scale: float  # the share of the batch's gradient that was applied
-
-
-def conformal_quantile(values: torch.Tensor, level: float) -> float:
-    """The ceil((n + 1) * level)-th smallest of n values: a finite-sample-valid upper quantile.
-
-    With fewer values than the level needs, the largest is returned (the bound is then loose).
-
-    >>> conformal_quantile(torch.arange(1.0, 11.0), 0.9)
-    10.0
-    >>> conformal_quantile(torch.arange(1.0, 101.0), 0.9)
-    91.0
-    """
-    n = len(values)
-    if n == 0:
-        raise ValueError("conformal_quantile needs at least one value")
-    rank = min(math.ceil((n + 1) * level), n)
-    return float(torch.sort(values.flatten()).values[rank - 1])
 
 
 class UpdateGate:
