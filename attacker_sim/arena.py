@@ -42,6 +42,8 @@ VARIANTS: dict[str, dict] = {
     "dsc": {"name": "dsc"},
     "dsc-sample": {"name": "dsc", "early_stop": "sample"},
     "dsc-rolling": {"name": "dsc", "auxiliary": "rolling"},
+    "dsc-skip": {"name": "dsc", "auxiliary": "rolling", "flag_action": "skip"},
+    "dsc-gate": {"name": "dsc", "auxiliary": "rolling", "flag_action": "gate"},
     "guard": {"name": "guard"},
     "guard-skip": {"name": "guard", "gate_action": "skip"},
 }

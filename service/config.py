@@ -88,6 +88,9 @@ class StrategyConfig(_Section):
     divergence: Literal["kl", "reverse_kl", "js"] = "kl"
     mu: float | None = Field(None, ge=0, description="dsc: hand-set threshold base (None: calibrated)")
     tau: float | None = Field(None, ge=0, description="dsc: hand-set threshold drift per batch")
+    flag_action: Literal["correct", "skip", "gate"] = Field(
+        "correct", description="dsc: what flagged samples get: reverse-PGD correction (the paper), left out of the "
+                               "update, or the update judged by guard's trusted gate (shrunk if it would hurt)")
     auxiliary: Literal["frozen", "rolling"] = Field(
         "frozen", description="dsc: the burn-in checkpoint for ever (the paper), or the online model "
                               "auxiliary_window batches ago, promoted from healthy windows only")

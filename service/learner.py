@@ -154,10 +154,11 @@ class OnlineLearner:
         else:
             report.flagged = np.zeros(len(x), dtype=bool)
             report.correction_steps = np.zeros(len(x), dtype=np.int64)
-        if verdict is not None:  # the verdict is on the whole update: every sample of a flagged batch counts
-            report.flagged = np.full(len(x), verdict.flagged)
-            report.threshold = verdict.threshold
+        if verdict is not None:
             report.update_scale = verdict.scale
+            if correction is None:  # the gate is the strategy's only verdict, on the whole update
+                report.flagged = np.full(len(x), verdict.flagged)
+                report.threshold = verdict.threshold
         report.promotion = self.strategy.after_step(self.model, self.auxiliary, self.batches_applied,
                                                     float(report.flagged.mean()))
         report.model_version = self.model_version

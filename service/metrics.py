@@ -21,6 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.defense.rolling_auxiliary import REASONS
+
 if TYPE_CHECKING:
     from service.learner import StepReport
 
@@ -126,6 +128,16 @@ class WorkerMetrics:
         self.canary_accuracy = GaugeOnceSet("dscguard_canary_accuracy", "Accuracy of the online model on the "
                                             "trusted canary set (ratio); absent until measured (canary off: "
                                             "DSCGUARD_CANARY_EVERY=0)", registry=r)
+        self.target_flag_ratio = Gauge("dscguard_target_false_flag_ratio", "Share of clean samples the defense is "
+                                       "calibrated to flag (compare with the flagged fraction)", registry=r)
+        self.auxiliary_age = GaugeOnceSet("dscguard_auxiliary_age_batches", "Batches since dsc's auxiliary was "
+                                          "taken (frozen: since deployment; rolling: since its last promotion); "
+                                          "absent for strategies without one", registry=r)
+        self.promotions = Counter("dscguard_auxiliary_promotions_total", "Health-gate decisions of dsc's rolling "
+                                  "auxiliary: promoted (healthy, max_age) or refused (canary, flag_rate)",
+                                  ["decision"], registry=r)
+        for reason in REASONS:  # every decision's series exists from the start, at 0
+            self.promotions.labels(decision=reason)
         self.dead_letters = Counter("dscguard_dead_letters_total", "Entries moved to the dead-letter stream",
                                     ["reason"], registry=r)
         self.duplicates = Counter("dscguard_duplicates_skipped_total", "Entries skipped: their update was "
@@ -137,8 +149,9 @@ class WorkerMetrics:
         self.model_info = Gauge("dscguard_model_info", "The model and defense the worker serves (value 1)",
                                 ["model", "profile", "strategy", "device"], registry=r)
 
-    def observe_step(self, report: StepReport, threshold_next: float | None) -> None:
-        """Everything a StepReport says, as metrics (no per-sample labels: samples go into histograms)."""
+    def observe_step(self, report: StepReport, threshold_next: float | None, defense: dict) -> None:
+        """Everything a StepReport says, as metrics (no per-sample labels: samples go into histograms), and
+        the strategy's own health (`Strategy.health`)."""
         flagged = report.flagged.astype(bool)
         if report.discrepancy_before is not None:
             by_verdict = {True: self.discrepancy.labels(verdict="flagged"),
@@ -155,6 +168,12 @@ class WorkerMetrics:
         self.batches.inc()
         self.samples.inc(report.samples)
         self.model_version.set(report.model_version)
+        if report.promotion is not None:
+            self.promotions.labels(decision=report.promotion.reason).inc()
+        if defense.get("auxiliary_age") is not None:
+            self.auxiliary_age.set(defense["auxiliary_age"])
+        if defense.get("target_false_flag_rate") is not None:
+            self.target_flag_ratio.set(defense["target_false_flag_rate"])
         for phase in ("prepare", "update"):
             if phase in report.seconds:
                 self.step_duration.labels(phase=phase).observe(report.seconds[phase])

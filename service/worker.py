@@ -70,7 +70,7 @@ REFUSED_PREFIX = "refused-"
 RECONNECT_BACKOFF_SECONDS = (0.2, 5.0)  # first wait after a Redis error, doubled up to the second
 CANARY_FILE = "canary.safetensors"
 # the published status fields that describe the served model: kept as published while a replay catches up
-SERVED_MODEL_FIELDS = ("model_version", "batches_applied", "threshold", "calibration", "canary_accuracy")
+SERVED_MODEL_FIELDS = ("model_version", "batches_applied", "threshold", "calibration", "canary_accuracy", "defense")
 
 
 class WorkerError(RuntimeError):
@@ -339,7 +339,7 @@ class Worker:
         self.unpublished.append(AppliedBatch(batch.batch_id, self.audit_record(batch.batch_id, entry_id, report),
                                              discrepancy, in_audit=entry_id in self.recorded))
         self.recorded.discard(entry_id)
-        self.metrics.observe_step(report, self.learner.threshold())
+        self.metrics.observe_step(report, self.learner.threshold(), self.defense_status())
         self.metrics.step_duration.labels(phase="decode").observe(decoded - started)
         if len(self.uncommitted) >= self.settings.checkpoint_every:
             self.commit()
@@ -351,8 +351,14 @@ class Worker:
                 "samples": report.samples, "flagged": summary["flagged"], "corrected": summary["corrected"],
                 "correction_steps": summary["correction_steps"], "discrepancy_mean": summary["discrepancy_mean"],
                 "discrepancy_max": summary["discrepancy_max"], "threshold": report.threshold, "loss": report.loss,
-                "model_version": report.model_version, "strategy": report.strategy,
+                "model_version": report.model_version, "strategy": report.strategy, "promotion": summary["promotion"],
                 "step_seconds": report.seconds.get("total"), "applied_at": time.time()}
+
+    def defense_status(self) -> dict:
+        """What the strategy says about itself (auxiliary age and promotions, gate threshold) and its target."""
+        learner = self.learner
+        return {**learner.strategy.health(learner.batches_applied),
+                "target_false_flag_rate": learner.strategy.target_false_flag_rate()}
 
     def status(self) -> dict:
         """The worker's status; while it replays behind the published model, the served model's fields stay
@@ -363,7 +369,8 @@ class Worker:
                   "threshold": learner.threshold(),
                   "calibration": learner.calibration.to_dict() if learner.calibration else None,
                   "last_applied_id": self.last_applied_id, "checkpointed_batches": self._checkpointed_batches,
-                  "canary_accuracy": self.canary_accuracy, "replaying": None, "updated_at": time.time()}
+                  "canary_accuracy": self.canary_accuracy, "defense": self.defense_status(), "replaying": None,
+                  "updated_at": time.time()}
         if self._replaying_below is not None:
             status["replaying"] = {"model_version": learner.model_version, "batches_applied": learner.batches_applied,
                                    "until_model_version": self._replaying_below}

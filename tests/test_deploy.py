@@ -290,7 +290,7 @@ def test_dashboard_and_alerts_query_only_metrics_the_service_exports():
 def test_alerts_cover_the_failure_modes():
     names = {rule["alert"] for rule in alert_rules()}
     assert {"DscguardFlaggedRateSpike", "DscguardMedianDiscrepancyAboveThreshold", "DscguardQueueLag",
-            "DscguardWorkerDown", "DscguardCanaryAccuracyDrop"} <= names
+            "DscguardWorkerDown", "DscguardCanaryAccuracyDrop", "DscguardPromotionRefused"} <= names
     for rule in alert_rules():
         assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"], rule["alert"]
 

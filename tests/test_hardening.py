@@ -142,7 +142,7 @@ def test_an_upload_the_client_aborts_is_counted_499_and_logged_without_a_traceba
 
 
 # -- 2. long-poll waits and liveness --------------------------------------------------------------------------
-WAITS, WAIT_SECONDS = 200, 3.0
+WAITS, WAIT_SECONDS = 200, 5.0
 
 
 @needs_redis
@@ -182,7 +182,9 @@ def test_liveness_answers_while_200_waits_are_open_and_each_wait_ends_on_time(na
     assert all(status == 200 and took < 1.0 for status, took in probes), probes
     assert all(status == 200 and state == "queued" for status, state, _ in waits), waits[:3]
     took = [t for *_, t in waits]
-    assert min(took) >= WAIT_SECONDS - 0.2 and max(took) <= WAIT_SECONDS + 2.0, (min(took), max(took))
+    # the starved API took twice the wait; on a loaded 2-core machine 200 requests take a couple of seconds to
+    # be answered, so the bound sits between the two
+    assert min(took) >= WAIT_SECONDS - 0.2 and max(took) <= 1.6 * WAIT_SECONDS, (min(took), max(took))
 
 
 @needs_redis

@@ -118,3 +118,41 @@ def test_dsc_shares_the_trunk_forward_without_changing_the_loss():
     shared = strategy.loss(model.train(), prepared, x, y)
     plain = torch.nn.functional.cross_entropy(model(prepared.x), y)
     assert shared.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def _flagging_dsc(action, trusted=None):
+    """dsc with a threshold every batch is above (mu 0, tau 0) or none is (mu 1e9), and `action` on a flag."""
+    calibration = Calibration(mu=0.0, tau=0.0, target_false_flag_rate=0.1, divergence="kl", unit="batch")
+    return build_strategy(StrategyConfig(name="dsc", flag_action=action, gate_calibration_updates=8), calibration,
+                          trusted=trusted, batch_size=16)
+
+
+def test_dsc_skip_leaves_a_flagged_batch_out_of_the_update_and_learns_an_unflagged_one():
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    strategy = _flagging_dsc("skip")
+    learner = _learner(strategy, strategy.calibration)
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    report = learner.step(x, y)
+    assert report.flagged.all() and report.corrected_count == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
+    learner.strategy.config = learner.strategy.config.model_copy(update={"mu": 1e9})
+    assert not learner.step(x, y).flagged.any()
+    assert not all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
+
+
+def test_dsc_gate_judges_only_flagged_updates_and_leaves_samples_uncorrected():
+    trusted = (torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    strategy = _flagging_dsc("gate", trusted)
+    calm = _learner(strategy, strategy.calibration)
+    calm.strategy.config = calm.strategy.config.model_copy(update={"mu": 1e9})
+    report = calm.step(x, y)
+    assert not report.flagged.any() and report.update_scale == 1.0 and calm.strategy.gate.threshold is None
+    strategy = _flagging_dsc("gate", trusted)
+    flagging = _learner(strategy, strategy.calibration)
+    report = flagging.step(x, y)
+    assert report.flagged.all() and report.corrected_count == 0
+    assert flagging.strategy.gate.threshold is not None  # calibrated and asked, on the flagged batch only
+    assert report.threshold == 0.0  # the report keeps dsc's threshold, not the gate's
+    with pytest.raises(ValueError, match="trusted split"):
+        _flagging_dsc("gate")

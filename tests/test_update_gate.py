@@ -9,8 +9,8 @@ import torch
 
 from attacker_sim.evaluation import build_campaign
 from service.config import StrategyConfig
-from service.defense.strategies import build_strategy
 from service.defense.calibration import conformal_quantile
+from service.defense.strategies import build_strategy
 from service.defense.update_gate import UpdateGate
 from service.learner import OnlineLearner
 

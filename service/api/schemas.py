@@ -76,6 +76,9 @@ class StatusResponse(BaseModel):
     threshold: float | None = Field(description="the threshold the next batch is judged against")
     calibration: dict | None
     canary_accuracy: float | None
+    defense: dict | None = Field(None, description="what the strategy reports about itself: its false-flag target; "
+                                                   "dsc: auxiliary (frozen/rolling), auxiliary_age, promotions by "
+                                                   "decision, last_promotion; guard: gate_threshold")
     worker: dict | None = Field(description="the worker's last published status; null before it started")
     worker_alive: bool
     queue: QueueState

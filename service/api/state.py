@@ -22,7 +22,8 @@ from service.redis_queue import RedisQueue
 from service.settings import ServiceSettings
 
 # what /v1/status shows at the top level; the rest of the worker's status is under "worker"
-MODEL_STATUS_FIELDS = ("model_version", "batches_applied", "strategy", "threshold", "calibration", "canary_accuracy")
+MODEL_STATUS_FIELDS = ("model_version", "batches_applied", "strategy", "threshold", "calibration", "canary_accuracy",
+                       "defense")
 
 
 @dataclass

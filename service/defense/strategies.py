@@ -151,6 +151,12 @@ class DiscrepancyAwareCorrection(Strategy):
         self.calibration = calibration
         self.correct = ReversePGD(config.steps, config.step_size, config.epsilon, early_stop=config.early_stop,
                                   divergence=config.divergence)
+        self._flagged = False  # the verdict on the batch being learned (prepare -> before_optimizer_step)
+        self.gate = None
+        if config.flag_action == "gate":
+            if trusted is None:
+                raise ValueError("dsc with flag_action='gate' needs the trusted split (its gate calibrates on it)")
+            self.gate = _gate(config, trusted, batch_size, seed)
         self.rolling = None
         if config.auxiliary == "rolling":
             if trusted is None or calibration is None:
@@ -158,9 +164,9 @@ class DiscrepancyAwareCorrection(Strategy):
                                  "(its promotions are judged and recalibrated on them)")
             self.rolling = RollingAuxiliary(
                 *trusted, window=config.auxiliary_window, every=config.auxiliary_every, ring=config.auxiliary_ring,
-                max_age=config.auxiliary_max_age,                target_false_flag_rate=calibration.target_false_flag_rate, canary_drop=config.promotion_canary_drop,
-                z=config.promotion_z, divergence=config.divergence, unit=config.early_stop,
-                batch_size=batch_size or len(trusted[0]) // 4, seed=seed)
+                target_false_flag_rate=calibration.target_false_flag_rate, max_age=config.auxiliary_max_age,
+                canary_drop=config.promotion_canary_drop, z=config.promotion_z, divergence=config.divergence,
+                unit=config.early_stop, batch_size=batch_size or len(trusted[0]) // 4, seed=seed)
 
     @classmethod
     def from_context(cls, config: StrategyConfig, context: StrategyContext) -> Strategy:
@@ -186,7 +192,8 @@ class DiscrepancyAwareCorrection(Strategy):
         return self.rolling.observe(model, auxiliary, applied, flagged_share)
 
     def state(self) -> dict:
-        return {"rolling": self.rolling.state()} if self.rolling is not None else {}
+        state = {"rolling": self.rolling.state()} if self.rolling is not None else {}
+        return {**state, "gate": self.gate.state()} if self.gate is not None else state
 
     def health(self, applied: int) -> dict:
         if self.rolling is None:
@@ -199,38 +206,63 @@ class DiscrepancyAwareCorrection(Strategy):
     def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         if self.rolling is not None and state.get("rolling"):
             self.rolling.restore(state["rolling"], tensors)
+        if self.gate is not None and state.get("gate"):
+            self.gate.restore(state["gate"])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        if self.rolling is None:
+        trusted = self.rolling.trusted if self.rolling is not None else self.gate.trusted if self.gate else None
+        if trusted is None:
             return {}
-        return {"trusted_x": self.rolling.trusted[0], "trusted_y": self.rolling.trusted[1], **self.rolling.tensors()}
+        return {"trusted_x": trusted[0], "trusted_y": trusted[1],
+                **(self.rolling.tensors() if self.rolling is not None else {})}
 
     def prepare(self, model, auxiliary, x, y, batch_index):
         if auxiliary is None:
             raise RuntimeError("dsc needs the frozen auxiliary checkpoint")
         threshold = self.threshold(batch_index)
         split = split_mode_invariant(model)
-        if split is None:
-            result = self.correct(model, x, y, auxiliary=auxiliary, threshold=threshold)
-            return PreparedBatch(result.x, result, threshold)
-        trunk, head = split
-        features = trunk(x)  # kept with its graph: the update reuses it for the samples left alone
-        with torch.no_grad(), eval_mode(head, auxiliary):
-            discrepancy = divergence_from_logits(auxiliary(x), head(features.detach()), self.config.divergence)
-        result = self.correct(model, x, y, auxiliary=auxiliary, threshold=threshold, discrepancy=discrepancy)
+        features, discrepancy = None, None
+        if split is not None:
+            trunk, head = split
+            features = trunk(x)  # kept with its graph: the update reuses it for the samples left alone
+            with torch.no_grad(), eval_mode(head, auxiliary):
+                discrepancy = divergence_from_logits(auxiliary(x), head(features.detach()), self.config.divergence)
+        if self.config.flag_action == "correct":
+            result = self.correct(model, x, y, auxiliary=auxiliary, threshold=threshold, discrepancy=discrepancy)
+        else:
+            if discrepancy is None:
+                with torch.no_grad(), eval_mode(model, auxiliary):
+                    discrepancy = divergence_from_logits(auxiliary(x), model(x), self.config.divergence)
+            if self.config.early_stop == "batch":
+                flagged = torch.full_like(discrepancy, bool(discrepancy.mean() > threshold), dtype=torch.bool)
+            else:
+                flagged = discrepancy > threshold
+            result = CorrectionResult(x, discrepancy, discrepancy, flagged, torch.zeros_like(flagged, dtype=torch.long))
+        self._flagged = bool(result.flagged.any())
         return PreparedBatch(result.x, result, threshold, features)
 
     def loss(self, model, prepared, x, y):
-        if prepared.features is None:
-            return super().loss(model, prepared, x, y)
-        _, head = split_mode_invariant(model)
-        changed = prepared.correction.steps_taken > 0
-        logits = head(prepared.features[~changed])
-        labels = y[~changed]
+        correction = prepared.correction
+        head = split_mode_invariant(model)[1] if prepared.features is not None else None
+        if self.config.flag_action == "skip":
+            keep = ~correction.flagged
+            if not keep.any():  # every sample skipped: no gradient from this batch
+                return sum(p.sum() for p in model.parameters()) * 0.0
+            logits = model(x[keep]) if head is None else head(prepared.features[keep])
+            return F.cross_entropy(logits, y[keep])
+        if head is None:
+            return super().loss(model, prepared, x, y)  # one forward of the batch as corrected
+        changed = correction.steps_taken > 0
+        logits, labels = head(prepared.features[~changed]), y[~changed]
         if changed.any():
             logits = torch.cat([logits, model(prepared.x[changed])])
             labels = torch.cat([labels, y[changed]])
         return F.cross_entropy(logits, labels)
+
+    def before_optimizer_step(self, model, optimizer):
+        if self.gate is None or not self._flagged:
+            return None
+        return self.gate.judge(model, optimizer)
 
 
 class TrustedUpdateGuard(Strategy):
@@ -248,12 +280,7 @@ class TrustedUpdateGuard(Strategy):
         super().__init__(config)
         if trusted is None:
             raise ValueError("strategy 'guard' needs the trusted split (trusted=(x, y)) to calibrate its gate")
-        x, y = trusted
-        self.trusted = (x.detach().cpu().float(), y.detach().cpu().long())
-        self.gate = UpdateGate(*self.trusted, batch_size=batch_size or len(x) // 4,
-                               target_false_flag_rate=config.gate_target_false_flag_rate,
-                               calibration_updates=config.gate_calibration_updates,
-                               recalibrate_every=config.gate_recalibrate_every, action=config.gate_action, seed=seed)
+        self.gate = _gate(config, trusted, batch_size, seed)
 
     @classmethod
     def from_context(cls, config: StrategyConfig, context: StrategyContext) -> Strategy:
@@ -276,7 +303,16 @@ class TrustedUpdateGuard(Strategy):
             self.gate.restore(state["gate"])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"trusted_x": self.trusted[0], "trusted_y": self.trusted[1]}
+        return {"trusted_x": self.gate.trusted[0], "trusted_y": self.gate.trusted[1]}
+
+
+def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed: int) -> UpdateGate:
+    """Guard's update gate on the trusted split (x, y), with the gate_* settings of `config`."""
+    x, y = trusted
+    return UpdateGate(x.detach().cpu().float(), y.detach().cpu().long(), batch_size=batch_size or len(x) // 4,
+                      target_false_flag_rate=config.gate_target_false_flag_rate,
+                      calibration_updates=config.gate_calibration_updates,
+                      recalibrate_every=config.gate_recalibrate_every, action=config.gate_action, seed=seed)
 
 
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {
