@@ -21,6 +21,7 @@ from service.config import StrategyConfig
 from service.defense.calibration import Calibration
 from service.defense.rolling_auxiliary import PromotionDecision
 from service.defense.strategies import Strategy, build_strategy
+from service.defense.update_gate import GateVerdict
 from service.models import build_model
 
 FORMAT_VERSION = 1
@@ -43,6 +44,7 @@ class StepReport:
     seconds: dict[str, float] = field(default_factory=dict)
     model_version: int = 0
     update_scale: float = 1.0  # share of the batch's gradient applied (the guard's gate may shrink it)
+    gate: GateVerdict | None = None  # the update gate's verdict, when it judged this update
     promotion: PromotionDecision | None = None  # DSC's rolling auxiliary: the health gate's decision, if due
 
     @property
@@ -113,11 +115,11 @@ class OnlineLearner:
             self.strategy.calibration = calibration
 
     def threshold(self) -> float | None:
-        """The threshold the next batch will be judged against (None for strategies without one)."""
-        threshold = getattr(self.strategy, "threshold", None)
+        """The threshold the next batch will be judged against (None for strategies without one, or not
+        calibrated yet)."""
         try:
-            return threshold(self.batches_applied) if threshold else None
-        except RuntimeError:
+            return self.strategy.threshold(self.batches_applied)
+        except RuntimeError:  # dsc before its calibration
             return None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepReport:
@@ -155,7 +157,7 @@ class OnlineLearner:
             report.flagged = np.zeros(len(x), dtype=bool)
             report.correction_steps = np.zeros(len(x), dtype=np.int64)
         if verdict is not None:
-            report.update_scale = verdict.scale
+            report.gate, report.update_scale = verdict, verdict.scale
             if correction is None:  # the gate is the strategy's only verdict, on the whole update
                 report.flagged = np.full(len(x), verdict.flagged)
                 report.threshold = verdict.threshold

@@ -128,6 +128,13 @@ class WorkerMetrics:
         self.canary_accuracy = GaugeOnceSet("dscguard_canary_accuracy", "Accuracy of the online model on the "
                                             "trusted canary set (ratio); absent until measured (canary off: "
                                             "DSCGUARD_CANARY_EVERY=0)", registry=r)
+        self.gate_increase = GaugeOnceSet("dscguard_gate_increase", "Increase of the trusted probe loss the last "
+                                          "judged update would have caused (guard's gate; absent until it judges)",
+                                          registry=r)
+        self.gate_threshold = GaugeOnceSet("dscguard_gate_threshold", "The update gate's calibrated threshold on "
+                                           "that increase", registry=r)
+        self.updates_shrunk = Counter("dscguard_updates_shrunk_total", "Updates the gate shrank or dropped "
+                                      "(applied at less than their full size)", registry=r)
         self.target_flag_ratio = Gauge("dscguard_target_false_flag_ratio", "Share of clean samples the defense is "
                                        "calibrated to flag (compare with the flagged fraction)", registry=r)
         self.auxiliary_age = GaugeOnceSet("dscguard_auxiliary_age_batches", "Batches since dsc's auxiliary was "
@@ -168,6 +175,11 @@ class WorkerMetrics:
         self.batches.inc()
         self.samples.inc(report.samples)
         self.model_version.set(report.model_version)
+        if report.gate is not None:
+            self.gate_increase.set(report.gate.increase)
+            self.gate_threshold.set(report.gate.threshold)
+        if report.update_scale < 1.0:
+            self.updates_shrunk.inc()
         if report.promotion is not None:
             self.promotions.labels(decision=report.promotion.reason).inc()
         if defense.get("auxiliary_age") is not None:

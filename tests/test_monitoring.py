@@ -26,6 +26,7 @@ from tests.monitoring_queries import (
 )
 from tests.service_harness import (
     API_KEY,
+    DIGITS_OVERRIDES,
     ROOT,
     free_port,
     make_settings,
@@ -79,8 +80,13 @@ def test_prometheus_scrapes_the_stack_and_every_dashboard_and_alert_query_return
                                                                                        tmp_path):
     batches = list(digits_experiment.stream_batches(CLEAN_BATCHES + NOISE_BATCHES, seed=31))
     with redis_namespace() as namespace:
+        # dsc with the gate as its action and a rolling auxiliary: one worker feeds every panel (discrepancy,
+        # promotions, the update gate), the noise batches being flagged and judged
+        overrides = {**DIGITS_OVERRIDES, "strategy": {"name": "dsc", "flag_action": "gate", "auxiliary": "rolling",
+                                                      "auxiliary_window": 2, "auxiliary_every": 2,
+                                                      "auxiliary_ring": 1}}
         settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, worker_metrics_port=free_port(),
-                                 canary_every=1, checkpoint_every=3)
+                                 canary_every=1, checkpoint_every=3, config_overrides=overrides)
         api_port, prometheus_port = free_port(), free_port()
         api_url, prometheus = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{prometheus_port}"
         env = {**os.environ, **settings_env(settings), "DSCGUARD_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}

@@ -74,6 +74,10 @@ class Strategy:
         """Hook between backward and the optimizer step (gradient clipping and the update gate live here)."""
         return None
 
+    def threshold(self, batch_index: int) -> float | None:
+        """The threshold the `batch_index`-th batch is judged against (None: the strategy judges nothing)."""
+        return None
+
     def after_step(self, model: nn.Module, auxiliary: nn.Module | None, applied: int,
                    flagged_share: float) -> PromotionDecision | None:
         """Hook after the optimizer step (`applied` batches so far): DSC's rolling auxiliary lives here."""
@@ -289,6 +293,8 @@ class TrustedUpdateGuard(Strategy):
     def before_optimizer_step(self, model, optimizer):
         return self.gate.judge(model, optimizer)
 
+    def threshold(self, batch_index: int) -> float | None:
+        return self.gate.threshold  # None until the first update calibrates it
     def target_false_flag_rate(self) -> float:
         return self.config.gate_target_false_flag_rate
 
