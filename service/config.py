@@ -74,9 +74,10 @@ class StreamConfig(_Section):
 
 
 class StrategyConfig(_Section):
-    """The defense applied before each update: st, gc, at or dsc, with their budgets."""
+    """The defense applied before each update, with its budgets: guard (the default: the trusted update gate),
+    dsc (the paper), and the baselines st, gc, at."""
 
-    name: StrategyName = "dsc"
+    name: StrategyName = "guard"
     clip_value: float = Field(0.01, gt=0, description="gc: gradient-norm bound")
     clip_norm: Literal["inf", "2"] = "inf"
     steps: int = Field(10, ge=1, description="at/dsc: reverse-PGD steps K")

@@ -66,7 +66,7 @@ class ServiceSettings(BaseSettings):
     device: str = Field("auto", description="auto: CUDA when present, CPU otherwise")
     torch_threads: int = Field(0, ge=0, description="worker's CPU threads (0: torch's default, every core); leave "
                                "a core to the API when both share a small machine")
-    strategy: StrategyName | None = Field(None, description="defense strategy (default: the profile's, dsc)")
+    strategy: StrategyName | None = Field(None, description="defense strategy (default: the profile's, guard)")
     config_overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description='JSON: section overrides, e.g. {"burnin": {"epochs": 5}}')
     cache_dir: Path | None = Field(None, description="burn-in and dataset cache (default: ~/.cache/dscguard)")

@@ -96,7 +96,9 @@ def _assert_applied_exactly_once(api: ApiServer, queue: RedisQueue, settings, ba
     served = api.client.get("/v1/model", headers={"X-API-Key": ADMIN_TOKEN})
     weights = model_from_bytes(served.content).model.state_dict()
     for name, tensor in reference.model.state_dict().items():
-        torch.testing.assert_close(weights[name], tensor.cpu(), rtol=0, atol=1e-6, msg=f"weights {name} differ")
+        # float noise only (another process, other kernels' summation order; guard's lookahead steps the weights
+        # and puts them back): a lost, repeated or shrunk update moves a weight by 1e-3 or more
+        torch.testing.assert_close(weights[name], tensor.cpu(), rtol=0, atol=2e-5, msg=f"weights {name} differ")
 
 
 CRASHES, CRASH_BATCHES = 10, 200

@@ -20,7 +20,7 @@ from attacker_sim.targets import InProcessTarget
 from service.checkpoint import load_checkpoint
 from service.cli import main
 from service.codec import encode_json_batch, encode_safetensors_batch
-from service.config import ExperimentConfig
+from service.config import ExperimentConfig, StrategyConfig
 from service.model_store import model_from_bytes
 from service.redis_queue import RedisQueue
 from service.worker import Worker, WorkerError
@@ -39,6 +39,7 @@ from tests.service_harness import (
 )
 
 pytestmark = [needs_redis, pytest.mark.slow]
+DSC = StrategyConfig(name="dsc")  # the tests that follow the discrepancy through every layer run the paper's dsc
 SAFETENSORS = {"Content-Type": "application/vnd.safetensors"}
 
 
@@ -89,8 +90,9 @@ def _metric(text: str, name: str, **labels) -> float:
 
 def test_batches_are_applied_in_order_and_reported(digits_experiment, cache_dir, namespace, tmp_path):
     metrics_port = free_port()
+    # dsc, whose per-sample discrepancy, calibration and threshold travel through every layer checked here
     settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=4,
-                             worker_metrics_port=metrics_port, canary_every=2)
+                             worker_metrics_port=metrics_port, canary_every=2, strategy="dsc")
     batches = list(digits_experiment.stream_batches(6, seed=11))
     with ApiServer(settings) as api, WorkerProcess(settings) as worker:
         _wait_ready(api, worker)
@@ -103,7 +105,7 @@ def test_batches_are_applied_in_order_and_reported(digits_experiment, cache_dir,
         status = _wait_applied(api, 6, worker)
         audit = list(reversed(status["audit"]))
 
-        reference = digits_experiment.new_learner()
+        reference = digits_experiment.new_learner(DSC)
         reports = [reference.step(x, y) for x, y in batches]
         assert [r["batch_id"] for r in audit] == [f"b{i}" for i in range(6)]
         assert [r["batch_index"] for r in audit] == list(range(6))
@@ -188,10 +190,10 @@ def test_a_second_worker_on_a_namespace_is_refused(namespace, tmp_path):
 
 def test_campaigns_give_the_same_accuracies_in_process_and_over_http(digits_experiment, cache_dir, namespace,
                                                                       tmp_path, monkeypatch, capsys):
-    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir)
+    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, strategy="dsc")
     campaign = {"max_batches": 2, "clean_batches": 2}
-    config = ExperimentConfig.from_profile("digits", **DIGITS_OVERRIDES, campaign=campaign)
-    learner = digits_experiment.new_learner()
+    config = ExperimentConfig.from_profile("digits", **DIGITS_OVERRIDES, campaign=campaign, strategy={"name": "dsc"})
+    learner = digits_experiment.new_learner(DSC)
     in_process = evaluate_target(config, InProcessTarget(learner), "dsc", cache_dir=cache_dir, progress=False)
     with ApiServer(settings) as api, WorkerProcess(settings) as worker:
         _wait_ready(api, worker)
@@ -216,7 +218,8 @@ def test_campaigns_give_the_same_accuracies_in_process_and_over_http(digits_expe
         monkeypatch.setenv("DSCGUARD_CACHE_DIR", str(cache_dir))
         overrides = [f"{section}.{k}={v}" for section, fields in {**DIGITS_OVERRIDES, "campaign": campaign}.items()
                      for k, v in fields.items()]
-        args = ["attack", "--target", api.url, "--profile", "digits", "--scenarios", "clean", "--no-progress"]
+        args = ["attack", "--target", api.url, "--profile", "digits", "--scenarios", "clean", "--no-progress",
+                "--set", "strategy.name=dsc"]
         assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
     printed = capsys.readouterr().out
     expected = evaluate_target(config, InProcessTarget(learner), "dsc", scenarios=["clean"], cache_dir=cache_dir,
