@@ -136,3 +136,17 @@ def test_the_probe_is_bounded_so_a_lookahead_costs_the_same_on_any_trusted_split
     assert len(large.probe) == 256 and len(set(large.probe.tolist())) == 256
     with pytest.raises(ValueError, match="probe_samples"):
         UpdateGate(torch.rand(10, 1, 2, 2), torch.randint(0, 3, (10,)), batch_size=2, probe_samples=2)
+
+
+def test_an_honestly_drifted_stream_is_mostly_applied_whole_and_learned(digits_experiment):
+    """The one-pixel shift: every sample moves, DSC flags all of them; the gate lets the updates through."""
+    from attacker_sim.drift import build_drift
+
+    drift = build_drift("pixel_shift")
+    x, y = digits_experiment.splits.stream.tensors()
+    test_x, test_y = drift.test_view(*digits_experiment.test_tensors, seed=0)
+    learner = _guard_learner(digits_experiment)
+    start = learner.accuracy(test_x, test_y)
+    scales = [learner.step(xb, yb).update_scale for xb, yb in drift.batches(x, y, batch_size=50, count=30, seed=0)]
+    assert np.mean([s == 1.0 for s in scales]) >= 0.8, scales
+    assert learner.accuracy(test_x, test_y) >= start + 0.1  # learned, not undone
