@@ -340,6 +340,11 @@ class Worker:
                                              discrepancy, in_audit=entry_id in self.recorded))
         self.recorded.discard(entry_id)
         self.metrics.observe_step(report, self.learner.threshold(), self.defense_status())
+        if report.promotion is not None and not report.promotion.promoted:
+            p = report.promotion
+            log.warning("auxiliary promotion refused (%s) at batch %d: snapshot of batch %d, canary %.3f vs best %.3f "
+                        "(bound %.3f), flagged share %.3f vs band %.3f", p.reason, p.batch, p.candidate, p.canary,
+                        p.canary_best, p.canary_bound, p.flag_rate, p.flag_bound)
         self.metrics.step_duration.labels(phase="decode").observe(decoded - started)
         if len(self.uncommitted) >= self.settings.checkpoint_every:
             self.commit()

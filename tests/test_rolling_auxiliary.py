@@ -207,3 +207,22 @@ def test_bad_settings_are_refused_naming_the_field(fields, named):
 def test_rolling_needs_the_trusted_split_and_the_calibration():
     with pytest.raises(ValueError, match="trusted split and the calibration"):
         build_strategy(StrategyConfig(name="dsc", auxiliary="rolling"))
+
+
+def test_a_refusal_reaches_the_metrics_by_its_reason_and_the_audit_summary():
+    from prometheus_client import generate_latest
+
+    from service.defense.rolling_auxiliary import PromotionDecision
+    from service.learner import StepReport
+    from service.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    refusal = PromotionDecision(batch=60, candidate=10, promoted=False, reason="canary", canary=0.7, canary_best=0.95,
+                                canary_bound=0.05, flag_rate=0.1, flag_bound=0.2, mu=None)
+    report = StepReport(batch_index=59, samples=4, strategy="dsc", loss=0.1, grad_norm=1.0, promotion=refusal)
+    metrics.observe_step(report, 0.5, {"auxiliary_age": 60, "target_false_flag_rate": 0.1})
+    text = generate_latest(metrics.registry).decode()
+    assert 'dscguard_auxiliary_promotions_total{decision="canary"} 1.0' in text
+    assert 'dscguard_auxiliary_promotions_total{decision="healthy"} 0.0' in text
+    assert "dscguard_auxiliary_age_batches 60.0" in text and "dscguard_target_false_flag_ratio 0.1" in text
+    assert report.summary()["promotion"]["reason"] == "canary"
