@@ -13,9 +13,11 @@ import numpy as np  # noqa: E402
 
 from attacker_sim.leaderboard import Leaderboard  # noqa: E402
 from service.atomic import atomic_write_bytes  # noqa: E402
+from service.strategy_registry import REGISTRY  # noqa: E402
 
-COLORS = {"st": "tab:red", "gc": "tab:orange", "gc-paper": "navajowhite", "at": "tab:purple",
-          "at-paper": "plum", "dsc": "tab:blue", "dsc-sample": "lightskyblue", "guard": "tab:green",
+# a strategy's own colour (the registry's), a lighter shade of it for its arena variants
+COLORS = {**{name: info.colour for name, info in REGISTRY.items()}, "gc-paper": "navajowhite", "at-paper": "plum",
+          "dsc-sample": "lightskyblue", "dsc-rolling": "tab:cyan", "dsc-skip": "powderblue", "dsc-gate": "steelblue",
           "guard-skip": "yellowgreen"}
 
 

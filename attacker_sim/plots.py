@@ -17,8 +17,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from service.atomic import atomic_write_bytes  # noqa: E402
+from service.strategy_registry import REGISTRY  # noqa: E402
 
-COLORS = {"st": "tab:red", "gc": "tab:orange", "at": "tab:purple", "dsc": "tab:blue"}
+COLORS = {name: info.colour for name, info in REGISTRY.items()}
 SEED_LINE = {"linewidth": 0.8, "alpha": 0.35}
 MEAN_LINE = {"linewidth": 2.5, "alpha": 0.95}
 DISCREPANCY_FLOOR = 1e-6  # the histogram's lowest bin edge at most; smaller values are counted in the first bin

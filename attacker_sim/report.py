@@ -14,6 +14,7 @@ import numpy as np
 
 from attacker_sim.evaluation import Evaluation, environment
 from service.atomic import atomic_write_text
+from service.strategy_registry import STRATEGY_NAMES
 
 METRICS = ("start_acc", "batches", "poison_acc", "trigger_acc", "delta", "final_acc", "flagged_rate",
            "corrected_rate", "attack_success_rate", "trigger_flagged_rate", "seconds_per_step")
@@ -35,7 +36,7 @@ RESULTS_SCHEMA = {
                          "attack_success_rate", "seconds_per_step"],
             "properties": {
                 "dataset": {"type": "string"}, "model": {"type": "string"},
-                "strategy": {"enum": ["st", "gc", "at", "dsc", "guard"]}, "scenario": {"enum": ["clean", "poison"]},
+                "strategy": {"enum": list(STRATEGY_NAMES)}, "scenario": {"enum": ["clean", "poison"]},
                 "seed_count": {"type": "integer", "minimum": 1},
                 "start_acc": _FRACTION_STAT, "poison_acc": _FRACTION_STAT, "trigger_acc": _FRACTION_STAT,
                 "clean_final_acc": _FRACTION_STAT, "flagged_rate": _FRACTION_STAT,

@@ -14,19 +14,17 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import get_args
 
 from pydantic import BaseModel, ValidationError
 
 from service.commands import add_service_commands
-from service.config import PROFILES, ExperimentConfig, StrategyName
+from service.config import PROFILES, ExperimentConfig, StrategyConfig
+from service.strategy_registry import REGISTRY, STRATEGY_NAMES
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-STRATEGY_HELP = ("st: plain SGD, gc: gradient clipping, at: adversarial training on every sample, dsc: the paper's "
-                 "discrepancy-aware correction, guard: the trusted-update gate")
-STRATEGY_NAMES = get_args(StrategyName)
+STRATEGY_HELP = "; ".join(f"{name}: {info.summary}" for name, info in REGISTRY.items())
 
 
 class CommandLineError(Exception):
@@ -366,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stream", help="stream clean batches through a strategy; print accuracy and discrepancy")
     _experiment_options(p)
-    p.add_argument("--strategy", default="dsc", choices=STRATEGY_NAMES, help=STRATEGY_HELP)
+    p.add_argument("--strategy", default=StrategyConfig().name, choices=STRATEGY_NAMES, help=STRATEGY_HELP)
     p.add_argument("--dataset", choices=("digits", "mnist", "cifar10", "cifar100", "svhn"),
                    help="dataset (default: the profile's)")
     p.add_argument("--batches", type=_count(0), default=0,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-StrategyName = Literal["st", "gc", "at", "dsc", "guard"]
+from service.strategy_registry import StrategyName
 
 
 class _Section(BaseModel):

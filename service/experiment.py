@@ -18,7 +18,7 @@ from service.burnin import BurnInResult, burn_in
 from service.config import ExperimentConfig, StrategyConfig
 from service.data import Splits, SplitSizes, default_cache_dir, load_dataset, make_splits
 from service.defense.calibration import Calibration, calibrate
-from service.defense.strategies import build_strategy
+from service.defense.strategies import build_strategy, strategy_class
 from service.device import resolve_device
 from service.learner import OnlineLearner
 
@@ -72,7 +72,7 @@ class Experiment:
         """A learner at the end of burn-in, with a fresh optimizer, defended by `strategy`."""
         strategy = strategy or self.config.strategy
         calibration = None
-        if strategy.name == "dsc":
+        if strategy_class(strategy.name).needs_calibration:
             calibration = self.calibration_for(strategy.divergence, strategy.early_stop)
         stream = self.config.stream
         return OnlineLearner(

@@ -111,7 +111,7 @@ class OnlineLearner:
 
     def set_calibration(self, calibration: Calibration | None) -> None:
         self.calibration = calibration
-        if hasattr(self.strategy, "calibration"):
+        if self.strategy.needs_calibration:
             self.strategy.calibration = calibration
 
     def threshold(self) -> float | None:

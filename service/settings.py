@@ -20,7 +20,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.config import ExperimentConfig, StrategyName
+from service.config import ExperimentConfig
+from service.strategy_registry import StrategyName
 
 
 def default_checkpoint_dir(cache_dir: Path | None, namespace: str) -> Path:

@@ -209,7 +209,7 @@ def test_every_option_of_every_command_has_help_showing_its_default():
 
 
 @pytest.mark.parametrize(("command", "option", "shown"), [
-    ("stream", "--seed", "0"), ("stream", "--strategy", "dsc"), ("sweep", "--out", "reports/sweep"),
+    ("stream", "--seed", "0"), ("stream", "--strategy", "guard"), ("sweep", "--out", "reports/sweep"),
     ("analyze-md", "--out", "reports/analyze-md"), ("analyze-md", "--k", "1 2 5 10 20"), ("serve", "--port", "8000"),
     ("serve", "--log-level", "info"), ("stack up", "--api-port", "8000"), ("stack up", "--prometheus-port", "9090")])
 def test_named_options_show_their_defaults(command, option, shown):

@@ -23,8 +23,9 @@ from service.defense.eval_mode import eval_mode
 from service.defense.rolling_auxiliary import REASONS, PromotionDecision, RollingAuxiliary
 from service.defense.update_gate import GateVerdict, UpdateGate
 from service.models.trunk import split_mode_invariant
+from service.strategy_registry import STRATEGY_NAMES
 
-STRATEGIES = ("st", "gc", "at", "dsc", "guard")
+STRATEGIES = STRATEGY_NAMES
 Trusted = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -54,6 +55,8 @@ class Strategy:
 
     name = "st"
     uses_auxiliary = False
+    needs_calibration = False  # DSC's threshold schedule, from the trusted split (`Experiment.calibration_for`)
+    calibration: Calibration | None = None
 
     def __init__(self, config: StrategyConfig):
         self.config = config
@@ -148,6 +151,7 @@ class DiscrepancyAwareCorrection(Strategy):
 
     name = "dsc"
     uses_auxiliary = True
+    needs_calibration = True
 
     def __init__(self, config: StrategyConfig, calibration: Calibration | None = None, trusted: Trusted | None = None,
                  batch_size: int | None = None, seed: int = 0):
@@ -322,9 +326,17 @@ def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed
 
 
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {
-    "st": Strategy, "gc": GradientClipping, "at": AdversarialTraining, "dsc": DiscrepancyAwareCorrection,
-    "guard": TrustedUpdateGuard,
-}
+    cls.name: cls for cls in (Strategy, GradientClipping, AdversarialTraining, DiscrepancyAwareCorrection,
+                              TrustedUpdateGuard)}
+if tuple(_STRATEGY_CLASSES) != STRATEGY_NAMES:  # the registry and the classes must name the same strategies
+    raise ImportError(f"strategy classes {tuple(_STRATEGY_CLASSES)} != registry {STRATEGY_NAMES}")
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The class behind a registered strategy name."""
+    if name not in _STRATEGY_CLASSES:
+        raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+    return _STRATEGY_CLASSES[name]
 
 
 def build_strategy(config: StrategyConfig | str, calibration: Calibration | None = None,
@@ -338,8 +350,6 @@ def build_strategy(config: StrategyConfig | str, calibration: Calibration | None
     'gc'
     """
     if isinstance(config, str):
-        if config not in _STRATEGY_CLASSES:
-            raise ValueError(f"unknown strategy {config!r}; expected one of {', '.join(STRATEGIES)}")
-        config = StrategyConfig(name=config)
+        config = StrategyConfig(name=strategy_class(config).name)
     context = StrategyContext(calibration, trusted, batch_size, seed)
-    return _STRATEGY_CLASSES[config.name].from_context(config, context)
+    return strategy_class(config.name).from_context(config, context)
