@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 
 from attacker_sim import scenarios
 from attacker_sim.campaign import AccumulativeCampaign
-from attacker_sim.evaluation import build_campaign, environment
+from attacker_sim.evaluation import build_campaign
 from attacker_sim.leaderboard import Leaderboard, build_rows, markdown
 from attacker_sim.tuning import TUNED, TuningResult, tune_baselines
 from service.atomic import atomic_write_text
 from service.config import ExperimentConfig, StrategyConfig
+from service.environment import environment
 from service.experiment import Experiment
 
 # label -> settings over the config's strategy section; "gc" and "at" get the tuned settings on top

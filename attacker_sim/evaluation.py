@@ -7,12 +7,10 @@ Thresholds are calibrated on the trusted clean split only; the test split is onl
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -41,16 +39,6 @@ class Evaluation:
 
     def runs_for(self, strategy: str, scenario: str) -> list[RunResult]:
         return [r for r in self.runs if r.strategy == strategy and r.scenario == scenario]
-
-
-def environment() -> dict:
-    """Versions and hardware, recorded in every result file."""
-    import sklearn
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "scikit_learn": sklearn.__version__, "platform": platform.platform(), "machine": platform.machine(),
-            "cpu_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def evaluate(config: ExperimentConfig, strategies: Sequence[str] = STRATEGY_ORDER,

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from attacker_sim.evaluation import Evaluation, environment
+from attacker_sim.evaluation import Evaluation
 from service.atomic import atomic_write_text
+from service.environment import environment
 from service.strategy_registry import STRATEGY_NAMES
 
 METRICS = ("start_acc", "batches", "poison_acc", "trigger_acc", "delta", "final_acc", "flagged_rate",

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the process helpers of the test harness, when run as a script
 
 from service.codec import encode_json_batch  # noqa: E402
+from service.environment import environment  # noqa: E402
 from service.redis_queue import RedisQueue, connect  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
 from tests.service_harness import ApiProcess, WorkerProcess, rss_megabytes, wait_until  # noqa: E402
@@ -202,20 +202,8 @@ def run(args) -> dict:
             "rss_mb": sampler.summary(),
         },
         "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
-        "versions": {"python": platform.python_version(), "numpy": np.__version__,
-                     "httpx": httpx.__version__},
-        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "processor": _cpu_model()},
+        "environment": {**environment(), "httpx": httpx.__version__},
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -40,6 +39,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 
 # as the service's processes do (`dscguard serve/worker`): idle OpenMP threads sleep rather than spin, or
 # the in-process learner on every core collapses whenever another process takes a core
@@ -49,6 +49,7 @@ import torch  # noqa: E402
 from service.codec import encode_json_batch
 from service.config import ExperimentConfig
 from service.data import DatasetNotFoundError
+from service.environment import environment
 from service.experiment import Experiment
 from service.redis_queue import RedisQueue, connect
 
@@ -124,10 +125,10 @@ class Service:
         RedisQueue(connect(self.env["DSCGUARD_REDIS_URL"]), self.namespace).purge()
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU time (user + system) so far of the worker, the API and this client (Linux /proc)."""
+        """CPU time (user + system) so far of the worker, the API and this client."""
         def of(process: subprocess.Popen) -> float:
-            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            times = psutil.Process(process.pid).cpu_times()
+            return times.user + times.system
 
         worker, api = self.processes
         return {"worker": of(worker), "api": of(api), "client": time.process_time()}
@@ -274,10 +275,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     results: dict = {"benchmark": "service_throughput", "config": vars(args), "throughput": [], "latency": None,
-                     "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                                     "device": args.device, "threads": torch.get_num_threads(),
-                                     "cpus": os.cpu_count(), "machine": platform.machine(),
-                                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                     "environment": {**environment(), "device": args.device,
                                      "load_average_at_start": os.getloadavg()},
                      "skipped": {}}
     workdir = Path(tempfile.mkdtemp(prefix="dscguard-bench-"))

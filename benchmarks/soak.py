@@ -27,8 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,15 +37,15 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import httpx
-import numpy as np
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the process helpers of the test harness, when run as a script
 
-from load_test import Sampler, _applied, _cpu_model, add_run_options, emit  # noqa: E402
+from load_test import Sampler, _applied, add_run_options, emit  # noqa: E402
 
 from service.codec import encode_json_batch  # noqa: E402
+from service.environment import environment  # noqa: E402
 from service.redis_queue import RedisQueue, connect  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
 from tests.service_harness import ApiProcess, RedisServer, WorkerProcess, wait_until  # noqa: E402
@@ -331,8 +329,7 @@ def run(args) -> dict:
               f"{[(round(at), name) for at, name in soak.schedule()]}", flush=True)
         results = soak.run()
     return {"results": results, "config": {k: v for k, v in vars(args).items() if k != "json"},
-            "versions": {"python": platform.python_version(), "numpy": np.__version__, "httpx": httpx.__version__},
-            "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "processor": _cpu_model()}}
+            "environment": {**environment(), "httpx": httpx.__version__}}
 
 
 def main(argv: list[str] | None = None) -> int:

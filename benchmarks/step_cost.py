@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from attacker_sim.arena import VARIANTS
 from attacker_sim.attacks import Budget, PGDDelusive
 from service.config import ExperimentConfig
 from service.data import DatasetNotFoundError
+from service.environment import environment
 from service.experiment import Experiment
 
 STRATEGIES = ("st", "gc", "at", "dsc", "dsc-rolling", "dsc-gate", "guard")
@@ -100,9 +100,7 @@ def main(argv=None) -> int:
                    "warmup": args.warmup, "poison": f"pgd eps={args.epsilon:.4f} steps=10", "seed": args.seed,
                    "strategy": experiment.config.strategy.model_dump()},
         "calibration": calibration.to_dict(),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "device": str(experiment.device), "threads": torch.get_num_threads(),
-                        "machine": platform.machine(), "processor": platform.processor() or platform.machine()},
+        "environment": {**environment(), "device": str(experiment.device)},
         "clean": _time_streams(experiment, clean, args.warmup),
         "poisoned": _time_streams(experiment, poisoned, args.warmup),
     }
