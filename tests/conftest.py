@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from service.config import ExperimentConfig
+from tests.profiles import DIGITS_OVERRIDES
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -24,7 +25,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_config() -> ExperimentConfig:
-    return ExperimentConfig.from_profile("digits", burnin={"epochs": 20, "checkpoint_every": 5, "auxiliary_epoch": 10})
+    return ExperimentConfig.from_profile("digits", **DIGITS_OVERRIDES)
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +33,12 @@ def digits_experiment(digits_config, cache_dir):
     from service.experiment import Experiment
 
     return Experiment.prepare(digits_config, cache_dir=cache_dir, progress=False)
+
+
+@pytest.fixture
+def namespace():
+    """A fresh Redis namespace for one test; every key of it is deleted afterwards (tests/service_harness.py)."""
+    from tests.service_harness import redis_namespace  # imported here: it needs the service stack, most tests don't
+
+    with redis_namespace() as name:
+        yield name

@@ -33,13 +33,12 @@ from service.model_store import weights_to_bytes
 from service.models import build_model
 from service.redis_queue import GROUP, RedisQueue, connect
 from service.settings import ServiceSettings
+from tests.profiles import DIGITS_OVERRIDES  # the session's burn-in (tests/conftest.py), shared through the cache
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY, ADMIN_TOKEN = "test-client-key", "test-admin-token"
 MODEL_SPEC = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}  # the digits profile's model
-# The burn-in of the session's `digits_config` fixture (tests/conftest.py), shared through the cache.
-DIGITS_OVERRIDES = {"burnin": {"epochs": 20, "checkpoint_every": 5, "auxiliary_epoch": 10}}
 
 
 def redis_reachable() -> bool:

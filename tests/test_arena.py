@@ -11,6 +11,7 @@ from attacker_sim.arena import VARIANTS, resolve_strategies, run_arena, write_le
 from attacker_sim.evaluation import build_campaign
 from attacker_sim.leaderboard import Leaderboard
 from attacker_sim.tuning import tune_baselines
+from tests.profiles import DIGITS_OVERRIDES
 
 TINY_ARENA = {"launch_after": [0, 12], "clean_batches": 4, "slow_poison_every": 3, "slow_poison_count": 2,
               "drift_batches": 6, "adaptive_betas": [1.0], "strategies": ["st", "gc", "at", "dsc"],
@@ -146,9 +147,9 @@ def test_demo_is_the_digits_arena_and_prints_the_leaderboard(cache_dir, tmp_path
     from service.cli import main
 
     monkeypatch.setenv("DSCGUARD_CACHE_DIR", str(cache_dir))
-    overrides = ["burnin.epochs=20", "burnin.checkpoint_every=5", "burnin.auxiliary_epoch=10",
-                 "campaign.max_batches=2", "arena.launch_after=[0]", "arena.clean_batches=3", "arena.drifts=[]",
-                 "arena.drift_attack=null", "arena.black_box=false", "arena.adaptive_betas=[]",
+    burnin = [f"burnin.{field}={value}" for field, value in DIGITS_OVERRIDES["burnin"].items()]  # the session's
+    overrides = [*burnin, "campaign.max_batches=2", "arena.launch_after=[0]", "arena.clean_batches=3",
+                 "arena.drifts=[]", "arena.drift_attack=null", "arena.black_box=false", "arena.adaptive_betas=[]",
                  "arena.slow_poison_count=1", "arena.slow_poison_every=2"]
     argv = ["demo", "--seeds", "0", "--strategies", "st", "guard", "--out", str(tmp_path), "--no-progress",
             "--no-plots"]

@@ -47,18 +47,11 @@ from tests.service_harness import (
     make_settings,
     needs_redis,
     publish_model,
-    redis_namespace,
     settings_env,
     wait_until,
 )
 
 SAFETENSORS = {"Content-Type": "application/vnd.safetensors"}
-
-
-@pytest.fixture
-def namespace():
-    with redis_namespace() as name:
-        yield name
 
 
 def _metric(text: str, name: str, **labels) -> float:
@@ -299,7 +292,7 @@ def test_readers_never_see_the_model_go_back_while_a_restarted_worker_replays(di
         for entry_id, fields in queue.read(crashed.consumer, 10, 1000):
             crashed.process(entry_id, fields)  # checkpoints after the 4th
         crashed.flush()
-        crashed._release()  # the crash: b4 and b5 are applied and published, in no checkpoint
+        crashed.request_stop()  # the crash: b4 and b5 are applied and published, in no checkpoint; its lease expires
         assert queue.model_version() == 6 and [p.name[-2:] for p in checkpoints(Path(settings.checkpoint_dir))] == [
             "04", "00"]
 

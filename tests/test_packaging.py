@@ -1,6 +1,7 @@
 """The install is reproducible: every dependency pyproject.toml names is pinned in constraints.txt, and the pin
 lies inside pyproject's range, so the README's install line, .ci/run and the Dockerfiles get tested versions."""
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -53,3 +54,13 @@ def test_install_line_ci_and_images_use_the_constraints():
     assert "-c constraints.txt" in (ROOT / ".ci" / "run").read_text()
     for dockerfile in ("Dockerfile", "Dockerfile.cuda"):
         assert "pip install -c constraints.txt ." in (ROOT / "deploy" / dockerfile).read_text()
+
+
+def test_the_fast_default_leaves_out_slow_tests_and_ci_runs_them_all():
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r'^python -m pytest -q -m "not slow"(\s|$)', readme, re.MULTILINE)
+    assert re.search(r"^python -m pytest -q(\s+#.*)?$", readme, re.MULTILINE)  # the whole suite, as CI runs it
+    assert re.search(r"^python -m pytest -q$", (ROOT / ".ci" / "run").read_text(), re.MULTILINE)
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert any(marker.startswith("slow:") for marker in options["markers"])
+    assert "slow" not in options["addopts"]  # nothing deselects them by default: CI's command runs everything

@@ -37,18 +37,11 @@ from tests.service_harness import (
     assert_settled,
     make_settings,
     needs_redis,
-    redis_namespace,
     wait_until,
 )
 
 pytestmark = needs_redis
 SAFETENSORS = {"Content-Type": "application/vnd.safetensors"}
-
-
-@pytest.fixture
-def namespace():
-    with redis_namespace() as name:
-        yield name
 
 
 def _post(client: httpx.Client, batch_id: str, x: torch.Tensor, y: torch.Tensor) -> httpx.Response:

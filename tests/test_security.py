@@ -28,15 +28,8 @@ from tests.service_harness import (
     make_settings,
     needs_redis,
     publish_model,
-    redis_namespace,
     wait_until,
 )
-
-
-@pytest.fixture
-def namespace():
-    with redis_namespace() as name:
-        yield name
 
 
 def _batch_body(batch_id: str = "sec-1") -> dict:

@@ -53,12 +53,6 @@ def _metric(text: str, name: str, **labels) -> float:
 
 
 @pytest.fixture
-def namespace():
-    with redis_namespace() as name:
-        yield name
-
-
-@pytest.fixture
 def service(namespace, tmp_path):
     settings = make_settings(namespace, tmp_path, max_batch_samples=16, max_body_bytes=64 * 1024,
                              queue_max_length=3)

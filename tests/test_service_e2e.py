@@ -34,19 +34,12 @@ from tests.service_harness import (
     free_port,
     make_settings,
     needs_redis,
-    redis_namespace,
     wait_until,
 )
 
 pytestmark = [needs_redis, pytest.mark.slow]
 DSC = StrategyConfig(name="dsc")  # the tests that follow the discrepancy through every layer run the paper's dsc
 SAFETENSORS = {"Content-Type": "application/vnd.safetensors"}
-
-
-@pytest.fixture
-def namespace():
-    with redis_namespace() as name:
-        yield name
 
 
 def _wait_ready(api: ApiServer, worker: WorkerProcess, timeout: float = 90) -> None:

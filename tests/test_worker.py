@@ -1,19 +1,15 @@
 """The worker's bookkeeping, driven in-process against real Redis: what it applies, skips and acknowledges."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from service.codec import InputSpec, decode_safetensors_batch, encode_safetensors_batch, to_stream_fields
 from service.redis_queue import RedisQueue
 from service.worker import Worker, WorkerError, checkpoints
-from tests.service_harness import assert_settled, make_settings, needs_redis, redis_namespace
+from tests.service_harness import assert_settled, make_settings, needs_redis
 
 pytestmark = needs_redis
-
-
-@pytest.fixture
-def namespace():
-    with redis_namespace() as name:
-        yield name
 
 
 def _duplicates(worker: Worker) -> float:
@@ -64,7 +60,7 @@ def test_entries_checkpointed_but_not_acknowledged_are_skipped_on_restart(digits
     with monkeypatch.context() as patch:  # a crash between the checkpoint and the XACK
         patch.setattr(crashed.queue, "settle", lambda *args, **kwargs: None)
         crashed.commit()
-    crashed._release()
+    crashed.request_stop()  # and dies: its heartbeat stops, its lease expires (the restart below waits for that)
     assert queue.client.xpending(queue.stream, "workers")["pending"] == 2
 
     resumed = Worker(settings)
@@ -87,20 +83,24 @@ def test_checkpoints_of_another_configuration_are_refused(digits_experiment, cac
 
 
 def test_an_expired_lease_is_taken_back_only_if_no_other_worker_served(digits_experiment, cache_dir, namespace,
-                                                                       tmp_path):
+                                                                       tmp_path, caplog):
     settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, heartbeat_ttl_seconds=0.6)
     queue = RedisQueue.from_settings(settings)
     worker = Worker(settings)
     worker.start()
-    try:
-        queue.client.delete(queue.heartbeat_key)  # as after a Redis outage longer than the TTL
-        assert not worker._stop.wait(1.0)  # the heartbeat (every ttl/3) took it back and carries on
-        assert queue.lease_holder() == worker.consumer
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(worker.run)  # serves until stopped
+        try:
+            queue.client.delete(queue.heartbeat_key)  # as after a Redis outage longer than the TTL
+            with pytest.raises(TimeoutError):
+                running.result(timeout=1.0)  # the heartbeat (every ttl/3) took it back and it carries on
+            assert queue.lease_holder() == worker.consumer
 
-        queue.client.delete(queue.heartbeat_key)
-        queue.client.set(queue.status_key, '{"consumer": "another-worker"}')  # someone served meanwhile
-        assert worker._stop.wait(2.0)  # so this worker's state may be stale: it stops
-        assert worker._lease_lost and queue.lease_holder() is None
-    finally:
-        worker.shutdown()
+            queue.client.delete(queue.heartbeat_key)
+            queue.client.set(queue.status_key, '{"consumer": "another-worker"}')  # someone served meanwhile
+            assert running.result(timeout=5.0) == 0  # so this worker's state may be stale: it stops
+            assert queue.lease_holder() is None
+            assert "lost the lease" in caplog.text and "not checkpointing or publishing" in caplog.text
+        finally:
+            worker.request_stop()
     assert queue.worker_status() == {"consumer": "another-worker"}  # the stale worker published nothing
