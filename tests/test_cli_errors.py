@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import service.cli as cli
+import service.cli.experiments as experiments
 import service.data.locations as locations
 from service.cli import build_parser, main
 
@@ -123,7 +124,7 @@ def test_other_errors_are_one_message_and_exit_1(error, monkeypatch, capsys):
     def fail(args):
         raise error
 
-    monkeypatch.setattr(cli, "cmd_burn_in", fail)
+    monkeypatch.setattr(experiments, "cmd_burn_in", fail)
     assert main(["burn-in"]) == 1
     err = _error(capsys)
     assert err.splitlines()[0] == f"dscguard: error: {error}"
@@ -133,7 +134,7 @@ def test_debug_lets_the_exception_through(monkeypatch):
     def fail(args):
         raise RuntimeError("went wrong")
 
-    monkeypatch.setattr(cli, "cmd_burn_in", fail)
+    monkeypatch.setattr(experiments, "cmd_burn_in", fail)
     with pytest.raises(RuntimeError, match="went wrong"):
         main(["--debug", "burn-in"])
     with pytest.raises(cli.CommandLineError, match="--device nosuch"):
@@ -154,7 +155,7 @@ def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_burn_in", interrupted)
+    monkeypatch.setattr(experiments, "cmd_burn_in", interrupted)
     assert main(["burn-in"]) == 130
     err = capsys.readouterr().err
     assert err == "dscguard: interrupted\n"

@@ -16,6 +16,8 @@ import tempfile
 
 from pydantic import ValidationError
 
+from service.cli.options import build_config, experiment_options
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -54,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.api_key is None:
         raise SystemExit("set DSCGUARD_API_KEY (the client key) before starting the API")
 
-    # torch comes after OMP_WAIT_POLICY: service.cli.main sets it first
+    # torch comes after OMP_WAIT_POLICY: service.cli.main.main sets it first
     from service.api.server import serve
     from service.metrics import MULTIPROCESS_ENV
 
@@ -84,7 +86,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_attack(args: argparse.Namespace) -> int:
     from attacker_sim.http_target import HttpTarget, TargetError, evaluate_target
     from attacker_sim.report import table_markdown, write_reports
-    from service.cli import build_config
 
     config = build_config(args)
     settings = _settings()
@@ -122,7 +123,6 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
 
 def add_service_commands(sub) -> None:
     """Add serve, worker, attack and stack to the `dscguard` subcommands."""
-    from service.cli import _experiment_options
 
     p = sub.add_parser("serve", help="run the HTTP API under uvicorn (settings: DSCGUARD_* variables)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: loopback only; 0.0.0.0: every "
@@ -144,7 +144,7 @@ def add_service_commands(sub) -> None:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("attack", help="the eval campaigns against a running service over HTTP; prints the eval table")
-    _experiment_options(p)
+    experiment_options(p)
     p.add_argument("--target", required=True, help="the service's base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--scenarios", nargs="+", default=["clean", "poison"], choices=("clean", "poison"),
                    help="clean: the clean oracle (no attacker); poison: the accumulative attack and its trigger")
