@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from service.defense.detector import DiscrepancyDetector
 from service.defense.discrepancy import divergence_from_logits
 from service.defense.eval_mode import eval_mode
 from service.defense.projection import project_linf
@@ -60,6 +61,7 @@ class ReversePGD:
             raise ValueError(f"early_stop must be 'sample', 'batch' or 'none', got {early_stop!r}")
         self.steps, self.step_size, self.epsilon = steps, step_size, epsilon
         self.early_stop, self.divergence = early_stop, divergence
+        self.detector = DiscrepancyDetector(divergence, early_stop) if early_stop != "none" else None
 
     def __call__(
         self,
@@ -117,8 +119,7 @@ class ReversePGD:
         return CorrectionResult(x_corrected, before, after, flagged, steps_taken)
 
     def _still_active(self, after, active, threshold):
-        if self.early_stop == "batch":
-            # research code: every sample keeps moving while the batch mean is above P
-            return active if after.mean().item() > threshold else active[:0]
-        return active[after[active] > threshold]
+        # the detector's verdict on the batch as it now stands (batch unit, the research code: every sample
+        # keeps moving while the batch mean is above P)
+        return active[self.detector.flags(after, threshold)[active]]
 

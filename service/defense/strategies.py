@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from service.config import StrategyConfig
 from service.defense.calibration import Calibration
 from service.defense.correction import CorrectionResult, ReversePGD
-from service.defense.discrepancy import divergence_from_logits
+from service.defense.detector import DiscrepancyDetector
 from service.defense.eval_mode import eval_mode
 from service.defense.rolling_auxiliary import REASONS, PromotionDecision, RollingAuxiliary
 from service.defense.update_gate import GateVerdict, UpdateGate
@@ -157,6 +157,7 @@ class DiscrepancyAwareCorrection(Strategy):
                  batch_size: int | None = None, seed: int = 0):
         super().__init__(config)
         self.calibration = calibration
+        self.detector = DiscrepancyDetector(config.divergence, config.early_stop)
         self.correct = ReversePGD(config.steps, config.step_size, config.epsilon, early_stop=config.early_stop,
                                   divergence=config.divergence)
         self._flagged = False  # the verdict on the batch being learned (prepare -> before_optimizer_step)
@@ -229,23 +230,18 @@ class DiscrepancyAwareCorrection(Strategy):
             raise RuntimeError("dsc needs the frozen auxiliary checkpoint")
         threshold = self.threshold(batch_index)
         split = split_mode_invariant(model)
-        features, discrepancy = None, None
+        features, current = None, None
         if split is not None:
             trunk, head = split
             features = trunk(x)  # kept with its graph: the update reuses it for the samples left alone
-            with torch.no_grad(), eval_mode(head, auxiliary):
-                discrepancy = divergence_from_logits(auxiliary(x), head(features.detach()), self.config.divergence)
+            with torch.no_grad(), eval_mode(head):
+                current = head(features.detach())
+        verdict = self.detector.predict(auxiliary, model, x, threshold, current)
         if self.config.flag_action == "correct":
-            result = self.correct(model, x, y, auxiliary=auxiliary, threshold=threshold, discrepancy=discrepancy)
+            result = self.correct(model, x, y, auxiliary=auxiliary, threshold=threshold, discrepancy=verdict.score)
         else:
-            if discrepancy is None:
-                with torch.no_grad(), eval_mode(model, auxiliary):
-                    discrepancy = divergence_from_logits(auxiliary(x), model(x), self.config.divergence)
-            if self.config.early_stop == "batch":
-                flagged = torch.full_like(discrepancy, bool(discrepancy.mean() > threshold), dtype=torch.bool)
-            else:
-                flagged = discrepancy > threshold
-            result = CorrectionResult(x, discrepancy, discrepancy, flagged, torch.zeros_like(flagged, dtype=torch.long))
+            result = CorrectionResult(x, verdict.score, verdict.score, verdict.flagged,
+                                      torch.zeros_like(verdict.flagged, dtype=torch.long))
         self._flagged = bool(result.flagged.any())
         return PreparedBatch(result.x, result, threshold, features)
 
