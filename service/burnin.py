@@ -21,6 +21,7 @@ from service.atomic import atomic_write_text
 from service.config import ExperimentConfig
 from service.data import ArrayDataset
 from service.models import Normalized, build_model
+from service.models.inference import logits_in_chunks
 
 
 @dataclass
@@ -95,13 +96,9 @@ def burn_in(config: ExperimentConfig, data: ArrayDataset, cache_dir: Path, test:
     return BurnInResult(model, auxiliary, spec, history, False, directory)
 
 
-@torch.no_grad()
 def _accuracy(model, data: ArrayDataset, device) -> float:
-    model.eval()
     x, y = data.tensors()
-    correct = sum(int((model(x[i : i + 1000].to(device)).argmax(1).cpu() == y[i : i + 1000]).sum())
-                  for i in range(0, len(x), 1000))
-    return correct / len(x)
+    return int((logits_in_chunks(model, x, 1000, device).argmax(1).cpu() == y).sum()) / len(x)
 
 
 def _save(directory: Path, epoch: int, model) -> None:

@@ -23,6 +23,7 @@ from service.defense.rolling_auxiliary import PromotionDecision
 from service.defense.strategies import Strategy, build_strategy
 from service.defense.update_gate import GateVerdict
 from service.models import build_model
+from service.models.inference import logits_in_chunks
 
 FORMAT_VERSION = 1
 
@@ -76,6 +77,7 @@ class OnlineLearner:
     >>> import copy
     >>> import torch
     >>> from service.models import build_model
+from service.models.inference import logits_in_chunks
     >>> from service.defense import build_strategy
     >>> spec = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}
     >>> model = build_model(**spec)
@@ -166,11 +168,8 @@ class OnlineLearner:
         report.model_version = self.model_version
         return report
 
-    @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        self.model.eval()
-        x = x.to(self.device)
-        return torch.cat([self.model(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)])
+        return logits_in_chunks(self.model, x, batch_size, self.device).softmax(1)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted labels for a batch of images in [0, 1]."""

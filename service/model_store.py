@@ -4,6 +4,7 @@ The worker publishes the weights as safetensors bytes with the model spec and ve
 metadata; the API keeps one built copy and rebuilds it only when the published version changes.
 
 >>> from service.models import build_model
+from service.models.inference import logits_in_chunks
 >>> spec = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}
 >>> published = model_from_bytes(weights_to_bytes(build_model(**spec), version=3, spec=spec))
 >>> published.version, published.spec["name"]
@@ -23,6 +24,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from service.models import build_model
+from service.models.inference import logits_in_chunks
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,9 @@ class PublishedModel:
     model: nn.Module
     weights: bytes
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Labels for x in [0, 1], computed as `OnlineLearner.predict` does."""
-        return torch.cat([self.model(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]).argmax(1)
+        return logits_in_chunks(self.model, x, batch_size).argmax(1)
 
 
 def weights_to_bytes(model: nn.Module, version: int, spec: dict) -> bytes:
