@@ -22,18 +22,11 @@ from collections import defaultdict
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from attacker_sim.report import plus_minus, summarize
+from attacker_sim.report import Stat, plus_minus, summarize
 from attacker_sim.scenarios import Outcome
 
 MIN_ST_LOSS = 0.01  # recovery (and drift-gain share) are undefined where ST itself moved less than a point
 SCHEMA_VERSION = 2  # 2: promotions_refused
-
-
-class Stat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    mean: float
-    std: float
-    values: list[float] = Field(min_length=1)
 
 
 class Row(BaseModel):

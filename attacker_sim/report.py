@@ -1,4 +1,5 @@
-"""Reports of an evaluation: `results.json` (validated by a schema), `report.md`, and PNG plots.
+"""Reports of an evaluation: `results.json` (validated on write; `results.schema.json` its schema), `report.md`,
+and PNG plots.
 
 The markdown table follows the paper's Table 1: clean-oracle final accuracy, start, accumulative
 batches survived, accuracy after the poison phase, after the trigger, and the trigger's delta,
@@ -9,46 +10,66 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from attacker_sim.evaluation import Evaluation
 from service.atomic import atomic_write_text
 from service.environment import environment
-from service.strategy_registry import STRATEGY_NAMES
+from service.strategy_registry import StrategyName
 
 METRICS = ("start_acc", "batches", "poison_acc", "trigger_acc", "delta", "final_acc", "flagged_rate",
            "corrected_rate", "attack_success_rate", "trigger_flagged_rate", "seconds_per_step")
 
-_STAT = {"type": ["object", "null"], "required": ["mean", "std", "values"],
-         "properties": {"mean": {"type": "number"}, "std": {"type": "number"},
-                        "values": {"type": "array", "items": {"type": "number"}}}}
-_FRACTION_STAT = {**_STAT, "properties": {**_STAT["properties"], "mean": {"type": "number", "minimum": 0,
-                                                                          "maximum": 1}}}
-RESULTS_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "required": ["rows", "config", "seeds", "environment", "seconds"],
-    "properties": {
-        "rows": {"type": "array", "minItems": 1, "items": {
-            "type": "object",
-            "required": ["dataset", "model", "strategy", "scenario", "seed_count", "start_acc", "batches",
-                         "poison_acc", "trigger_acc", "delta", "clean_final_acc", "flagged_rate",
-                         "attack_success_rate", "seconds_per_step"],
-            "properties": {
-                "dataset": {"type": "string"}, "model": {"type": "string"},
-                "strategy": {"enum": list(STRATEGY_NAMES)}, "scenario": {"enum": ["clean", "poison"]},
-                "seed_count": {"type": "integer", "minimum": 1},
-                "start_acc": _FRACTION_STAT, "poison_acc": _FRACTION_STAT, "trigger_acc": _FRACTION_STAT,
-                "clean_final_acc": _FRACTION_STAT, "flagged_rate": _FRACTION_STAT,
-                "attack_success_rate": _FRACTION_STAT, "delta": _STAT, "batches": _STAT,
-                "seconds_per_step": _STAT,
-            },
-        }},
-        "config": {"type": "object"}, "seeds": {"type": "array", "items": {"type": "integer"}},
-        "environment": {"type": "object"}, "seconds": {"type": "number"},
-    },
-}
+class Stat(BaseModel):
+    """One measure over seeds: mean, std and the per-seed values."""
+
+    model_config = ConfigDict(extra="forbid")
+    mean: float
+    std: float
+    values: list[float] = Field(min_length=1)
+
+
+class FractionStat(Stat):
+    mean: float = Field(ge=0, le=1)  # accuracies and rates are fractions, never percentages
+
+
+class ResultRow(BaseModel):
+    """One (strategy, scenario) of an evaluation; None where the scenario does not measure it."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: str
+    model: str
+    strategy: StrategyName
+    scenario: Literal["clean", "poison"]
+    seed_count: int = Field(ge=1)
+    start_acc: FractionStat
+    batches: Stat | None
+    poison_acc: FractionStat | None
+    trigger_acc: FractionStat | None
+    delta: Stat | None
+    clean_final_acc: FractionStat | None
+    flagged_rate: FractionStat | None
+    corrected_rate: FractionStat | None
+    attack_success_rate: FractionStat | None
+    trigger_flagged_rate: FractionStat | None
+    seconds_per_step: Stat
+
+
+class EvalResults(BaseModel):
+    """`results.json`: validated when written; `results.schema.json` is its published JSON Schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    rows: list[ResultRow] = Field(min_length=1)
+    config: dict
+    seeds: list[int]
+    calibration: dict
+    burnin: dict
+    traces: list[dict]
+    environment: dict
+    seconds: float
 
 
 def summarize(values) -> dict | None:
@@ -79,8 +100,8 @@ def rows(evaluation: Evaluation) -> list[dict]:
     return out
 
 
-def results_document(evaluation: Evaluation) -> dict:
-    return {
+def results_document(evaluation: Evaluation) -> EvalResults:
+    return EvalResults(**{
         "rows": rows(evaluation),
         "config": evaluation.config.model_dump(),
         "seeds": sorted({r.seed for r in evaluation.runs}),
@@ -90,7 +111,7 @@ def results_document(evaluation: Evaluation) -> dict:
                    for r in evaluation.runs],
         "environment": environment(),
         "seconds": evaluation.seconds,
-    }
+    })
 
 
 def plus_minus(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
@@ -206,7 +227,9 @@ def write_reports(evaluation: Evaluation, out_dir: str | Path, plots: bool = Tru
         if histogram:
             written["histogram"] = histogram
         plot_paths = [str(p) for p in written.values()]
-    written["results"] = atomic_write_text(out_dir / "results.json",
-                                           json.dumps(results_document(evaluation), indent=2))
+    written["results"] = atomic_write_text(out_dir / "results.json", results_document(evaluation).model_dump_json(
+        indent=2))
+    written["schema"] = atomic_write_text(out_dir / "results.schema.json",
+                                          json.dumps(EvalResults.model_json_schema(), indent=2))
     written["report"] = atomic_write_text(out_dir / "report.md", report_markdown(evaluation, plot_paths))
     return written

@@ -5,7 +5,6 @@ import json
 import jsonschema
 import pytest
 
-from attacker_sim.report import RESULTS_SCHEMA
 from service.cli import main
 
 
@@ -21,9 +20,13 @@ def demo_dir(tmp_path_factory, cache_dir):
     return out
 
 
+def _published_schema(demo_dir) -> dict:
+    return json.loads((demo_dir / "results.schema.json").read_text())
+
+
 def test_demo_writes_a_valid_results_file(demo_dir):
     document = json.loads((demo_dir / "results.json").read_text())
-    jsonschema.validate(document, RESULTS_SCHEMA)
+    jsonschema.validate(document, _published_schema(demo_dir))
     rows = {(r["strategy"], r["scenario"]): r for r in document["rows"]}
     assert set(rows) == {(s, c) for s in ("st", "gc", "at", "dsc") for c in ("clean", "poison")}
     assert all(r["seed_count"] == 2 for r in rows.values())
@@ -61,7 +64,7 @@ def test_schema_rejects_accuracies_out_of_range(demo_dir):
     document = json.loads((demo_dir / "results.json").read_text())
     document["rows"][0]["start_acc"]["mean"] = 97.4  # a percentage where a fraction belongs
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(document, RESULTS_SCHEMA)
+        jsonschema.validate(document, _published_schema(demo_dir))
 
 
 def test_unknown_scenario_is_rejected():
