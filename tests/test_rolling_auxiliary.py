@@ -226,3 +226,11 @@ def test_a_refusal_reaches_the_metrics_by_its_reason_and_the_audit_summary():
     assert 'dscguard_auxiliary_promotions_total{decision="healthy"} 0.0' in text
     assert "dscguard_auxiliary_age_batches 60.0" in text and "dscguard_target_false_flag_ratio 0.1" in text
     assert report.summary()["promotion"]["reason"] == "canary"
+
+
+def test_a_snapshot_costs_a_bounded_forward_whatever_the_size_of_the_trusted_split():
+    generator = torch.Generator().manual_seed(6)
+    ring = _ring(_blobs(1000, generator), canary_samples=256)
+    small = _ring(_blobs(100, generator), canary_samples=256)
+    assert len(ring.trusted[0]) == 256 == len(set(map(tuple, ring.trusted[0].tolist())))
+    assert len(small.trusted[0]) == 100

@@ -8,7 +8,8 @@ batches). Here the auxiliary is the online model as it was `window` batches ago 
 interval), taken from a ring of snapshots, one every `every` batches:
 
 - **Snapshot.** Every `every` applied batches the online weights are copied (CPU) with their logits on the
-  trusted split: one forward, reused twice (canary accuracy now, recalibration if the snapshot is promoted).
+  trusted split (at most `canary_samples` of it, drawn once): one forward, reused twice (canary accuracy
+  now, recalibration if the snapshot is promoted).
 - **Health gate.** A snapshot `window` batches old is a *candidate*. Promoting it launders every update
   since the current auxiliary into the reference, so it is promoted only if (1) its trusted-canary accuracy
   is not below the recent best (the current auxiliary's, or an earlier candidate's since) by more than
@@ -77,7 +78,8 @@ class RollingAuxiliary:
 
     def __init__(self, trusted_x: torch.Tensor, trusted_y: torch.Tensor, *, window: int, every: int, ring: int,
                  target_false_flag_rate: float, max_age: int | None = None, canary_drop: float = 0.02, z: float = 3.0,
-                 divergence: str = "kl", unit: str = "batch", batch_size: int = 50, seed: int = 0):
+                 divergence: str = "kl", unit: str = "batch", batch_size: int = 50, canary_samples: int = 256,
+                 seed: int = 0):
         if len(trusted_x) < 2 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the rolling auxiliary needs at least 2 labelled trusted samples, got {len(trusted_x)} "
                              f"inputs and {len(trusted_y)} labels")
@@ -89,7 +91,10 @@ class RollingAuxiliary:
             raise ValueError(f"auxiliary_max_age ({max_age}) must be >= auxiliary_window ({window})")
         if canary_drop < 0 or z < 0:
             raise ValueError(f"promotion_canary_drop ({canary_drop}) and promotion_z ({z}) must be >= 0")
-        self.trusted = (trusted_x.detach().cpu().float(), trusted_y.detach().cpu().long())
+        # at most `canary_samples` of the trusted split, fixed once: a snapshot costs one bounded forward
+        keep = torch.randperm(len(trusted_x), generator=torch.Generator().manual_seed(seed))[:canary_samples]
+        keep = keep.sort().values if len(trusted_x) > canary_samples else torch.arange(len(trusted_x))
+        self.trusted = (trusted_x.detach().cpu().float()[keep], trusted_y.detach().cpu().long()[keep])
         self.window, self.every, self.ring_size, self.max_age = window, every, ring, max_age
         self.target, self.canary_drop, self.z = target_false_flag_rate, canary_drop, z
         self.divergence, self.unit, self.batch_size, self.seed = divergence, unit, batch_size, seed

@@ -161,6 +161,7 @@ class DiscrepancyAwareCorrection(Strategy):
         self.correct = ReversePGD(config.steps, config.step_size, config.epsilon, early_stop=config.early_stop,
                                   divergence=config.divergence)
         self._flagged = False  # the verdict on the batch being learned (prepare -> before_optimizer_step)
+        self.trusted = (trusted[0].detach().cpu().float(), trusted[1].detach().cpu().long()) if trusted else None
         self.gate = None
         if config.flag_action == "gate":
             if trusted is None:
@@ -219,10 +220,9 @@ class DiscrepancyAwareCorrection(Strategy):
             self.gate.restore(state["gate"])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        trusted = self.rolling.trusted if self.rolling is not None else self.gate.trusted if self.gate else None
-        if trusted is None:
+        if self.rolling is None and self.gate is None:
             return {}
-        return {"trusted_x": trusted[0], "trusted_y": trusted[1],
+        return {"trusted_x": self.trusted[0], "trusted_y": self.trusted[1],
                 **(self.rolling.tensors() if self.rolling is not None else {})}
 
     def prepare(self, model, auxiliary, x, y, batch_index):
