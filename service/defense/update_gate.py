@@ -3,20 +3,24 @@
 A trigger batch exists to cost accuracy in one step; its gradient points against the gradient of clean
 data. Honest batches, drifted ones included, are learned without hurting what the model already knows.
 So the gate looks ahead: for the update the optimizer is about to take, it measures the increase of the
-cross-entropy on a trusted *probe* set (half of the defender's trusted split),
+cross-entropy on a trusted *probe* set (at most 256 samples of the defender's trusted split) that the
+batch's own gradient g causes,
 
-    delta(s) = CE_probe(theta - lr * (momentum * buffer + s * g)) - CE_probe(theta),
+    delta(s) = CE_probe(theta - lr * (momentum * buffer + decay * theta + s * g))
+             - CE_probe(theta - lr * (momentum * buffer + decay * theta)),
 
-the probe being the defender's trusted split, and judges the batch against a threshold calibrated on that
-split: `threshold` is the finite-sample (conformal) upper quantile, at level (1 - target_false_flag_rate),
-of delta(1) over updates on clean batches drawn from the trusted split the way the stream draws them (same
-batch size, with replacement: a fresh population, not a reshuffle of a couple of hundred samples), each
-measured on the trusted samples *not* in its batch (cross-fitting: a stream batch is never in the probe
-either), from the current model. An update above the threshold is *flagged*, and the action shrinks it: halve s
-until delta(s) is back under the threshold (`shrink`, at most `max_halvings`, then s = 0), or drop it
-(`skip`). An update under the threshold is applied whole, so honest drift is learned at full speed.
-The threshold is recalibrated every `recalibrate_every` updates, since clean updates change size as the
-model converges or drifts.
+the second term being where the step goes without the batch (momentum and weight decay are the optimizer's,
+the same whatever the batch: judging them too would flag every update of a model whose momentum points
+uphill, and calibrations taken with an empty buffer would not fit the stream's). It judges the batch against
+a threshold calibrated on that split: `threshold` is the finite-sample (conformal) upper quantile, at level
+(1 - target_false_flag_rate), of delta(1) over updates on clean batches drawn from the trusted split the way
+the stream draws them (same batch size, with replacement: a fresh population, not a reshuffle of a couple of
+hundred samples), each measured on the trusted samples *not* in its batch (cross-fitting: a stream batch is
+never in the probe either), from the current model. An update above the threshold is *flagged*, and the
+action shrinks it: halve s until delta(s) is back under the threshold (`shrink`, at most `max_halvings`, then
+s = 0), or drop it (`skip`). An update under the threshold is applied whole, so honest drift is learned at
+full speed. The threshold is recalibrated every `recalibrate_every` updates, since clean updates change size
+as the model converges or drifts.
 
 >>> import torch
 >>> _ = torch.manual_seed(0)
@@ -128,7 +132,7 @@ class UpdateGate:
             with eval_mode(model):  # BatchNorm statistics untouched: a simulation, not an update
                 loss = F.cross_entropy(model(x_ref[pick].to(device)), y_ref[pick].to(device))
             grads = torch.autograd.grad(loss, params)
-            base = self._probe_loss(model, keep)
+            base = self._increase(model, optimizer, params, grads, 0.0, 0.0, keep)  # the step without the batch
             increases.append(self._increase(model, optimizer, params, grads, 1.0, base, keep))
         values = torch.tensor(increases)
         # never below zero: an update that does not raise the probe loss is never suspicious
@@ -145,7 +149,7 @@ class UpdateGate:
         self.updates_since_calibration += 1
         params = [p for p in model.parameters() if p.grad is not None]
         grads = [p.grad.detach().clone() for p in params]
-        base = self._probe_loss(model)
+        base = self._increase(model, optimizer, params, grads, 0.0, 0.0)  # where the step goes without the batch
         increase = self._increase(model, optimizer, params, grads, 1.0, base)
         scale = 1.0
         if increase > self.threshold:
