@@ -77,7 +77,6 @@ class OnlineLearner:
     >>> import copy
     >>> import torch
     >>> from service.models import build_model
-from service.models.inference import logits_in_chunks
     >>> from service.defense import build_strategy
     >>> spec = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}
     >>> model = build_model(**spec)

@@ -4,7 +4,6 @@ The worker publishes the weights as safetensors bytes with the model spec and ve
 metadata; the API keeps one built copy and rebuilds it only when the published version changes.
 
 >>> from service.models import build_model
-from service.models.inference import logits_in_chunks
 >>> spec = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}
 >>> published = model_from_bytes(weights_to_bytes(build_model(**spec), version=3, spec=spec))
 >>> published.version, published.spec["name"]
