@@ -41,6 +41,10 @@ def default_checkpoint_dir(cache_dir: Path | None, namespace: str) -> Path:
 PLACEHOLDER_SECRETS = ("change-me", "changeme", "changethis")
 
 
+class MissingSecretError(ValueError):
+    """A secret the command needs is not set."""
+
+
 def is_placeholder(secret: str) -> bool:
     """An empty key, or one still carrying a template's placeholder.
 
@@ -121,6 +125,13 @@ class ServiceSettings(BaseSettings):
             raise PydanticCustomError("placeholder_secret", "is empty or still the placeholder of .env.example: set "
                                       "a real secret (e.g. `openssl rand -hex 24`) or leave it unset")
         return secret
+
+    def client_key(self, needed_by: str) -> str:
+        """The client key (DSCGUARD_API_KEY), or a one-line error saying what refuses to run without it."""
+        if self.api_key is None:
+            raise MissingSecretError(f"set DSCGUARD_API_KEY (the client key) before starting {needed_by} "
+                                     "(see .env.example)")
+        return self.api_key.get_secret_value()
 
     def experiment_config(self) -> ExperimentConfig:
         overrides = {section: dict(fields) for section, fields in self.config_overrides.items()}

@@ -186,8 +186,7 @@ class Stack:
 def stack_up(settings: ServiceSettings, run_dir: Path, api_port: int, prometheus_port: int,
              scrape_interval: str | None = None, duration: float | None = None) -> int:
     """Start the stack, print where everything is, and run until Ctrl-C, SIGTERM, `duration` or a process exits."""
-    if settings.api_key is None:
-        raise SystemExit("set DSCGUARD_API_KEY (the client key) before starting the stack (see .env.example)")
+    settings.client_key("the stack")
     if not settings.worker_metrics_port:
         raise SystemExit("the stack needs the worker's metrics: set DSCGUARD_WORKER_METRICS_PORT to a port")
     stop = threading.Event()

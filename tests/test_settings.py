@@ -45,3 +45,11 @@ def test_an_explicit_checkpoint_dir_wins(clean_env, tmp_path):
 def test_a_checkpoints_folder_in_the_checkout_is_ignored_by_git():
     result = subprocess.run(["git", "check-ignore", "-q", "checkpoints/step-000000000050/meta.json"], cwd=ROOT)
     assert result.returncode == 0, "/checkpoints/ should be in .gitignore"
+
+
+def test_the_client_key_is_asked_for_in_one_place_with_what_needs_it():
+    from service.settings import MissingSecretError, ServiceSettings
+
+    with pytest.raises(MissingSecretError, match=r"set DSCGUARD_API_KEY \(the client key\) before starting the stack"):
+        ServiceSettings(api_key=None).client_key("the stack")
+    assert ServiceSettings(api_key="a-real-secret-0123456789").client_key("the API") == "a-real-secret-0123456789"

@@ -26,8 +26,7 @@ from service.settings import ServiceSettings
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     """The API for `settings` (default: read from the DSCGUARD_* environment)."""
     settings = settings or ServiceSettings()
-    if settings.api_key is None:
-        raise ValueError("DSCGUARD_API_KEY must be set: the API refuses to run without a client key")
+    settings.client_key("the API")
     queue = RedisQueue.from_settings(settings)
     metrics = ApiMetrics()
     waits = BatchWaits(settings, queue)

@@ -53,8 +53,7 @@ def _logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings()
-    if settings.api_key is None:
-        raise SystemExit("set DSCGUARD_API_KEY (the client key) before starting the API")
+    settings.client_key("the API")
 
     # torch comes after OMP_WAIT_POLICY: service.cli.main.main sets it first
     from service.api.server import serve
@@ -89,10 +88,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     settings = _settings()
-    if settings.api_key is None:
-        raise SystemExit("set DSCGUARD_API_KEY (and DSCGUARD_ADMIN_TOKEN for a white-box attack)")
+    key = settings.client_key("an attack over HTTP (and DSCGUARD_ADMIN_TOKEN for a white-box one)")
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
-    target = HttpTarget(args.target, settings.api_key.get_secret_value(), admin, timeout_seconds=args.timeout)
+    target = HttpTarget(args.target, key, admin, timeout_seconds=args.timeout)
     try:
         strategy = target.status()["strategy"]
         if strategy is None:
