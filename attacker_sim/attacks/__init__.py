@@ -14,11 +14,11 @@ torch.Size([3, 1, 2, 2])
 
 from attacker_sim.attacks.accumulative import AccumulativePoison
 from attacker_sim.attacks.base import ErrorMaximizingAttack, ModelMode, SignedGradientAttack, model_in_mode
-from attacker_sim.attacks.budget import Budget
 from attacker_sim.attacks.carlini_wagner import CarliniWagnerInf
 from attacker_sim.attacks.pgd import PGDDelusive
 from attacker_sim.attacks.trades import TradesKL
 from attacker_sim.attacks.trigger import TriggerCrafter
+from service.defense.projection import Budget
 
 ATTACKS: dict[str, type[ErrorMaximizingAttack]] = {
     "pgd": PGDDelusive,

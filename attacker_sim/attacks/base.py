@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from attacker_sim.attacks.budget import Budget
 from service.defense.discrepancy import divergence_from_logits
 from service.defense.eval_mode import eval_mode
+from service.defense.projection import Budget
 
 ModelMode = Literal["eval", "train"]
 MODEL_MODES = ("eval", "train")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attacker_sim.attacks.base import ErrorMaximizingAttack, Objective
-from attacker_sim.attacks.budget import Budget
+from service.defense.projection import Budget
 
 
 def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from attacker_sim.attacks.base import Objective, SignedGradientAttack
-from attacker_sim.attacks.budget import Budget
 from attacker_sim.attacks.gradients import cosine_sum, loss_gradients, trainable_parameters
+from service.defense.projection import Budget
 
 
 class TriggerCrafter(SignedGradientAttack):

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from service.defense.detector import DiscrepancyDetector
 from service.defense.discrepancy import divergence_from_logits
 from service.defense.eval_mode import eval_mode
-from service.defense.projection import project_linf
+from service.defense.projection import Budget, project_linf
 
 EarlyStop = Literal["sample", "batch", "none"]
 
@@ -51,12 +51,7 @@ class ReversePGD:
 
     def __init__(self, steps: int = 10, step_size: float = 0.02, epsilon: float = 0.2, early_stop: EarlyStop = "sample",
                  divergence: str = "kl"):
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if not step_size > 0:
-            raise ValueError(f"step_size must be > 0, got {step_size}")
-        if not 0 < epsilon <= 1:
-            raise ValueError(f"epsilon must be in (0, 1] (pixel units), got {epsilon}")
+        self.budget = Budget(epsilon=epsilon, steps=steps, step_size=step_size)  # validated as every attack's is
         if early_stop not in ("sample", "batch", "none"):
             raise ValueError(f"early_stop must be 'sample', 'batch' or 'none', got {early_stop!r}")
         self.steps, self.step_size, self.epsilon = steps, step_size, epsilon
