@@ -7,27 +7,20 @@ like with like. Thresholds stay calibrated on the trusted clean split: nothing i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from attacker_sim.evaluation import evaluate
 from attacker_sim.report import plus_minus, rows
-from service.config import ExperimentConfig
+from service.config import ExperimentConfig, parse_setting, parse_value
 
 
 def parse_vary(spec: str) -> tuple[str, str, list]:
     """`strategy.early_stop=sample,batch` -> ("strategy", "early_stop", ["sample", "batch"])."""
-    key, sep, raw = spec.partition("=")
-    if not sep or "." not in key or not raw:
-        raise ValueError(f"--vary expects SECTION.FIELD=V1,V2,..., got {spec!r}")
-    section, name = key.split(".", 1)
-    values = []
-    for item in raw.split(","):
-        try:
-            values.append(json.loads(item))
-        except json.JSONDecodeError:
-            values.append(item)
-    return section, name, values
+    form = "SECTION.FIELD=V1,V2,..."
+    section, name, raw = parse_setting(spec, "--vary", form)
+    if not raw:
+        raise ValueError(f"--vary expects {form}, got {spec!r}")
+    return section, name, [parse_value(item) for item in raw.split(",")]
 
 
 def sweep(config: ExperimentConfig, varies: Sequence[str], seeds: Sequence[int] | None = None,
@@ -37,9 +30,7 @@ def sweep(config: ExperimentConfig, varies: Sequence[str], seeds: Sequence[int] 
     for spec in varies:
         section, name, values = parse_vary(spec)
         for value in values:
-            base = config.model_dump()
-            base[section][name] = value
-            variant = ExperimentConfig(**base)
+            variant = config.with_field(section, name, value)
             evaluation = evaluate(variant, strategies=["dsc"], seeds=seeds, progress=progress)
             by_scenario = {r["scenario"]: r for r in rows(evaluation)}
             out.append({"parameter": f"{section}.{name}", "value": value, "clean": by_scenario["clean"],

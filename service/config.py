@@ -249,6 +249,12 @@ class ExperimentConfig(_Section):
                 base[key] = value
         return cls(profile=profile, **base)
 
+    def with_field(self, section: str, name: str, value: Any) -> ExperimentConfig:
+        """This config with `section.name` set to `value`, validated (pydantic's ValidationError if not)."""
+        base = self.model_dump()
+        base[section][name] = value
+        return ExperimentConfig(**base)
+
     def with_strategy(self, **fields: Any) -> ExperimentConfig:
         return self.model_copy(update={"strategy": self.strategy.model_copy(update=fields)})
 
@@ -282,6 +288,31 @@ def _small_images(dataset: str, burnin: dict, stream_lr: float) -> dict[str, Any
     profile["burnin"] = {"lr": 0.05, "batch_size": 100, **burnin}
     profile["stream"] = {"batch_size": 100, "lr": stream_lr, "momentum": 0.9}
     return profile
+
+
+def parse_setting(text: str, flag: str, form: str = "SECTION.FIELD=VALUE") -> tuple[str, str, str]:
+    """`strategy.mu=0.5` -> ("strategy", "mu", "0.5"); a ValueError naming `flag` and the form otherwise.
+
+    >>> parse_setting("campaign.max_batches=3", "--set")
+    ('campaign', 'max_batches', '3')
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or "." not in key:
+        raise ValueError(f"{flag} expects {form}, got {text!r}")
+    section, name = key.split(".", 1)
+    return section, name, raw
+
+
+def parse_value(raw: str) -> Any:
+    """A setting's value: JSON where it parses (numbers, booleans, null, lists), else the text itself.
+
+    >>> parse_value("3"), parse_value("batch"), parse_value("[0, 100]")
+    (3, 'batch', [0, 100])
+    """
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
 
 
 PROFILES: dict[str, dict[str, Any]] = {

@@ -144,10 +144,8 @@ def _check_varies(config: ExperimentConfig, varies: Sequence[str]) -> None:
             raise CommandLineError(str(exc)) from exc
         check_field("--vary", section, name)
         for value in values:
-            base = config.model_dump()
-            base[section][name] = value
             try:
-                ExperimentConfig(**base)
+                config.with_field(section, name, value)
             except ValidationError as exc:
                 raise CommandLineError(invalid_message(f"--vary {spec}", validation_lines(exc))) from exc
 

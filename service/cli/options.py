@@ -5,13 +5,12 @@ build, and the error a bad command line raises (exit status 2).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ValidationError
 
-from service.config import PROFILES, ExperimentConfig
+from service.config import PROFILES, ExperimentConfig, parse_setting, parse_value
 from service.strategy_registry import REGISTRY
 
 STRATEGY_HELP = "; ".join(f"{name}: {info.summary}" for name, info in REGISTRY.items())
@@ -58,16 +57,12 @@ def _parse_overrides(pairs: Sequence[str]) -> dict:
     """
     overrides: dict = {}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or "." not in key:
-            raise CommandLineError(f"--set expects SECTION.FIELD=VALUE, got {pair!r}")
-        section, name = key.split(".", 1)
-        check_field("--set", section, name)
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        overrides.setdefault(section, {})[name] = value
+            section, name, raw = parse_setting(pair, "--set")
+        except ValueError as exc:
+            raise CommandLineError(str(exc)) from exc
+        check_field("--set", section, name)
+        overrides.setdefault(section, {})[name] = parse_value(raw)
     return overrides
 
 
