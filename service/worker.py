@@ -38,11 +38,8 @@ worker takes back the entries it was handed but never applied, and carries on.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
@@ -51,11 +48,9 @@ from pathlib import Path
 
 import redis
 import torch
-from safetensors.torch import load_file, save_file
 
-from service.checkpoint import CheckpointError, load_meta
+from service.checkpoint_store import CheckpointStore, WorkerError
 from service.codec import BatchRejected, InputSpec, from_stream_fields
-from service.config import ExperimentConfig
 from service.device import resolve_device
 from service.learner import OnlineLearner, StepReport
 from service.metrics import WorkerMetrics
@@ -65,31 +60,9 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger("dscguard.worker")
 
-CHECKPOINT_PREFIX = "step-"
-REFUSED_PREFIX = "refused-"
 RECONNECT_BACKOFF_SECONDS = (0.2, 5.0)  # first wait after a Redis error, doubled up to the second
-CANARY_FILE = "canary.safetensors"
 # the published status fields that describe the served model: kept as published while a replay catches up
 SERVED_MODEL_FIELDS = ("model_version", "batches_applied", "threshold", "calibration", "canary_accuracy", "defense")
-
-
-class WorkerError(RuntimeError):
-    """The worker cannot start: the namespace is held, or the checkpoints belong to another config."""
-
-
-def deployment_fingerprint(config: ExperimentConfig) -> str:
-    """What a checkpoint must match to be resumed: the burn-in, the stream optimizer, the defense."""
-    payload = {"burnin": config.burnin_fingerprint(), "stream": config.stream.model_dump(),
-               "strategy": config.strategy.model_dump(), "calibration": config.calibration.model_dump()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint directories under `directory`, newest first."""
-    if not directory.is_dir():
-        return []
-    return sorted((p for p in directory.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)),
-                  reverse=True)
 
 
 class Worker:
@@ -107,6 +80,7 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.consumer = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
         self.checkpoint_dir = Path(settings.checkpoint_dir)
+        self.store = CheckpointStore(self.checkpoint_dir, settings.checkpoints_kept, self.config)
         self.learner: OnlineLearner | None = None
         self.spec: InputSpec | None = None
         self.last_applied_id = "0-0"
@@ -435,75 +409,29 @@ class Worker:
         started = time.perf_counter()
         learner = self.learner
         if learner.batches_applied != self._checkpointed_batches:
-            path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{learner.batches_applied:012d}"
-            learner.save(path, extra_meta={"last_applied_id": self.last_applied_id,
-                                           "recent_batch_ids": list(self.recent_ids),
-                                           "deployment": deployment_fingerprint(self.config),
-                                           "namespace": self.queue.namespace})
+            self.store.write(learner, {"last_applied_id": self.last_applied_id,
+                                       "recent_batch_ids": list(self.recent_ids), "namespace": self.queue.namespace})
             self._checkpointed_batches = learner.batches_applied
             self.committed_id = self.last_applied_id
-            for old in checkpoints(self.checkpoint_dir)[self.settings.checkpoints_kept :]:
-                shutil.rmtree(old, ignore_errors=True)
-            self.keep_after = self._oldest_kept_id()
+            self.keep_after = self.store.oldest_kept_id()
             self.metrics.checkpoints.inc()
             self.metrics.step_duration.labels(phase="checkpoint").observe(time.perf_counter() - started)
         self.queue.settle(list(self.uncommitted), self.keep_after, committed_batch_ids=list(self.uncommitted.values()))
         self.uncommitted = {}
 
-    def _oldest_kept_id(self) -> str:
-        """The last stream entry the oldest readable checkpoint on disk holds ("0-0" when none says)."""
-        for path in reversed(checkpoints(self.checkpoint_dir)):
-            try:
-                return load_meta(path)["extra"]["last_applied_id"]
-            except (CheckpointError, KeyError, TypeError):
-                continue
-        return "0-0"
-
     def _load_or_create(self) -> OnlineLearner:
         device = resolve_device(self.config.device)
-        expected = deployment_fingerprint(self.config)
-        refused: list[Path] = []
-        for path in checkpoints(self.checkpoint_dir):
-            try:
-                learner = OnlineLearner.load(path, device=device)
-            except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
-                refused.append(self._refuse(path, exc))
-                continue
-            extra = learner.extra_meta
-            if extra.get("deployment") != expected:
-                raise WorkerError(f"checkpoint {path} was written for another configuration (fingerprint "
-                                  f"{extra.get('deployment')}, these settings give {expected}); use an empty "
-                                  "DSCGUARD_CHECKPOINT_DIR for a new deployment")
-            self.last_applied_id = self.committed_id = extra.get("last_applied_id", "0-0")
-            for batch_id in extra.get("recent_batch_ids", []):
-                self._remember(batch_id)
-            self._checkpointed_batches = learner.batches_applied
-            self.keep_after = self._oldest_kept_id()
-            self.canary = self._load_canary()
-            log.info("resumed from checkpoint %s", path)
-            if refused:
-                lost = int(refused[0].name.rsplit("-", 1)[-1]) - learner.batches_applied
-                log.error("fell back to checkpoint %s: the %d updates after it that the refused %s held are "
-                          "replayed from the stream (kept there until the oldest kept checkpoint holds them)",
-                          path.name, lost, refused[0].name)
-            return learner
-        if refused:
-            log.error("no checkpoint could be loaded: starting a new learner from the burn-in; the updates that "
-                      "%s held are lost", refused[0].name)
-        return self._create(device)
-
-    def _refuse(self, path: Path, exc: Exception) -> Path:
-        """Move an unloadable checkpoint aside (kept for inspection, out of the rotation) and say why."""
-        aside = path.with_name(REFUSED_PREFIX + path.name)
-        try:
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(path, aside)
-        except OSError as move_error:
-            log.error("could not move %s aside: %s", path, move_error)
-            aside = path
-        log.error("refusing checkpoint %s (%s: %s); moved to %s, trying the next older one", path.name,
-                  type(exc).__name__, exc, aside.name)
-        return path
+        learner = self.store.load_newest(device)
+        if learner is None:
+            return self._create(device)
+        extra = learner.extra_meta
+        self.last_applied_id = self.committed_id = extra.get("last_applied_id", "0-0")
+        for batch_id in extra.get("recent_batch_ids", []):
+            self._remember(batch_id)
+        self._checkpointed_batches = learner.batches_applied
+        self.keep_after = self.store.oldest_kept_id()
+        self.canary = self.store.load_canary()
+        return learner
 
     def _create(self, device: torch.device) -> OnlineLearner:
         from service.experiment import Experiment
@@ -515,19 +443,11 @@ class Worker:
         calibration = experiment.splits.calibration.subset(range(min(self.settings.canary_samples,
                                                                      len(experiment.splits.calibration))))
         x, y = calibration.tensors()
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"x": torch.from_numpy(calibration.x), "y": y}, self.checkpoint_dir / CANARY_FILE)
+        self.store.save_canary(torch.from_numpy(calibration.x), y)
         self.canary = (x, y)
         self.learner = learner
         self.commit()
         return learner
-
-    def _load_canary(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        path = self.checkpoint_dir / CANARY_FILE
-        if not path.is_file():
-            return None
-        tensors = load_file(path)
-        return tensors["x"].float() / 255.0, tensors["y"]
 
 
 def run_worker(settings: ServiceSettings, max_batches: int | None = None, idle_timeout: float | None = None) -> int:

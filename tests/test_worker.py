@@ -4,9 +4,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from service.checkpoint_store import checkpoints
 from service.codec import InputSpec, decode_safetensors_batch, encode_safetensors_batch, to_stream_fields
 from service.redis_queue import RedisQueue
-from service.worker import Worker, WorkerError, checkpoints
+from service.worker import Worker, WorkerError
 from tests.service_harness import assert_settled, make_settings, needs_redis
 
 pytestmark = needs_redis
