@@ -31,7 +31,7 @@ from tests.monitoring_queries import (
     provisioned_datasource_uid,
 )
 
-COMPOSE, CPU_OVERRIDE, ENV_EXAMPLE = ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml", ROOT / ".env.example"
+COMPOSE, GPU_OVERRIDE, ENV_EXAMPLE = ROOT / "docker-compose.yml", ROOT / "docker-compose.gpu.yml", ROOT / ".env.example"
 SERVICES = {"redis", "api", "worker", "prometheus", "grafana", "attacker"}
 OUTPUT_DIRS = {"./reports"}  # bind mounts the stack writes to: created on first run, ignored by git
 
@@ -78,8 +78,7 @@ def test_compose_file_validates_with_the_eval_profile(tool):
     assert services["attacker"]["profiles"] == ["eval"]
     attack = services["attacker"]["command"]
     assert attack[:3] == ["attack", "--target", "http://api:8000"] and attack[attack.index("--out") + 1] == "/reports"
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert any("gpu" in device["capabilities"] for device in devices)
+    assert "deploy" not in services["worker"]  # the default asks for no GPU: it starts on any host
 
 
 def test_the_stack_keeps_its_state_in_named_volumes_and_mounts_what_the_services_read():
@@ -122,8 +121,8 @@ def test_the_stack_keeps_its_state_in_named_volumes_and_mounts_what_the_services
 
 
 def test_every_path_the_compose_files_name_exists():
-    for path in (COMPOSE, CPU_OVERRIDE):
-        for name, service in yaml.load(path.read_text(), Loader=_ComposeLoader)["services"].items():
+    for path in (COMPOSE, GPU_OVERRIDE):
+        for name, service in yaml.safe_load(path.read_text())["services"].items():
             if "build" in service:
                 context = ROOT / service["build"]["context"]
                 assert context.is_dir() and (context / service["build"]["dockerfile"]).is_file(), name
@@ -138,8 +137,8 @@ def test_every_path_the_compose_files_name_exists():
 def _dockerfiles() -> list[tuple[Path, Path]]:
     """(build context, Dockerfile) of every service that builds, base file and override."""
     builds = {}
-    for path in (COMPOSE, CPU_OVERRIDE):
-        for service in yaml.load(path.read_text(), Loader=_ComposeLoader)["services"].values():
+    for path in (COMPOSE, GPU_OVERRIDE):
+        for service in yaml.safe_load(path.read_text())["services"].values():
             if "build" in service:
                 context = ROOT / service["build"]["context"]
                 builds[context / service["build"]["dockerfile"]] = context
@@ -202,7 +201,7 @@ def _env_example() -> dict[str, str]:
 
 
 def test_env_example_sets_exactly_the_variables_the_compose_files_use_and_no_secret():
-    used = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text() + CPU_OVERRIDE.read_text()))
+    used = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text() + GPU_OVERRIDE.read_text()))
     example = _env_example()
     assert used == set(example)
     for key, value in example.items():
@@ -220,37 +219,26 @@ def test_compose_refuses_to_run_without_the_keys(tool, tmp_path):
     assert "DSCGUARD_API_KEY" in result.stderr
 
 
-class _Reset:
-    """Compose v2's `!reset` tag: drop what the files before this one set."""
-
-
-class _ComposeLoader(yaml.SafeLoader):
-    pass
-
-
-_ComposeLoader.add_constructor("!reset", lambda loader, node: _Reset())
-
-
-def test_cpu_override_drops_the_gpu_reservation_and_builds_the_cpu_image(tmp_path):
-    worker = yaml.load(CPU_OVERRIDE.read_text(), Loader=_ComposeLoader)["services"]["worker"]
-    assert isinstance(worker.pop("deploy"), _Reset)
+def test_the_default_worker_needs_no_gpu_and_the_override_only_adds_one():
+    """Compose v1 could not start the stack on a CPU host: the base file reserved an NVIDIA device and the CPU
+    override's `!reset` did not parse. Now the base asks for nothing and the GPU override only adds."""
+    worker = _raw_compose()["services"]["worker"]
+    assert "deploy" not in worker and worker["image"] == "dscguard:cpu"
     assert worker["build"]["dockerfile"] == _raw_compose()["services"]["api"]["build"]["dockerfile"]
-    if shutil.which("docker-compose") is None:
-        pytest.skip("needs Debian's docker-compose (.ci/run installs it)")
-    # docker-compose 1.29 knows no `!reset`: it merges and validates the rest of the override
-    rest = tmp_path / "cpu-without-reset.yml"
-    rest.write_text(yaml.safe_dump({"services": {"worker": worker}}))
-    result = _compose_config(["docker-compose"], "-f", str(COMPOSE), "-f", str(rest))
-    assert result.returncode == 0, result.stderr
-    merged = yaml.safe_load(result.stdout)["services"]["worker"]
-    assert merged["image"] == "dscguard:cpu" and merged["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert "!reset" not in COMPOSE.read_text() + GPU_OVERRIDE.read_text()
+    gpu = yaml.safe_load(GPU_OVERRIDE.read_text())["services"]
+    assert set(gpu) == {"worker"} and gpu["worker"]["build"]["dockerfile"] == "deploy/Dockerfile.cuda"
+    (device,) = gpu["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
 
 
-@pytest.mark.skipif(not _has_compose_v2(), reason="the docker compose plugin is not installed")
-def test_cpu_override_leaves_no_device_reservation_in_compose_v2():
-    result = _compose_config(["docker", "compose"], "-f", str(COMPOSE), "-f", str(CPU_OVERRIDE))
+@pytest.mark.parametrize("tool", COMPOSE_TOOLS)
+def test_the_gpu_override_merges_with_every_compose(tool):
+    result = _compose_config(tool, "-f", str(COMPOSE), "-f", str(GPU_OVERRIDE))
     assert result.returncode == 0, result.stderr
-    assert "devices" not in yaml.safe_load(result.stdout)["services"]["worker"].get("deploy", {}).get("resources", {})
+    worker = yaml.safe_load(result.stdout)["services"]["worker"]
+    assert worker["image"] == "dscguard:cuda" and worker["build"]["dockerfile"] == "deploy/Dockerfile.cuda"
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
 
 
 def test_dashboard_uses_the_provisioned_datasource_and_no_import_inputs():
