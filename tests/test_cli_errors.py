@@ -282,3 +282,35 @@ def test_stream_sets_the_policy_before_torch_is_imported(env, expected):
     result = subprocess.run([sys.executable, "-c", _SPY], capture_output=True, text=True, cwd=ROOT, env=environment,
                             timeout=120)
     assert result.stdout.strip() == expected, result.stderr
+
+
+# ---------------------------------------------------------------- reports
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval"], ["arena"], ["demo"], ["analyze-md"], ["sweep", "--vary", "strategy.early_stop=sample,batch"],
+    ["attack", "--target", "http://127.0.0.1:9"],
+])
+def test_an_unwritable_report_directory_is_refused_before_any_work(argv, tmp_path, monkeypatch, capsys):
+    """A file where the report directory should go (root ignores permission bits, not this): one line, exit 1,
+    and the run never starts (the work functions would raise if called)."""
+    import attacker_sim.analysis
+    import attacker_sim.arena
+    import attacker_sim.evaluation
+    import attacker_sim.http_target
+    import attacker_sim.sweep
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run started although its report directory is unwritable")
+
+    for module, name in ((attacker_sim.evaluation, "evaluate"), (attacker_sim.arena, "run_arena"),
+                         (attacker_sim.analysis, "backtracking_rows"), (attacker_sim.sweep, "sweep"),
+                         (attacker_sim.http_target, "HttpTarget")):
+        monkeypatch.setattr(module, name, never)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "reports"
+    assert main([*argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dscguard: error: --out {out}: cannot write reports there") and err.endswith(
+        "nothing was run") and "\n" not in err

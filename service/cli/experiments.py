@@ -20,6 +20,7 @@ from service.cli.options import (
     experiment_options,
     invalid_message,
     validation_lines,
+    writable_output,
 )
 from service.config import ExperimentConfig, StrategyConfig
 from service.strategy_registry import STRATEGY_NAMES
@@ -82,6 +83,7 @@ def _evaluate_and_report(config: ExperimentConfig, args: argparse.Namespace, out
     from attacker_sim.evaluation import evaluate
     from attacker_sim.report import bar_checks, table_markdown, write_reports
 
+    writable_output(out)
     evaluation = evaluate(config, strategies=args.strategies, scenarios=args.scenarios, seeds=args.seeds,
                           progress=not args.no_progress)
     written = write_reports(evaluation, out, plots=not args.no_plots)
@@ -100,7 +102,9 @@ def cmd_arena(args: argparse.Namespace) -> int:
     from attacker_sim.arena import run_arena, write_leaderboard
     from attacker_sim.leaderboard import markdown
 
-    board = run_arena(build_config(args), seeds=args.seeds, strategies=args.strategies, progress=not args.no_progress)
+    config = build_config(args)
+    writable_output(args.out)
+    board = run_arena(config, seeds=args.seeds, strategies=args.strategies, progress=not args.no_progress)
     written = write_leaderboard(board, args.out, plots=not args.no_plots)
     summary = markdown(board)
     print(summary[: summary.index("## Every row")].rstrip())
@@ -119,15 +123,14 @@ def cmd_analyze_md(args: argparse.Namespace) -> int:
     from attacker_sim.plots import plot_backtracking
     from service.atomic import atomic_write_text
 
-    rows = backtracking_rows(build_config(args), ks=args.k, seeds=args.seeds, progress=not args.no_progress)
+    config = build_config(args)
+    out = writable_output(args.out)
+    rows = backtracking_rows(config, ks=args.k, seeds=args.seeds, progress=not args.no_progress)
     print(f"{'k':>4}  {'clean MD':>18}  {'poisoned MD':>18}  ratio")
     for row in rows:
         clean, poisoned = row["clean"], row["poisoned"]
         print(f"{row['k']:4d}  {clean['mean']:9.4f} ± {clean['std']:6.4f}  {poisoned['mean']:9.4f} ± "
               f"{poisoned['std']:6.4f}  {poisoned['mean'] / max(clean['mean'], 1e-12):5.1f}x")
-    from pathlib import Path
-
-    out = Path(args.out)
     atomic_write_text(out / "backtracking.json", json.dumps({"rows": rows}, indent=2))
     print(f"wrote {plot_backtracking(rows, out / 'backtracking.png')} and {out / 'backtracking.json'}")
     return 0
@@ -151,17 +154,15 @@ def _check_varies(config: ExperimentConfig, varies: Sequence[str]) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from attacker_sim.sweep import sweep, sweep_markdown
     from service.atomic import atomic_write_text
 
     config = build_config(args)
     _check_varies(config, args.vary)
+    out = writable_output(args.out)
     results = sweep(config, args.vary, seeds=args.seeds, progress=not args.no_progress)
     table = sweep_markdown(results)
     print(table)
-    out = Path(args.out)
     atomic_write_text(out / "sweep.json", json.dumps(results, indent=2))
     atomic_write_text(out / "sweep.md", table + "\n")
     print(f"wrote {out / 'sweep.json'} and {out / 'sweep.md'}")

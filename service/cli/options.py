@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
@@ -105,6 +107,19 @@ def experiment_options(parser: argparse.ArgumentParser, *, profile: bool = True,
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override any config field, e.g. --set strategy.early_stop=batch (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def writable_output(path: str | Path, flag: str = "--out") -> Path:
+    """The report directory, created and shown writable before any work starts: a run of an hour must not die
+    at its last line on a permission error. An OSError naming `flag` and the cause otherwise."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".dscguard-write-check-"):
+            pass
+    except OSError as exc:
+        raise OSError(f"{flag} {out}: cannot write reports there ({exc.strerror or exc}); nothing was run") from exc
+    return out
 
 
 def build_config(args: argparse.Namespace, **extra: dict) -> ExperimentConfig:

@@ -16,7 +16,7 @@ import tempfile
 
 from pydantic import ValidationError
 
-from service.cli.options import build_config, experiment_options
+from service.cli.options import build_config, experiment_options, writable_output
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -87,6 +87,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from attacker_sim.report import table_markdown, write_reports
 
     config = build_config(args)
+    if args.out:
+        writable_output(args.out)
     settings = _settings()
     key = settings.client_key("an attack over HTTP (and DSCGUARD_ADMIN_TOKEN for a white-box one)")
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
