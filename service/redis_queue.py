@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import redis
 
 GROUP = "workers"
+# Redis's answer to an XADD whose explicit id is not above the stream's top: the record is already there
+AUDIT_ALREADY_RECORDED = "equal or smaller than the target stream top item"
 
 # Atomic: a known batch_id is a duplicate (even when the queue is full); a full stream refuses;
 # otherwise append the entry and remember the batch_id with its entry id.
@@ -310,8 +312,10 @@ class RedisQueue:
             for step in steps:
                 record = json.dumps(step.record)
                 if not step.in_audit:
-                    pipe.xadd(self.audit_stream, {"record": record}, maxlen=self.audit_max_length,
-                              approximate=True)
+                    # the ingest entry's id: a retry after a reply lost with Redis (the transaction applied,
+                    # the answer never came) is refused as not newer than the stream's top, not appended twice
+                    pipe.xadd(self.audit_stream, {"record": record}, id=step.record["entry_id"],
+                              maxlen=self.audit_max_length, approximate=True)
                 key = self.batch_key(step.batch_id)
                 committed = entry_id_key(step.record["entry_id"]) <= entry_id_key(committed_through)
                 mapping = {"state": "applied", "record": record, "committed": "1" if committed else "0"}
@@ -322,7 +326,10 @@ class RedisQueue:
             pipe.set(self.status_key, json.dumps(status))
             if steps:
                 pipe.publish(self.events_channel, " ".join(step.batch_id for step in steps))
-            pipe.execute()
+            errors = [r for r in pipe.execute(raise_on_error=False)
+                      if isinstance(r, Exception) and AUDIT_ALREADY_RECORDED not in str(r)]
+        if errors:
+            raise errors[0]
 
     def publish_status(self, status: dict) -> None:
         self.client.set(self.status_key, json.dumps(status))

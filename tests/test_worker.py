@@ -105,3 +105,21 @@ def test_an_expired_lease_is_taken_back_only_if_no_other_worker_served(digits_ex
         finally:
             worker.request_stop()
     assert queue.worker_status() == {"consumer": "another-worker"}  # the stale worker published nothing
+
+
+def test_a_record_sent_again_after_a_lost_reply_is_audited_once(namespace, tmp_path):
+    """Redis applied the transaction and died before answering: the worker sends the same records again. The
+    audit stream takes each ingest entry once (its id is the entry's), the rest of the retry still lands."""
+    import json
+
+    from service.redis_queue import AppliedBatch
+
+    queue = RedisQueue.from_settings(make_settings(namespace, tmp_path))
+    first = AppliedBatch("a", {"entry_id": "1000-0", "batch_index": 0}, None)
+    second = AppliedBatch("b", {"entry_id": "1001-0", "batch_index": 1}, None)
+    queue.record_steps([first], status={"model_version": 1})
+    queue.record_steps([first, second], status={"model_version": 2})  # the retry, with the next batch
+    audit = [(entry.decode(), json.loads(fields[b"record"])["entry_id"])
+             for entry, fields in queue.client.xrange(queue.audit_stream)]
+    assert audit == [("1000-0", "1000-0"), ("1001-0", "1001-0")]
+    assert queue.batch_state("b")["state"] == "applied" and queue.worker_status()["model_version"] == 2
