@@ -234,3 +234,21 @@ def test_a_snapshot_costs_a_bounded_forward_whatever_the_size_of_the_trusted_spl
     small = _ring(_blobs(100, generator), canary_samples=256)
     assert len(ring.trusted[0]) == 256 == len(set(map(tuple, ring.trusted[0].tolist())))
     assert len(small.trusted[0]) == 100
+
+
+def test_the_state_stays_bounded_while_promotions_are_refused():
+    """A long stretch of refusals (every batch flagged, max_age out of reach) must not grow what each checkpoint
+    saves: the flagged shares are kept as sums, not one entry per batch."""
+    import json
+
+    generator = torch.Generator().manual_seed(7)
+    model, trusted = _trained_mlp(generator), _blobs(100, generator)
+    auxiliary = copy.deepcopy(model)
+    ring = _ring(trusted, window=10, every=10, ring=1, max_age=10**9)
+    sizes = {}
+    for applied in range(1, 2001):
+        ring.observe(model, auxiliary, applied, 1.0)
+        if applied in (100, 2000):
+            sizes[applied] = len(json.dumps({k: v for k, v in ring.state().items() if k != "decisions"}))
+    assert ring.counts["flag_rate"] == 199 and ring.promoted_at == 0
+    assert sizes[2000] <= sizes[100] + 16, sizes  # a few more digits in the sums and counts, nothing per batch

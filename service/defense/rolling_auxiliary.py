@@ -101,8 +101,12 @@ class RollingAuxiliary:
         self.mu: float | None = None  # recalibrated at each promotion (None: the first calibration still holds)
         self.promoted_at = 0  # applied batches when the current auxiliary was promoted (0: the given checkpoint)
         self.canary_best: float | None = None  # best trusted accuracy of the auxiliary and the candidates since
-        self.snapshots: list[dict] = []  # {"batch", "canary", "weights", "logits"}, oldest first
-        self.flags: list[tuple[int, float]] = []  # (batch index, flagged share) since the current auxiliary
+        self.snapshots: list[dict] = []  # {"batch", "canary", "segment", "weights", "logits"}, oldest first
+        # flagged shares as (sum, batches), bounded however long promotions are refused: of the batches since the
+        # last snapshot (`open_segment`; each snapshot keeps its own `segment`), and of the segments of the
+        # candidates refused since the current auxiliary (`refused_segments`)
+        self.open_segment: tuple[float, int] = (0.0, 0)
+        self.refused_segments: tuple[float, int] = (0.0, 0)
         self.decisions: list[PromotionDecision] = []
         self.counts: Counter[str] = Counter()
 
@@ -122,7 +126,7 @@ class RollingAuxiliary:
 
         A promotion loads the candidate's weights into `auxiliary` in place and returns the decision.
         """
-        self.flags.append((applied - 1, float(flagged_share)))
+        self.open_segment = (self.open_segment[0] + float(flagged_share), self.open_segment[1] + 1)
         if applied % self.every:
             return None
         if self.canary_best is None:
@@ -130,7 +134,9 @@ class RollingAuxiliary:
         logits = self._logits(model)
         canary = _accuracy(logits, self.trusted[1])
         weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        self.snapshots.append({"batch": applied, "canary": canary, "weights": weights, "logits": logits})
+        self.snapshots.append({"batch": applied, "canary": canary, "segment": self.open_segment, "weights": weights,
+                               "logits": logits})
+        self.open_segment = (0.0, 0)
         if self.snapshots[0]["batch"] > applied - self.window:
             return None
         candidate = self.snapshots.pop(0)
@@ -138,15 +144,18 @@ class RollingAuxiliary:
         if decision.promoted:
             auxiliary.load_state_dict(candidate["weights"])
             self.promoted_at, self.canary_best = applied, candidate["canary"]
-            self.flags = [(b, s) for b, s in self.flags if b >= candidate["batch"]]
+            self.refused_segments = (0.0, 0)  # the new auxiliary's window starts after the candidate's batches
+        else:
+            self.refused_segments = _add(self.refused_segments, candidate["segment"])
         self.decisions = (self.decisions + [decision])[-50:]
         self.counts[decision.reason] += 1
         return decision
 
     def _decide(self, candidate: dict, applied: int, current_logits: torch.Tensor) -> PromotionDecision:
-        closed = [share for batch, share in self.flags if batch < candidate["batch"]]
-        flag_rate = sum(closed) / len(closed) if closed else 0.0
-        flag_bound = self.target + self.z * math.sqrt(self.target * (1 - self.target) / max(len(closed), 1))
+        # the batches the candidate closes: from the current auxiliary's up to the candidate's own
+        flagged, batches = _add(self.refused_segments, candidate["segment"])
+        flag_rate = flagged / batches if batches else 0.0
+        flag_bound = self.target + self.z * math.sqrt(self.target * (1 - self.target) / max(batches, 1))
         best = max(candidate["canary"], self.canary_best)
         self.canary_best = best
         canary_bound = self.canary_drop + self.z * math.sqrt(2 * best * (1 - best) / len(self.trusted[1]))
@@ -167,8 +176,9 @@ class RollingAuxiliary:
     # -- persistence: snapshots as tensors, the rest as JSON ---------------------------------------------
     def state(self) -> dict:
         return {"mu": self.mu, "promoted_at": self.promoted_at, "canary_best": self.canary_best,
-                "flags": self.flags,
-                "snapshots": [{"batch": s["batch"], "canary": s["canary"]} for s in self.snapshots],
+                "open_segment": list(self.open_segment), "refused_segments": list(self.refused_segments),
+                "snapshots": [{"batch": s["batch"], "canary": s["canary"], "segment": list(s["segment"])}
+                              for s in self.snapshots],
                 "decisions": [d.to_dict() for d in self.decisions], "counts": dict(self.counts)}
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -181,14 +191,23 @@ class RollingAuxiliary:
     def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         self.mu, self.promoted_at = state["mu"], int(state["promoted_at"])
         self.canary_best = state["canary_best"]
-        self.flags = [(int(b), float(s)) for b, s in state["flags"]]
+        self.open_segment, self.refused_segments = _segment(state["open_segment"]), _segment(state["refused_segments"])
         self.decisions = [PromotionDecision(**d) for d in state["decisions"]]
         self.counts = Counter(state["counts"])
         self.snapshots = []
         for index, meta in enumerate(state["snapshots"]):
             prefix = f"ring.{index}.weights."
             weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            self.snapshots.append({**meta, "weights": weights, "logits": tensors[f"ring.{index}.logits"]})
+            self.snapshots.append({**meta, "segment": _segment(meta["segment"]), "weights": weights,
+                                   "logits": tensors[f"ring.{index}.logits"]})
+
+
+def _add(a: tuple[float, int], b: tuple[float, int]) -> tuple[float, int]:
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _segment(saved: list) -> tuple[float, int]:
+    return float(saved[0]), int(saved[1])
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
