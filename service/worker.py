@@ -79,8 +79,7 @@ class Worker:
         self.queue = queue or RedisQueue.from_settings(settings)
         self.metrics = metrics or WorkerMetrics()
         self.consumer = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
-        self.checkpoint_dir = Path(settings.checkpoint_dir)
-        self.store = CheckpointStore(self.checkpoint_dir, settings.checkpoints_kept, self.config)
+        self.store = CheckpointStore(Path(settings.checkpoint_dir), settings.checkpoints_kept, self.config)
         self.learner: OnlineLearner | None = None
         self.spec: InputSpec | None = None
         self.last_applied_id = "0-0"
@@ -436,7 +435,7 @@ class Worker:
     def _create(self, device: torch.device) -> OnlineLearner:
         from service.experiment import Experiment
 
-        log.info("no checkpoint in %s: burning in (cached) and calibrating a new learner", self.checkpoint_dir)
+        log.info("no checkpoint in %s: burning in (cached) and calibrating a new learner", self.store.directory)
         experiment = Experiment.prepare(self.config.model_copy(update={"device": str(device)}),
                                         cache_dir=self.settings.cache_dir, progress=False)
         learner = experiment.new_learner()

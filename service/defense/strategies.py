@@ -295,6 +295,7 @@ class TrustedUpdateGuard(Strategy):
 
     def threshold(self, batch_index: int) -> float | None:
         return self.gate.threshold  # None until the first update calibrates it
+
     def target_false_flag_rate(self) -> float:
         return self.config.gate_target_false_flag_rate
 
