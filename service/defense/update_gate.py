@@ -17,9 +17,12 @@ a threshold calibrated on that split: `threshold` is the finite-sample (conforma
 the stream draws them (same batch size, with replacement: a fresh population, not a reshuffle of a couple of
 hundred samples), each measured on the trusted samples *not* in its batch (cross-fitting: a stream batch is
 never in the probe either), from the current model. An update above the threshold is *flagged*, and the
-action shrinks it: halve s until delta(s) is back under the threshold (`shrink`, at most `max_halvings`, then
-s = 0), or drop it (`skip`). An update under the threshold is applied whole, so honest drift is learned at
-full speed. The threshold is recalibrated every `recalibrate_every` updates, since clean updates change size
+action shrinks it (`shrink`) or drops it (`skip`). Shrinking measures one more point, s0 = threshold /
+delta(1), and takes the largest s that the chords through (0, 0), (s0, delta(s0)) and (1, delta(1)) keep under
+the threshold: where the probe loss curves upward along the update (as around a trained model, and more so
+around one an accumulative attack has made fragile) a chord lies above the curve, so the shrunk update stays
+under the threshold without a search (one forward, where halving took up to six). An update under the
+threshold is applied whole, so honest drift is learned at full speed. The threshold is recalibrated every `recalibrate_every` updates, since clean updates change size
 as the model converges or drifts.
 
 >>> import torch
@@ -62,7 +65,7 @@ class UpdateGate:
 
     def __init__(self, trusted_x: torch.Tensor, trusted_y: torch.Tensor, *, batch_size: int,
                  target_false_flag_rate: float = 0.1, calibration_updates: int = 32, recalibrate_every: int = 100,
-                 action: str = "shrink", max_halvings: int = 6, probe_samples: int = 256, seed: int = 0):
+                 action: str = "shrink", probe_samples: int = 256, seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
@@ -70,9 +73,8 @@ class UpdateGate:
             raise ValueError(f"target_false_flag_rate must be in (0, 1), got {target_false_flag_rate}")
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
-        if calibration_updates < 1 or recalibrate_every < 1 or max_halvings < 0 or batch_size < 1 or probe_samples < 4:
-            raise ValueError("calibration_updates, recalibrate_every and batch_size must be >= 1, max_halvings >= 0, "
-                             "probe_samples >= 4")
+        if calibration_updates < 1 or recalibrate_every < 1 or batch_size < 1 or probe_samples < 4:
+            raise ValueError("calibration_updates, recalibrate_every and batch_size must be >= 1, probe_samples >= 4")
         self.trusted = (trusted_x, trusted_y)
         # the probe: at most `probe_samples` trusted samples, fixed once, so that a lookahead costs a bounded
         # forward whatever the size of the trusted split (1,000 MNIST images made a step 23x ST's)
@@ -83,23 +85,22 @@ class UpdateGate:
         self.batch_size = batch_size
         self.level = 1.0 - target_false_flag_rate
         self.calibration_updates, self.recalibrate_every = calibration_updates, recalibrate_every
-        self.action, self.max_halvings = action, max_halvings
+        self.action = action
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.threshold: float | None = None
         self.updates_since_calibration = 0
         self.history: list[dict] = []  # one entry per calibration: when, the threshold, the clean increases seen
 
-    def _probe_loss(self, model: nn.Module, keep: torch.Tensor | None = None) -> float:
-        """Mean cross-entropy on the probe; `keep` (a mask over the trusted split) leaves samples out."""
-        index = self.probe if keep is None else self.probe[keep[self.probe]]
-        x, y = self.trusted[0][index], self.trusted[1][index]
+    def _probe_losses(self, model: nn.Module) -> torch.Tensor:
+        """Per-sample cross-entropy on the probe, as predictions are made (eval mode)."""
+        x, y = self.trusted[0][self.probe], self.trusted[1][self.probe]
         with torch.no_grad(), eval_mode(model):
-            return float(F.cross_entropy(model(x.to(_device(model))), y.to(_device(model))))
+            return F.cross_entropy(model(x.to(_device(model))), y.to(_device(model)), reduction="none").cpu()
 
-    def _increase(self, model: nn.Module, optimizer: torch.optim.Optimizer, params, grads, scale: float,
-                  base: float, keep: torch.Tensor | None = None) -> float:
-        """delta(scale): the probe loss (on `keep`) after the optimizer's step with the gradient scaled, minus
-        `base`."""
+    def _losses_after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, params, grads,
+                           scale: float) -> torch.Tensor:
+        """Per-sample probe losses after the optimizer's step with the gradient scaled by `scale` (0: the step
+        without the batch: momentum and weight decay only); the parameters are put back."""
         saved = [p.detach().clone() for p in params]
         group = optimizer.param_groups[0]
         lr, momentum, decay = group["lr"], group.get("momentum", 0.0), group.get("weight_decay", 0.0)
@@ -111,7 +112,7 @@ class UpdateGate:
                     step = momentum * buffer + step
                 p.sub_(lr * step)
         try:
-            return self._probe_loss(model, keep) - base
+            return self._probe_losses(model)
         finally:
             with torch.no_grad():
                 for p, value in zip(params, saved, strict=True):
@@ -122,6 +123,8 @@ class UpdateGate:
         params = [p for p in model.parameters() if p.requires_grad]
         x_ref, y_ref = self.trusted
         device = _device(model)
+        # the step without any batch is the same for every calibration update: its probe losses are measured once
+        base = self._losses_after_step(model, optimizer, params, [torch.zeros_like(p) for p in params], 0.0)
         increases = []
         for _ in range(self.calibration_updates):
             # with replacement: a batch of the stream is drawn from a far larger population than the trusted
@@ -129,11 +132,12 @@ class UpdateGate:
             pick = torch.randint(len(x_ref), (self.batch_size,), generator=self.generator)
             keep = torch.ones(len(x_ref), dtype=torch.bool)
             keep[pick] = False
+            keep = keep[self.probe]  # cross-fitting: judged on the probe samples that are not in the batch
             with eval_mode(model):  # BatchNorm statistics untouched: a simulation, not an update
                 loss = F.cross_entropy(model(x_ref[pick].to(device)), y_ref[pick].to(device))
             grads = torch.autograd.grad(loss, params)
-            base = self._increase(model, optimizer, params, grads, 0.0, 0.0, keep)  # the step without the batch
-            increases.append(self._increase(model, optimizer, params, grads, 1.0, base, keep))
+            after = self._losses_after_step(model, optimizer, params, grads, 1.0)
+            increases.append(float((after - base)[keep].mean()))
         values = torch.tensor(increases)
         # never below zero: an update that does not raise the probe loss is never suspicious
         self.threshold = max(conformal_quantile(values, self.level), 0.0)
@@ -148,21 +152,20 @@ class UpdateGate:
             self.calibrate(model, optimizer)  # autograd.grad: the batch's .grad is left as it is
         self.updates_since_calibration += 1
         params = [p for p in model.parameters() if p.grad is not None]
-        grads = [p.grad.detach().clone() for p in params]
-        base = self._increase(model, optimizer, params, grads, 0.0, 0.0)  # where the step goes without the batch
-        increase = self._increase(model, optimizer, params, grads, 1.0, base)
-        scale = 1.0
-        if increase > self.threshold:
-            scale = 0.0
-            if self.action == "shrink":
-                for halving in range(1, self.max_halvings + 1):
-                    if self._increase(model, optimizer, params, grads, 0.5**halving, base) <= self.threshold:
-                        scale = 0.5**halving
-                        break
-            with torch.no_grad():
-                for p in params:
-                    p.grad.mul_(scale)
-        return GateVerdict(increase, self.threshold, increase > self.threshold, scale)
+        grads = [p.grad.detach() for p in params]
+        base = self._losses_after_step(model, optimizer, params, grads, 0.0)  # where the step goes without the batch
+        increase = float((self._losses_after_step(model, optimizer, params, grads, 1.0) - base).mean())
+        if increase <= self.threshold:
+            return GateVerdict(increase, self.threshold, False, 1.0)
+        scale = 0.0
+        if self.action == "shrink":
+            probe_scale = self.threshold / increase
+            at_probe = float((self._losses_after_step(model, optimizer, params, grads, probe_scale) - base).mean())
+            scale = _chord_scale(self.threshold, probe_scale, at_probe, increase)
+        with torch.no_grad():
+            for p in params:
+                p.grad.mul_(scale)
+        return GateVerdict(increase, self.threshold, True, scale)
 
     # -- persistence: the calibration state travels with the learner's checkpoint ---------------------
     def state(self) -> dict:
@@ -177,6 +180,19 @@ class UpdateGate:
         self.updates_since_calibration = int(state["updates_since_calibration"])
         self.history = list(state["history"])
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+def _chord_scale(threshold: float, s0: float, at_s0: float, at_one: float) -> float:
+    """The largest s in [0, 1] that the chords through (0, 0), (s0, at_s0), (1, at_one) keep at `threshold`.
+
+    >>> round(_chord_scale(1.0, 0.25, 0.5, 4.0), 3)   # under the threshold at s0: between s0 and 1
+    0.357
+    >>> _chord_scale(1.0, 0.25, 2.0, 4.0)   # above it at s0: interpolate between 0 and s0
+    0.125
+    """
+    if at_s0 <= threshold:
+        return s0 + (1.0 - s0) * (threshold - at_s0) / (at_one - at_s0)
+    return s0 * max(threshold, 0.0) / at_s0
 
 
 def _device(model: nn.Module) -> torch.device:
