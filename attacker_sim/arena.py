@@ -4,8 +4,9 @@ For each reporting seed every strategy starts from the same burn-in and faces (`
 the clean oracle over a long clean stream (with its realised false-flag rate early and late), the
 accumulative attack launched after each of `arena.launch_after` clean batches (branching from snapshots
 of that one long stream), the slow poison, every benign drift kind, drift then attack, the black-box
-attacker with a surrogate it trained on its own data, and the adaptive attacker (poisons and trigger)
-for each beta. The baselines `gc` and `at` are tuned first by `attacker_sim.tuning`'s rule on the
+attacker with a surrogate it trained on its own data, the adaptive attacker (poisons and trigger) for
+each beta, and the attacker adaptive to guard's gate (`adaptive:gate`: after the poisons it sends
+campaign.max_batches triggers, each blended to stay under its own copy of the gate). The baselines `gc` and `at` are tuned first by `attacker_sim.tuning`'s rule on the
 tuning seeds and the trusted split; the research code's constants stay as `gc-paper` and `at-paper`.
 
 >>> from service.config import ExperimentConfig
@@ -72,7 +73,7 @@ def _steps_per_strategy(config: ExperimentConfig, long_horizon: bool) -> int:
     arena, attack_len = config.arena, config.campaign.max_batches
     launches = arena.launch_after if long_horizon else [t for t in arena.launch_after if t == 0]
     length = max([*launches, arena.clean_batches])
-    attackers = len(launches) + int(arena.black_box) + len(arena.adaptive_betas)
+    attackers = len(launches) + int(arena.black_box) + len(arena.adaptive_betas) + 2 * int(arena.gate_evasion)
     return (length + attackers * attack_len + arena.slow_poison_count * arena.slow_poison_every
             + len(arena.drifts) * arena.drift_batches + (arena.drift_batches + attack_len) * bool(arena.drift_attack))
 
@@ -126,7 +127,8 @@ def _settings(strategy: StrategyConfig) -> dict:
 
 
 def _attackers(experiment: Experiment) -> dict[str, AccumulativeCampaign]:
-    """White box, black box (`config.attack`'s surrogate, trained by default) and the adaptive betas."""
+    """White box, black box (`config.attack`'s surrogate, trained by default), the adaptive betas (to DSC's
+    discrepancy) and the attacker adaptive to guard's gate."""
     config = experiment.config
     attackers = {"white": build_campaign(experiment)}
     if config.arena.black_box:
@@ -136,6 +138,10 @@ def _attackers(experiment: Experiment) -> dict[str, AccumulativeCampaign]:
         attack = config.attack.model_copy(update={"beta": beta})
         attackers[f"adaptive:beta={beta:g}"] = AccumulativeCampaign(attack, config.campaign,
                                                                    auxiliary=experiment.burnin.auxiliary)
+    if config.arena.gate_evasion:
+        attack = config.attack.model_copy(update={"gate_evasion_batches": config.campaign.max_batches})
+        attackers["adaptive:gate"] = AccumulativeCampaign(attack, config.campaign, stream_lr=config.stream.lr,
+                                                          batch_size=config.stream.batch_size)
     return attackers
 
 

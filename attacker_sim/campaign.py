@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from attacker_sim.attacks import AccumulativePoison, Budget, TriggerCrafter, build_attack
+from attacker_sim.attacks.gate_evasion import GateEvasion
 from attacker_sim.targets import StepOutcome, Target
 from service.config import AttackConfig, CampaignConfig
 
@@ -100,9 +101,12 @@ class AccumulativeCampaign:
     """The attacker of Pang et al., configured once, run against a target with `run`."""
 
     def __init__(self, attack: AttackConfig, campaign: CampaignConfig, surrogate: nn.Module | None = None,
-                 auxiliary: nn.Module | None = None):
+                 auxiliary: nn.Module | None = None, stream_lr: float | None = None, batch_size: int | None = None):
         if attack.setting == "black_box" and surrogate is None:
             raise ValueError("a black-box attack needs a surrogate model")
+        if attack.gate_evasion_batches and (stream_lr is None or batch_size is None):
+            raise ValueError("the gate-evading attacker (gate_evasion_batches > 0) needs the stream's learning rate "
+                             "and batch size (its copy of the gate looks ahead with them)")
         if attack.beta > 0 and auxiliary is None:
             raise ValueError("the adaptive attacker (beta > 0) needs the defender's auxiliary model")
         self.attack, self.campaign = attack, campaign
@@ -117,6 +121,7 @@ class AccumulativeCampaign:
             self.poison = build_attack(attack.kind, budget, model_mode=attack.model_mode, **adaptive)
         self.trigger = TriggerCrafter(Budget(attack.epsilon, attack.trigger_steps, attack.trigger_step_size),
                                       model_mode=attack.model_mode, **adaptive)
+        self.stream_lr, self.batch_size = stream_lr, batch_size
 
     def _attacker_model(self, target: Target) -> nn.Module:
         return self.surrogate if self.attack.setting == "black_box" else target.white_box_model()
@@ -165,8 +170,11 @@ class AccumulativeCampaign:
         if not trace:
             accuracies.append(accuracy(target, *test))
         poison_acc = accuracies[-1]
-        x_trigger = self.trigger(self._attacker_model(target), x_base, y_trigger, x_val, y_val)
-        fired = target.step(x_trigger, y_trigger)
+        if self.attack.gate_evasion_batches:
+            fired = self._evade(target, batches, validation, seed)
+        else:
+            x_trigger = self.trigger(self._attacker_model(target), x_base, y_trigger, x_val, y_val)
+            fired = target.step(x_trigger, y_trigger)
         accuracies.append(accuracy(target, *test))
         result = RunResult("poison", strategy, seed, start_acc=accuracies[0], batches=batches_survived,
                            final_acc=accuracies[-1], poison_acc=poison_acc, trigger_acc=accuracies[-1],
@@ -174,3 +182,19 @@ class AccumulativeCampaign:
                            trigger_flagged_rate=fired.flagged / fired.samples,
                            clean_flagged_rate=clean.flagged / clean.samples if clean.samples else None)
         return tally.fill(result)
+
+    def _evade(self, target: Target, batches: Batches, validation: tuple[torch.Tensor, torch.Tensor],
+               seed: int) -> StepOutcome:
+        """`gate_evasion_batches` triggers, each crafted on a fresh stream batch against the model as it stands and
+        blended to stay under the attacker's copy of guard's gate; returns their outcomes summed."""
+        evasion = GateEvasion(*validation, lr=self.stream_lr, batch_size=self.batch_size, seed=seed)
+        evasion.calibrate(self._attacker_model(target))
+        total = StepOutcome(samples=0, flagged=0, corrected=0, threshold=None, seconds=0.0)
+        for _ in range(self.attack.gate_evasion_batches):
+            x, y = next(batches)
+            model = self._attacker_model(target)
+            x_sent, _ = evasion.blend(model, x, self.trigger(model, x, y, *validation), y)
+            outcome = target.step(x_sent, y)
+            total = StepOutcome(total.samples + outcome.samples, total.flagged + outcome.flagged,
+                                total.corrected + outcome.corrected, outcome.threshold, total.seconds + outcome.seconds)
+        return total

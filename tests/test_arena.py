@@ -39,7 +39,7 @@ def test_every_scenario_and_attacker_has_a_row_per_strategy(board):
     board, _ = board
     expected = {"clean", "attack@0", "attack@12", "slow-poison", "drift:pixel_shift", "drift:rotation",
                 "drift:brightness_contrast", "drift:label_prior", "drift+attack:pixel_shift", "black-box",
-                "adaptive:beta=1"}
+                "adaptive:beta=1", "adaptive:gate"}
     assert set(board.scenarios()) == expected
     for scenario in expected:
         assert {r.strategy for r in board.rows if r.scenario == scenario} == {"st", "gc", "at", "dsc"}
@@ -150,6 +150,7 @@ def test_demo_is_the_digits_arena_and_prints_the_leaderboard(cache_dir, tmp_path
     burnin = [f"burnin.{field}={value}" for field, value in DIGITS_OVERRIDES["burnin"].items()]  # the session's
     overrides = [*burnin, "campaign.max_batches=2", "arena.launch_after=[0]", "arena.clean_batches=3",
                  "arena.drifts=[]", "arena.drift_attack=null", "arena.black_box=false", "arena.adaptive_betas=[]",
+                 "arena.gate_evasion=false",
                  "arena.slow_poison_count=1", "arena.slow_poison_every=2"]
     argv = ["demo", "--seeds", "0", "--strategies", "st", "guard", "--out", str(tmp_path), "--no-progress",
             "--no-plots"]

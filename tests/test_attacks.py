@@ -403,3 +403,33 @@ def test_model_mode_is_a_real_choice_for_batchnorm():
         model.train()
         model[1].track_running_stats = False  # batch statistics, without moving the running ones
         assert F.cross_entropy(model(crafted["train"]), y) > F.cross_entropy(model(crafted["eval"]), y)
+
+
+def test_a_gate_evading_trigger_is_blended_under_the_attackers_own_threshold():
+    """Its copy of the gate flags the full trigger; the blend it sends is under that threshold, and moved
+    toward the trigger as far as the bisection allows."""
+    import torch.nn.functional as F
+
+    from attacker_sim.attacks import Budget, TriggerCrafter
+    from attacker_sim.attacks.gate_evasion import GateEvasion
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=generator) * 2
+    y_all = torch.randint(0, 4, (400,), generator=generator)
+    x_all = (centers[y_all] + torch.randn(400, 16, generator=generator)).view(400, 1, 4, 4)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for start in range(0, 300, 20):  # a model that has learned the task
+        optimizer.zero_grad()
+        F.cross_entropy(net(x_all[start:start + 20]), y_all[start:start + 20]).backward()
+        optimizer.step()
+    x_val, y_val, x, y = x_all[300:380], y_all[300:380], x_all[380:], y_all[380:]
+    evasion = GateEvasion(x_val, y_val, lr=1.0, batch_size=20, calibration_updates=16, seed=0)
+    threshold = evasion.calibrate(net)
+    x_trigger = TriggerCrafter(Budget(1.0, 5, 0.5))(net, x, y, x_val, y_val)
+    full = evasion._increase(net, x_trigger, y)
+    blended, alpha = evasion.blend(net, x, x_trigger, y)
+    assert full > threshold, (full, threshold)  # the whole trigger would be flagged
+    assert 0.0 < alpha < 1.0
+    assert evasion._increase(net, blended, y) <= threshold

@@ -93,3 +93,17 @@ def test_campaign_configuration_errors():
         AccumulativeCampaign(AttackConfig(setting="black_box"), CampaignConfig())
     with pytest.raises(ValueError, match="auxiliary"):
         AccumulativeCampaign(AttackConfig(beta=0.1), CampaignConfig())
+    with pytest.raises(ValueError, match="learning rate"):
+        AccumulativeCampaign(AttackConfig(gate_evasion_batches=3), CampaignConfig())
+
+
+def test_the_gate_evading_attacker_sends_its_triggers_after_the_poisons_and_sums_what_was_flagged():
+    # the monitor never fires: 2 poisons, then 3 blended triggers instead of one; accuracy 0.9 -> 0.6 over them
+    target = ScriptedTarget(script=[0.9, 0.9, 0.9, 0.8, 0.7, 0.6], flags=[0, 0, 20, 0, 10])
+    campaign = AccumulativeCampaign(AttackConfig(epsilon=0.01, steps=1, step_size=0.01, trigger_steps=1,
+                                                 trigger_step_size=0.01, gate_evasion_batches=3),
+                                    CampaignConfig(max_batches=2, monitor_drop=0.5), stream_lr=0.1, batch_size=20)
+    run = campaign.run(target, _batches(), _labelled(50, 1), _labelled(50, 2), "guard", seed=0)
+    assert target.steps == 5
+    assert (run.batches, run.poison_acc, run.trigger_acc) == (2, pytest.approx(0.9), pytest.approx(0.6))
+    assert run.trigger_flagged_rate == pytest.approx(30 / 60)

@@ -146,6 +146,14 @@ class UpdateGate:
                              "increase_max": float(values.max()), "updates": self.calibration_updates})
         return self.threshold
 
+    def increase(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """delta(1) of the update in the parameters' `.grad`, judged by nothing (what an attacker who knows the
+        gate can measure on its own data)."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        grads = [p.grad.detach() for p in params]
+        base = self._losses_after_step(model, optimizer, params, grads, 0.0)
+        return float((self._losses_after_step(model, optimizer, params, grads, 1.0) - base).mean())
+
     def judge(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GateVerdict:
         """Judge the update in the parameters' `.grad` and scale it in place by the action's choice."""
         if self.threshold is None or self.updates_since_calibration >= self.recalibrate_every:
