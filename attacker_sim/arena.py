@@ -6,8 +6,9 @@ accumulative attack launched after each of `arena.launch_after` clean batches (b
 of that one long stream), the slow poison, every benign drift kind, drift then attack, the black-box
 attacker with a surrogate it trained on its own data, the adaptive attacker (poisons and trigger) for
 each beta, and the attacker adaptive to guard's gate (`adaptive:gate`: after the poisons it sends
-campaign.max_batches triggers, each blended to stay under its own copy of the gate). The baselines `gc` and `at` are tuned first by `attacker_sim.tuning`'s rule on the
-tuning seeds and the trusted split; the research code's constants stay as `gc-paper` and `at-paper`.
+campaign.max_batches triggers, each blended to stay under its own copy of the gate). The baselines `gc`
+and `at` are tuned first by `attacker_sim.tuning`'s rule on the tuning seeds and the trusted split; the
+research code's constants stay as `gc-paper` and `at-paper`.
 
 >>> from service.config import ExperimentConfig
 >>> resolve_strategies(ExperimentConfig(), ["st", "gc-paper", "guard"], None)["gc-paper"].clip_value

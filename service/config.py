@@ -146,9 +146,9 @@ class AttackConfig(_Section):
     model_mode: Literal["eval", "train"] = Field("eval", description="mode of the model while crafting")
     beta: float = Field(0.0, ge=0, description="adaptive attacker: weight of the discrepancy term, scale-free "
                                                 "(1 weighs the attack and hiding from the discrepancy equally)")
-    gate_evasion_batches: int = Field(0, ge=0, description="adaptive to guard's gate: trigger batches blended to stay "
-                                                            "under the attacker's own copy of the gate, sent one after "
-                                                            "the other instead of the one trigger (0: the plain trigger)")
+    gate_evasion_batches: int = Field(
+        0, ge=0, description="adaptive to guard's gate: trigger batches blended to stay under the attacker's own copy "
+                             "of the gate, sent one after the other instead of the one trigger (0: the plain trigger)")
     setting: Literal["white_box", "black_box"] = "white_box"
     surrogate: Literal["trained", "checkpoint"] = Field(
         "trained", description="black box: a model the attacker trains on its own data, or a burn-in checkpoint")

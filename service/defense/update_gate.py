@@ -22,8 +22,8 @@ delta(1), and takes the largest s that the chords through (0, 0), (s0, delta(s0)
 the threshold: where the probe loss curves upward along the update (as around a trained model, and more so
 around one an accumulative attack has made fragile) a chord lies above the curve, so the shrunk update stays
 under the threshold without a search (one forward, where halving took up to six). An update under the
-threshold is applied whole, so honest drift is learned at full speed. The threshold is recalibrated every `recalibrate_every` updates, since clean updates change size
-as the model converges or drifts.
+threshold is applied whole, so honest drift is learned at full speed. The threshold is recalibrated every
+`recalibrate_every` updates, since clean updates change size as the model converges or drifts.
 
 >>> import torch
 >>> _ = torch.manual_seed(0)
