@@ -3,6 +3,10 @@
 The online model streams clean batches with plain SGD and keeps a snapshot after every step. At
 the end, the discrepancy of held-out clean samples, and of the same samples poisoned against the
 final model, is measured against the snapshot from k batches earlier, for every k.
+
+`on="trusted"` (the default) does it on the defender's trusted split only, so that a defender may choose
+DSC's rolling window from it (`suggested_window`): half the split feeds the clean steps (resampled), the
+other half gives the held-out samples. `on="stream"` uses the stream split, as the paper's Fig. 2.
 """
 
 from __future__ import annotations
@@ -21,17 +25,20 @@ from service.experiment import Experiment
 
 def backtracking_rows(config: ExperimentConfig, ks: Sequence[int] = (1, 2, 5, 10, 20),
                       seeds: Sequence[int] | None = None, probe_batches: int = 4, cache_dir=None,
-                      progress: bool = True) -> list[dict]:
+                      progress: bool = True, on: str = "trusted") -> list[dict]:
     """One row per k: mean ± std over seeds of the mean discrepancy of clean and poisoned samples."""
     if not ks or min(ks) < 1:
         raise ValueError(f"backtracking intervals must be >= 1, got {list(ks)}")
+    if on not in ("trusted", "stream"):
+        raise ValueError(f"on must be 'trusted' or 'stream', got {on!r}")
     seeds = list(config.campaign.seeds if seeds is None else seeds)
     per_seed = {k: {"clean": [], "poisoned": []} for k in ks}
     for seed in seeds:
         experiment = Experiment.prepare(config.model_copy(update={"seed": seed}), cache_dir=cache_dir,
                                         progress=progress)
         learner = experiment.new_learner(config.strategy.model_copy(update={"name": "st"}))
-        batches = experiment.stream_batches(max(ks) + probe_batches + 1, seed=seed * 7919 + 2)
+        batches = (experiment.stream_batches(max(ks) + probe_batches + 1, seed=seed * 7919 + 2) if on == "stream"
+                   else _trusted_batches(experiment, max(ks), probe_batches + 1, seed))
         snapshots = [copy.deepcopy(learner.model).eval()]
         for _ in range(max(ks)):
             learner.step(*next(batches))
@@ -51,3 +58,27 @@ def backtracking_rows(config: ExperimentConfig, ks: Sequence[int] = (1, 2, 5, 10
             per_seed[k]["poisoned"].append(float(memorization_discrepancy(auxiliary, final, poisoned_x).mean()))
     return [{"k": k, **{kind: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v}
                         for kind, v in per_seed[k].items()}} for k in ks]
+
+
+def _trusted_batches(experiment: Experiment, steps: int, probes: int, seed: int):
+    """`steps` batches resampled from one half of the trusted split, then `probes` disjoint batches of the other."""
+    x, y = experiment.calibration_tensors
+    generator = torch.Generator().manual_seed(seed * 7919 + 2)
+    order = torch.randperm(len(x), generator=generator)
+    learn, held_out = order[: len(x) // 2], order[len(x) // 2 :]
+    size = experiment.config.stream.batch_size
+    for _ in range(steps):
+        pick = learn[torch.randint(len(learn), (size,), generator=generator)]
+        yield x[pick], y[pick]
+    for chunk in held_out.chunk(probes):
+        yield x[chunk], y[chunk]
+
+
+def suggested_window(rows: list[dict]) -> int:
+    """The backtracking interval at which poisons stand furthest above clean samples (largest mean ratio).
+
+    >>> suggested_window([{"k": 1, "clean": {"mean": 0.1}, "poisoned": {"mean": 0.3}},
+    ...                   {"k": 5, "clean": {"mean": 0.1}, "poisoned": {"mean": 0.5}}])
+    5
+    """
+    return max(rows, key=lambda row: row["poisoned"]["mean"] / max(row["clean"]["mean"], 1e-12))["k"]

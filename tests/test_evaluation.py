@@ -97,10 +97,13 @@ def test_backtracking_rows_compare_clean_and_poisoned(cache_dir, monkeypatch):
 
     monkeypatch.setenv("DSCGUARD_CACHE_DIR", str(cache_dir))
     config = ExperimentConfig.from_profile("digits", burnin={"epochs": 10, "auxiliary_epoch": 5})
-    rows = backtracking_rows(config, ks=[1, 3], seeds=[0], probe_batches=1, progress=False)
-    assert [r["k"] for r in rows] == [1, 3]
-    for row in rows:  # at every k, poisoned samples show the larger discrepancy (the paper's Fig. 2)
-        assert row["poisoned"]["mean"] > row["clean"]["mean"]
-        assert row["clean"]["values"] and len(row["poisoned"]["values"]) == 1
+    for on in ("stream", "trusted"):  # the paper's view, and the defender's own data (to choose the window)
+        rows = backtracking_rows(config, ks=[1, 3], seeds=[0], probe_batches=1, progress=False, on=on)
+        assert [r["k"] for r in rows] == [1, 3]
+        for row in rows:  # at every k, poisoned samples show the larger discrepancy (the paper's Fig. 2)
+            assert row["poisoned"]["mean"] > row["clean"]["mean"], (on, row)
+            assert row["clean"]["values"] and len(row["poisoned"]["values"]) == 1
     with pytest.raises(ValueError, match="backtracking intervals"):
         backtracking_rows(config, ks=[0])
+    with pytest.raises(ValueError, match="trusted"):
+        backtracking_rows(config, ks=[1], on="test")

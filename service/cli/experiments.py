@@ -119,19 +119,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze_md(args: argparse.Namespace) -> int:
-    from attacker_sim.analysis import backtracking_rows
+    from attacker_sim.analysis import backtracking_rows, suggested_window
     from attacker_sim.plots import plot_backtracking
     from service.atomic import atomic_write_text
 
     config = build_config(args)
     out = writable_output(args.out)
-    rows = backtracking_rows(config, ks=args.k, seeds=args.seeds, progress=not args.no_progress)
+    rows = backtracking_rows(config, ks=args.k, seeds=args.seeds, progress=not args.no_progress, on=args.on)
     print(f"{'k':>4}  {'clean MD':>18}  {'poisoned MD':>18}  ratio")
     for row in rows:
         clean, poisoned = row["clean"], row["poisoned"]
         print(f"{row['k']:4d}  {clean['mean']:9.4f} ± {clean['std']:6.4f}  {poisoned['mean']:9.4f} ± "
               f"{poisoned['std']:6.4f}  {poisoned['mean'] / max(clean['mean'], 1e-12):5.1f}x")
-    atomic_write_text(out / "backtracking.json", json.dumps({"rows": rows}, indent=2))
+    window = suggested_window(rows)
+    print(f"suggested strategy.auxiliary_window: {window} (largest poisoned/clean ratio, on the {args.on} split)")
+    atomic_write_text(out / "backtracking.json", json.dumps({"rows": rows, "on": args.on,
+                                                             "suggested_window": window}, indent=2))
     print(f"wrote {plot_backtracking(rows, out / 'backtracking.png')} and {out / 'backtracking.json'}")
     return 0
 
@@ -239,5 +242,7 @@ def add_experiment_commands(sub) -> None:
     p.add_argument("--k", type=count(1), nargs="+", default=[1, 2, 5, 10, 20],
                    help="backtracking intervals k, in stream batches")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to average over (default: the profile's, 0 1 2)")
+    p.add_argument("--on", choices=["trusted", "stream"], default="trusted",
+                   help="data: the defender's trusted split (to choose DSC's rolling window) or the stream split")
     p.add_argument("--out", default="reports/analyze-md", help="directory of backtracking.json and backtracking.png")
     p.set_defaults(func=cmd_analyze_md)
