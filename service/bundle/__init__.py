@@ -1,0 +1,50 @@
+"""Model bundles: the user's own model, weights and trusted data, in one directory the defense can take.
+
+A bundle is a directory:
+
+    bundle.json            the manifest (`BundleManifest`): architecture, input spec, files, stream and defense
+                           settings; validated, schema-versioned
+    bundle.schema.json     its JSON Schema, written beside it by `create_bundle`
+    online.safetensors     the current weights (required)
+    auxiliary.safetensors  an earlier checkpoint of the same architecture (optional)
+    trusted.safetensors    the trusted clean set: x [N, *input.shape] and y [N] (required)
+
+No pickle anywhere: tensors are read with `safetensors.torch.load_file`, and a pickle file where safetensors is
+expected is refused before it is opened. Every problem is a `BundleError`: one line naming the file and the field.
+
+- `create_bundle(out_dir, manifest, online, trusted, auxiliary=None)`: from the user's pieces;
+- `create_bundle_from_profile(config, out_dir)`: from a profile's burn-in;
+- `load_bundle(path) -> LoadedBundle`: the manifest, the online model, the auxiliary (or None), the trusted set;
+- `check_bundle(path) -> CheckReport`: load, predict the trusted set, calibrate guard's update gate.
+
+The modules: `manifest` (the format), `architecture` (building the model it names), `store` (reading, checking and
+writing the files), `profile` (a profile's burn-in as a bundle), `check` (the check before serving).
+"""
+
+from service.bundle.check import CheckReport, check_bundle
+from service.bundle.manifest import (
+    MANIFEST_FILE,
+    SCHEMA_FILE,
+    SCHEMA_VERSION,
+    BundleError,
+    BundleManifest,
+    read_manifest,
+)
+from service.bundle.profile import create_bundle_from_profile
+from service.bundle.store import LoadedBundle, create_bundle, load_bundle, read_trusted
+
+__all__ = [
+    "MANIFEST_FILE",
+    "SCHEMA_FILE",
+    "SCHEMA_VERSION",
+    "BundleError",
+    "BundleManifest",
+    "CheckReport",
+    "LoadedBundle",
+    "check_bundle",
+    "create_bundle",
+    "create_bundle_from_profile",
+    "load_bundle",
+    "read_manifest",
+    "read_trusted",
+]
