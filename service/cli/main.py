@@ -1,5 +1,5 @@
-"""The `dscguard` command line: the experiments (burn-in, stream, demo, arena, eval, sweep, analyze-md) and the
-service (serve, worker, attack, stack); `build_parser` lists them all.
+"""The `dscguard` command line: the experiments (burn-in, stream, demo, arena, eval, sweep, analyze-md), the
+service (serve, worker, attack, stack) and model bundles (bundle create, check, show); `build_parser` lists them all.
 
 Errors are one short message on stderr, `dscguard: error: ...`, naming the problem and the fix:
 exit status 2 for a problem with the command line itself (as argparse's own errors), 1 for a
@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 
 from pydantic import ValidationError
 
+from service.cli.bundles import add_bundle_commands
 from service.cli.experiments import add_experiment_commands
 from service.cli.options import CommandLineError, invalid_message, passive_openmp, validation_lines
 from service.cli.services import add_service_commands
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_experiment_commands(sub)
     add_service_commands(sub)
+    add_bundle_commands(sub)
 
     commands = [name for name, _ in subcommands(parser) if " " not in name]
     parser.description = (f"dscguard: a poisoning defense for online learning, and its evaluation.\n\n"

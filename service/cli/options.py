@@ -51,10 +51,10 @@ def check_field(flag: str, section: str, name: str) -> None:
                                f"{', '.join(fields)}")
 
 
-def _parse_overrides(pairs: Sequence[str]) -> dict:
+def parse_overrides(pairs: Sequence[str]) -> dict:
     """`--set strategy.mu=0.5` -> {"strategy": {"mu": 0.5}}; values are read as JSON when they parse.
 
-    >>> _parse_overrides(["strategy.early_stop=batch", "campaign.max_batches=3"])
+    >>> parse_overrides(["strategy.early_stop=batch", "campaign.max_batches=3"])
     {'strategy': {'early_stop': 'batch'}, 'campaign': {'max_batches': 3}}
     """
     overrides: dict = {}
@@ -85,11 +85,12 @@ def invalid_message(what: str, lines: list[str]) -> str:
     return f"{what}: {lines[0]}" if len(lines) == 1 else f"{what}:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def _check_device(name: str) -> None:
+def check_device(name: str):
+    """The torch device `--device name` resolves to (auto: CUDA when present); a CommandLineError if none."""
     from service.device import resolve_device
 
     try:
-        resolve_device(name)
+        return resolve_device(name)
     except ValueError as exc:
         raise CommandLineError(f"--device {name}: {exc}") from exc
 
@@ -124,12 +125,12 @@ def writable_output(path: str | Path, flag: str = "--out") -> Path:
 
 def build_config(args: argparse.Namespace, **extra: dict) -> ExperimentConfig:
     """The one config of a command: its profile, then --seed, --device, --data-dir and every --set."""
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     for section, fields in extra.items():
         overrides.setdefault(section, {}).update(fields)
     if args.data_dir:
         overrides.setdefault("data", {})["data_dir"] = args.data_dir
-    _check_device(args.device)
+    check_device(args.device)
     try:
         return ExperimentConfig.from_profile(args.profile, seed=getattr(args, "seed", 0), device=args.device,
                                              **overrides)
