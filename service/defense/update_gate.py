@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from service.defense.calibration import conformal_quantile
-from service.defense.eval_mode import eval_mode
+from service.defense.eval_mode import eval_mode, training_mode_frozen_stats
 
 ACTIONS = ("shrink", "skip")
 
@@ -133,7 +133,10 @@ class UpdateGate:
             keep = torch.ones(len(x_ref), dtype=torch.bool)
             keep[pick] = False
             keep = keep[self.probe]  # cross-fitting: judged on the probe samples that are not in the batch
-            with eval_mode(model):  # BatchNorm statistics untouched: a simulation, not an update
+            # the gradient as the stream's update computes it (dropout on, BatchNorm on batch statistics: eval
+            # mode gave a gentler gradient, and the 3x-target clean flag rate of SmallCNN's dropout), recording
+            # nothing: a simulation, not an update
+            with training_mode_frozen_stats(model):
                 loss = F.cross_entropy(model(x_ref[pick].to(device)), y_ref[pick].to(device))
             grads = torch.autograd.grad(loss, params)
             after = self._losses_after_step(model, optimizer, params, grads, 1.0)
