@@ -247,7 +247,8 @@ BAD_BUNDLES = {  # id: (what is done to a good bundle, the file named, the field
     "auxiliary of another architecture": (_auxiliary_of_another_width, "auxiliary.safetensors", "net.0.weight",
                                           "shape [8, 1, 3, 3], but digitscnn expects [16, 1, 3, 3]"),
     "normalisation differs": (lambda b: _edit_tensors(b / "online.safetensors", lambda t: t["mean"].fill_(0.1)),
-                              "online.safetensors", "mean", "[0.1] differs from the manifest's normalisation [0.5]"),
+                              "online.safetensors", "mean", "[0.1] differs from the manifest's normalisation, "
+                              "model.normalization.mean = [0.5] (not declared: the built-ins' default)"),
     "trusted shape": (lambda b: _edit_tensors(b / "trusted.safetensors",
                                               lambda t: t.update(x=torch.rand(TRUSTED_SAMPLES, 1, 8, 7))),
                       "trusted.safetensors", "x", "shape [20, 1, 8, 7], but input.shape [1, 8, 8]"),
@@ -314,6 +315,8 @@ def test_bundle_create_check_show_from_the_profile(digits_experiment, cache_dir,
     assert main(["bundle", "check", str(out)]) == 0
     printed = capsys.readouterr().out
     report = check_bundle(out)
+    assert printed.startswith(f"bundle {out}: ok\n  model: digitscnn, {report.parameters:,} parameters; input "
+                              f"[1, 8, 8] in [0, 1], 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)\n")
     assert f"accuracy: online {report.online_accuracy:.4f}, auxiliary {report.auxiliary_accuracy:.4f}" in printed
     assert (f"threshold {report.gate_threshold:.6g} for a target false-flag rate of "
             f"{report.target_false_flag_rate:.0%}") in printed
@@ -321,6 +324,7 @@ def test_bundle_create_check_show_from_the_profile(digits_experiment, cache_dir,
     assert main(["bundle", "show", str(out)]) == 0
     shown = capsys.readouterr().out
     assert f"model: digitscnn; normalisation mean {report.manifest.model.normalization.mean}" in shown
+    assert "\n  input: [1, 8, 8] in [0, 1], 10 classes" in shown
     assert "files: online.safetensors (" in shown and "auxiliary.safetensors (" in shown
     assert main(["bundle", "show", str(out), "--json"]) == 0
     assert BundleManifest.model_validate_json(capsys.readouterr().out) == report.manifest

@@ -121,10 +121,11 @@ def load_weights(model: nn.Module, tensors: Tensors, file: str | Path, manifest:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise BundleError(file, name, "holds NaN or infinite values")
     if isinstance(model, Normalized):  # its mean and std buffers come from the manifest: the file must agree
+        undeclared = " (not declared: the built-ins' default)" if manifest.model.normalization is None else ""
         for name in ("mean", "std"):
             if not torch.allclose(tensors[name].float().cpu(), expected[name].cpu()):
-                raise BundleError(file, name, f"{_values(tensors[name])} differs from the manifest's normalisation "
-                                              f"{_values(expected[name])} (model.normalization.{name})")
+                raise BundleError(file, name, f"{_values(tensors[name])} differs from the manifest's normalisation, "
+                                              f"model.normalization.{name} = {_values(expected[name])}{undeclared}")
     model.load_state_dict(tensors)
     return model
 

@@ -160,7 +160,7 @@ def _input_line(manifest) -> str:
     low, high = spec.value_range
     names = f" ({', '.join(spec.class_names)})" if spec.class_names else ""
     bounds = ", per-feature bounds" if spec.feature_bounds else ""
-    return f"input {spec.shape} in [{low:g}, {high:g}]{bounds}, {spec.num_classes} classes{names}"
+    return f"{spec.shape} in [{low:g}, {high:g}]{bounds}, {spec.num_classes} classes{names}"
 
 
 def _file_line(path: Path) -> str:
