@@ -88,7 +88,7 @@ class OnlineLearner:
 
     def __init__(self, model: nn.Module, auxiliary: nn.Module | None, strategy: Strategy, *, model_spec: dict,
                  lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0,
-                 calibration: Calibration | None = None, device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.auxiliary = auxiliary.to(self.device).eval().requires_grad_(False) if auxiliary is not None else None
@@ -97,8 +97,6 @@ class OnlineLearner:
         self.strategy = strategy
         self.model_spec = dict(model_spec)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.calibration = None
-        self.set_calibration(calibration)
         self.batches_applied = 0
         self.model_version = 0
 
@@ -110,10 +108,10 @@ class OnlineLearner:
     def num_classes(self) -> int:
         return int(self.model_spec["num_classes"])
 
-    def set_calibration(self, calibration: Calibration | None) -> None:
-        self.calibration = calibration
-        if self.strategy.needs_calibration:
-            self.strategy.calibration = calibration
+    @property
+    def calibration(self) -> Calibration | None:
+        """DSC's threshold schedule, as its strategy holds it (None for strategies that need none)."""
+        return self.strategy.calibration
 
     def threshold(self) -> float | None:
         """The threshold the next batch will be judged against (None for strategies without one, or not
@@ -227,8 +225,7 @@ class OnlineLearner:
         trusted = (strategy_tensors["trusted_x"], strategy_tensors["trusted_y"]) if strategy_tensors else None
         strategy = build_strategy(StrategyConfig(**meta["strategy"]), calibration, trusted=trusted)
         strategy.restore(meta.get("strategy_state", {}), strategy_tensors)
-        learner = cls(model, auxiliary, strategy, model_spec=spec, calibration=calibration, device=device,
-                      **meta["optimizer"])
+        learner = cls(model, auxiliary, strategy, model_spec=spec, device=device, **meta["optimizer"])
         for index, param in enumerate(learner.model.parameters()):
             buffer = tensors.get(f"optimizer.{index}.momentum_buffer")
             if buffer is not None:

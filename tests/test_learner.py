@@ -18,8 +18,8 @@ def _learner():
     torch.manual_seed(0)
     model, aux = build_model(**SPEC), build_model(**SPEC)
     cal = Calibration(mu=0.0001, tau=0.0, target_false_flag_rate=0.1, divergence="kl")
-    return OnlineLearner(model, aux, build_strategy(StrategyConfig(name="dsc", steps=3)), model_spec=SPEC,
-                         lr=0.05, momentum=0.9, calibration=cal)
+    return OnlineLearner(model, aux, build_strategy(StrategyConfig(name="dsc", steps=3), cal), model_spec=SPEC,
+                         lr=0.05, momentum=0.9)
 
 
 def test_save_load_round_trip_gives_identical_predictions_and_next_step(tmp_path):

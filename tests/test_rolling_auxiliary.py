@@ -132,7 +132,7 @@ def test_the_threshold_stays_bounded_over_thousands_of_clean_steps():
                                 auxiliary_ring=2)
         strategy = build_strategy(config, calibration, trusted=trusted, batch_size=8)
         learner = OnlineLearner(copy.deepcopy(model), copy.deepcopy(model), strategy, model_spec=spec,
-                                calibration=calibration, lr=0.05)
+                                lr=0.05)
         values = []
         for _ in range(2000):
             values.append(learner.step(*batch(8)).threshold)
@@ -157,7 +157,7 @@ def test_state_round_trips_through_a_checkpoint_and_the_next_decision_is_the_sam
                             auxiliary_ring=3)
     learner = OnlineLearner(model, copy.deepcopy(model), build_strategy(config, calibration, trusted=trusted,
                                                                         batch_size=8),
-                            model_spec=SPEC, calibration=calibration, lr=0.2)
+                            model_spec=SPEC, lr=0.2)
     batches = [(torch.rand(8, 1, 8, 8, generator=generator), torch.randint(0, 10, (8,), generator=generator))
                for _ in range(16)]
     for x, y in batches[:9]:

@@ -14,14 +14,14 @@ from service.models import build_model
 SPEC = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}
 
 
-def _learner(strategy, calibration=None, seed=0):
+def _learner(strategy, seed=0):
     torch.manual_seed(seed)
     model = build_model(**SPEC)
     aux = copy.deepcopy(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return OnlineLearner(model, aux, strategy, model_spec=SPEC, lr=0.1, calibration=calibration)
+    return OnlineLearner(model, aux, strategy, model_spec=SPEC, lr=0.1)
 
 
 def test_gc_bounds_the_gradient_norm():
@@ -49,7 +49,7 @@ def test_st_learner_step_changes_parameters_and_counts():
 
 def test_dsc_threshold_schedule_and_report():
     cal = Calibration(mu=0.0, tau=0.5, target_false_flag_rate=0.1, divergence="kl")
-    learner = _learner(build_strategy(StrategyConfig(name="dsc")), calibration=cal)
+    learner = _learner(build_strategy(StrategyConfig(name="dsc"), cal))
     x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
     first = learner.step(x, y)
     assert first.threshold == 0.0
@@ -130,7 +130,7 @@ def _flagging_dsc(action, trusted=None):
 def test_dsc_skip_leaves_a_flagged_batch_out_of_the_update_and_learns_an_unflagged_one():
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     strategy = _flagging_dsc("skip")
-    learner = _learner(strategy, strategy.calibration)
+    learner = _learner(strategy)
     before = [p.detach().clone() for p in learner.model.parameters()]
     report = learner.step(x, y)
     assert report.flagged.all() and report.corrected_count == 0
@@ -144,12 +144,12 @@ def test_dsc_gate_judges_only_flagged_updates_and_leaves_samples_uncorrected():
     trusted = (torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,)))
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     strategy = _flagging_dsc("gate", trusted)
-    calm = _learner(strategy, strategy.calibration)
+    calm = _learner(strategy)
     calm.strategy.config = calm.strategy.config.model_copy(update={"mu": 1e9})
     report = calm.step(x, y)
     assert not report.flagged.any() and report.update_scale == 1.0 and calm.strategy.gate.threshold is None
     strategy = _flagging_dsc("gate", trusted)
-    flagging = _learner(strategy, strategy.calibration)
+    flagging = _learner(strategy)
     report = flagging.step(x, y)
     assert report.flagged.all() and report.corrected_count == 0
     assert flagging.strategy.gate.threshold is not None  # calibrated and asked, on the flagged batch only
