@@ -28,6 +28,7 @@ from service.config import ExperimentConfig
 from service.model_store import model_from_bytes
 
 SAFETENSORS = "application/vnd.safetensors"
+BATCH_ID_PREFIX = "attack-"  # every batch the attacker submits: its id is this and a fresh uuid
 
 
 class TargetError(RuntimeError):
@@ -49,13 +50,24 @@ class HttpTarget:
                                    timeout=httpx.Timeout(30.0, connect=5.0))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutcome:
-        """Submit one batch for learning and wait until the worker has applied it."""
-        batch_id = f"attack-{uuid.uuid4().hex}"
+        """Submit one batch for learning and wait until the worker has applied it.
+
+        Until the timeout, a 429 (queue full) or 503 (Redis away) is retried after its Retry-After and a
+        failed connection (the API restarting) after 0.5 s, always with the same batch_id: a retry of a
+        batch that got in is answered 200 as a duplicate and applied once.
+        """
+        batch_id = f"{BATCH_ID_PREFIX}{uuid.uuid4().hex}"
         body = encode_safetensors_batch(x, y, batch_id=batch_id)
         deadline = time.monotonic() + self.timeout_seconds
         while True:
-            response = self.client.post("/v1/ingest", content=body, headers={"Content-Type": SAFETENSORS})
-            if response.status_code != 429 or time.monotonic() >= deadline:
+            try:
+                response = self.client.post("/v1/ingest", content=body, headers={"Content-Type": SAFETENSORS})
+            except httpx.TransportError as exc:
+                if time.monotonic() >= deadline:
+                    raise TargetError(f"ingest: {type(exc).__name__}: {exc}") from exc
+                time.sleep(0.5)
+                continue
+            if response.status_code not in (429, 503) or time.monotonic() >= deadline:
                 break
             time.sleep(min(float(response.headers.get("Retry-After", 1)), max(0.0, deadline - time.monotonic())))
         _check(response, "ingest")

@@ -1,0 +1,35 @@
+"""HttpTarget's retries, against a mocked service (no server): the same rules as the soak's clean clients."""
+
+from __future__ import annotations
+
+import httpx
+import torch
+
+from attacker_sim.http_target import BATCH_ID_PREFIX, HttpTarget
+from service.codec import InputSpec, decode_safetensors_batch
+
+SPEC = InputSpec((1, 8, 8), num_classes=10, max_samples=64)
+
+
+def test_step_retries_503_429_and_a_refused_connection_with_the_same_batch_id():
+    answers = iter(["refused", 503, 429, 202])
+    posted: list[str] = []
+
+    def service(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posted.append(decode_safetensors_batch(request.content, SPEC).batch_id)
+            answer = next(answers)
+            if answer == "refused":
+                raise httpx.ConnectError("connection refused", request=request)
+            return httpx.Response(answer, headers={"Retry-After": "0"}, json={"batch_id": posted[-1]})
+        record = {"samples": 4, "flagged": 4, "corrected": 0, "threshold": 0.5, "step_seconds": 0.01}
+        return httpx.Response(200, json={"state": "applied", "record": record})
+
+    target = HttpTarget("http://127.0.0.1:9", api_key="key")
+    target.client = httpx.Client(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(service))
+    try:
+        outcome = target.step(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    finally:
+        target.close()
+    assert len(posted) == 4 and len(set(posted)) == 1 and posted[0].startswith(BATCH_ID_PREFIX)
+    assert (outcome.samples, outcome.flagged) == (4, 4)
