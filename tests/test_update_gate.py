@@ -34,26 +34,40 @@ def _blobs(n, generator):
     return centers[y] + torch.randn(n, 4, generator=generator), y
 
 
-def test_realised_false_flag_rate_of_a_seeded_synthetic_stream_lands_in_the_band():
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(100):  # a model that has learned something, as after burn-in
+def _burnt_in(model, generator, momentum=0.0):
+    """`model` after 100 SGD steps on blobs (a model that has learned something, as after burn-in)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    for _ in range(100):
         x, y = _blobs(32, generator)
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
-    gate = UpdateGate(*_blobs(1000, generator), batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
-                      recalibrate_every=10_000, seed=1)
-    gate.calibrate(model, optimizer)
+    return model
+
+
+def _flagged_share(model, optimizer, gate, generator, learn=False, batches=300):
+    """Share of fresh clean blob batches whose update the gate flags (each then learned when `learn`)."""
     flagged = []
-    for _ in range(300):  # fresh clean batches from the same distribution, judged against that calibration
+    for _ in range(batches):
         x, y = _blobs(32, generator)
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         flagged.append(gate.judge(model, optimizer).flagged)
-    rate = float(np.mean(flagged))
+        if learn:
+            optimizer.step()
+    return float(np.mean(flagged))
+
+
+def test_realised_false_flag_rate_of_a_seeded_synthetic_stream_lands_in_the_band():
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gate = UpdateGate(*_blobs(1000, generator), batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
+                      recalibrate_every=10_000, seed=1)
+    gate.calibrate(model, optimizer)
+    # fresh clean batches from the same distribution, judged against that calibration
+    rate = _flagged_share(model, optimizer, gate, generator)
     assert 0.05 <= rate <= 0.15, f"realised clean false-flag rate {rate:.1%} against a 10% target"
 
 
@@ -159,47 +173,25 @@ def test_the_false_flag_rate_holds_on_a_stream_that_learns_with_momentum(momentu
     too gave 39% at momentum 0.9)."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
-    for _ in range(100):  # burn-in
-        x, y = _blobs(32, generator)
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator,
+                      momentum)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)  # the stream's own, fresh
     gate = UpdateGate(*_blobs(1000, generator), batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
                       recalibrate_every=10_000, seed=1)
-    flagged = []
-    for _ in range(300):
-        x, y = _blobs(32, generator)
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        flagged.append(gate.judge(model, optimizer).flagged)
-        optimizer.step()
-    rate = float(np.mean(flagged))
+    rate = _flagged_share(model, optimizer, gate, generator, learn=True)
     assert 0.05 <= rate <= 0.15, f"realised clean false-flag rate {rate:.1%} against a 10% target"
 
 
 def _dropout_false_flag_rate(seed: int) -> float:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+    layers = (torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+    model = _burnt_in(torch.nn.Sequential(*layers), generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(100):
-        x, y = _blobs(32, generator)
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
     gate = UpdateGate(*_blobs(1000, generator), batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
                       recalibrate_every=10_000, seed=seed + 1)
     gate.calibrate(model, optimizer)
-    flagged = []
-    for _ in range(300):
-        x, y = _blobs(32, generator)
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        flagged.append(gate.judge(model, optimizer).flagged)
-    return float(np.mean(flagged))
+    return _flagged_share(model, optimizer, gate, generator)
 
 
 def test_the_calibration_sees_updates_as_the_stream_makes_them_dropout_included():
