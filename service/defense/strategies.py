@@ -303,7 +303,7 @@ class TrustedUpdateGuard(Strategy):
         return {"gate": self.gate.state()}
 
     def health(self, applied: int) -> dict:
-        return {"gate_threshold": self.gate.threshold, "gate_calibrations": len(self.gate.history)}
+        return {"gate_threshold": self.gate.threshold, "gate_calibrations": self.gate.calibrations}
 
     def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         if state.get("gate"):
