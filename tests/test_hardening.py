@@ -176,9 +176,10 @@ def test_liveness_answers_while_200_waits_are_open_and_each_wait_ends_on_time(na
     assert all(status == 200 and took < 1.0 for status, took in probes), probes
     assert all(status == 200 and state == "queued" for status, state, _ in waits), waits[:3]
     took = [t for *_, t in waits]
-    # the starved API took twice the wait; on a loaded 2-core machine 200 requests take a couple of seconds to
-    # be answered, so the bound sits between the two
-    assert min(took) >= WAIT_SECONDS - 0.2 and max(took) <= 1.6 * WAIT_SECONDS, (min(took), max(took))
+    # waits that held threads would run in rounds of the thread pool (40 threads: 200 waits take 5 rounds, 5x the
+    # wait; the probe's 60 waits took 2x); on a loaded 2-core machine 200 requests and their connections take up
+    # to 3 s to be answered (a clean-clone CI run saw 8.01 s), so the bound sits at 2x, below any second round
+    assert min(took) >= WAIT_SECONDS - 0.2 and max(took) < 2 * WAIT_SECONDS, (min(took), max(took))
 
 
 @needs_redis
