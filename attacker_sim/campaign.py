@@ -5,7 +5,8 @@ incoming clean batch so that learning from it makes the model fragile to the tri
 own monitor (accuracy on the attacker's validation split, never the test set) stays within
 `monitor_drop` of the start. When the monitor fires, or after `max_batches`, it re-crafts the
 trigger against the current model and submits it. Test accuracy is measured by the harness, for
-reporting only.
+reporting only. With `attack.gate_evasion_batches` > 0 the one trigger is replaced by that many, each
+blended to stay under the attacker's own copy of guard's gate (`attacker_sim/attacks/gate_evasion.py`).
 """
 
 from __future__ import annotations
