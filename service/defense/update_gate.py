@@ -175,23 +175,26 @@ class UpdateGate:
         first = math.ceil(1.0 / (1.0 - momentum) - 1e-9)
         return min(self.recalibrate_every, first * 2 ** max(self.calibrations - 1, 0))
 
-    def increase(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
-        """delta(1) of the update in the parameters' `.grad`, judged by nothing (what an attacker who knows the
-        gate can measure on its own data)."""
+    def _lookahead(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        """The update in the parameters' `.grad` as (params, grads, base, delta(1)): `base` holds the per-sample
+        probe losses where the step goes without the batch."""
         params = [p for p in model.parameters() if p.grad is not None]
         grads = [p.grad.detach() for p in params]
         base = self._losses_after_step(model, optimizer, params, grads, 0.0)
-        return float((self._losses_after_step(model, optimizer, params, grads, 1.0) - base).mean())
+        increase = float((self._losses_after_step(model, optimizer, params, grads, 1.0) - base).mean())
+        return params, grads, base, increase
+
+    def increase(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """delta(1) of the update in the parameters' `.grad`, judged by nothing (what an attacker who knows the
+        gate can measure on its own data)."""
+        return self._lookahead(model, optimizer)[3]
 
     def judge(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GateVerdict:
         """Judge the update in the parameters' `.grad` and scale it in place by the action's choice."""
         if self.threshold is None or self.updates_since_calibration >= self.interval(optimizer):
             self.calibrate(model, optimizer)  # autograd.grad: the batch's .grad is left as it is
         self.updates_since_calibration += 1
-        params = [p for p in model.parameters() if p.grad is not None]
-        grads = [p.grad.detach() for p in params]
-        base = self._losses_after_step(model, optimizer, params, grads, 0.0)  # where the step goes without the batch
-        increase = float((self._losses_after_step(model, optimizer, params, grads, 1.0) - base).mean())
+        params, grads, base, increase = self._lookahead(model, optimizer)
         if increase <= self.threshold:
             return GateVerdict(increase, self.threshold, False, 1.0)
         scale = 0.0
