@@ -74,11 +74,16 @@ def _trusted_batches(experiment: Experiment, steps: int, probes: int, seed: int)
         yield x[chunk], y[chunk]
 
 
+def poisoned_ratio(row: dict) -> float:
+    """How far poisons stand above clean samples at one k: mean poisoned over mean clean discrepancy."""
+    return row["poisoned"]["mean"] / max(row["clean"]["mean"], 1e-12)
+
+
 def suggested_window(rows: list[dict]) -> int:
-    """The backtracking interval at which poisons stand furthest above clean samples (largest mean ratio).
+    """The backtracking interval at which poisons stand furthest above clean samples (largest `poisoned_ratio`).
 
     >>> suggested_window([{"k": 1, "clean": {"mean": 0.1}, "poisoned": {"mean": 0.3}},
     ...                   {"k": 5, "clean": {"mean": 0.1}, "poisoned": {"mean": 0.5}}])
     5
     """
-    return max(rows, key=lambda row: row["poisoned"]["mean"] / max(row["clean"]["mean"], 1e-12))["k"]
+    return max(rows, key=poisoned_ratio)["k"]

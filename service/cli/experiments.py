@@ -119,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze_md(args: argparse.Namespace) -> int:
-    from attacker_sim.analysis import backtracking_rows, suggested_window
+    from attacker_sim.analysis import backtracking_rows, poisoned_ratio, suggested_window
     from attacker_sim.plots import plot_backtracking
     from service.atomic import atomic_write_text
 
@@ -130,7 +130,7 @@ def cmd_analyze_md(args: argparse.Namespace) -> int:
     for row in rows:
         clean, poisoned = row["clean"], row["poisoned"]
         print(f"{row['k']:4d}  {clean['mean']:9.4f} ± {clean['std']:6.4f}  {poisoned['mean']:9.4f} ± "
-              f"{poisoned['std']:6.4f}  {poisoned['mean'] / max(clean['mean'], 1e-12):5.1f}x")
+              f"{poisoned['std']:6.4f}  {poisoned_ratio(row):5.1f}x")
     window = suggested_window(rows)
     print(f"suggested strategy.auxiliary_window: {window} (largest poisoned/clean ratio, on the {args.on} split)")
     atomic_write_text(out / "backtracking.json", json.dumps({"rows": rows, "on": args.on,
