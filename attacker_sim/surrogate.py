@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from service.bundle.architecture import build_model_from_spec
 from service.defense.eval_mode import eval_mode
-from service.models import build_model
 
 SGD_MOMENTUM = 0.9
 
@@ -81,7 +81,7 @@ def train_surrogate(
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
-        model = build_model(**model_spec).to(device)
+        model = build_model_from_spec(model_spec).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
         order_generator = torch.Generator().manual_seed(seed)
         model.train()

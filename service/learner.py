@@ -8,6 +8,7 @@ turns into metrics, the campaign into tables and the audit trail into records.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.bundle.architecture import build_model_from_spec, input_box
 from service.checkpoint import load_checkpoint, save_checkpoint, split_prefix
 from service.config import StrategyConfig
 from service.defense.calibration import Calibration
+from service.defense.correction import ReversePGD
 from service.defense.rolling_auxiliary import PromotionDecision
 from service.defense.strategies import Strategy, build_strategy
 from service.defense.update_gate import GateVerdict
-from service.models import build_model
 from service.models.inference import logits_in_chunks
 
 FORMAT_VERSION = 1
@@ -96,6 +98,11 @@ class OnlineLearner:
             raise ValueError(f"strategy {strategy.name!r} needs an auxiliary checkpoint")
         self.strategy = strategy
         self.model_spec = dict(model_spec)
+        box = input_box(self.model_spec)
+        if box is not None:  # a bundle's feature bounds (or value range): corrected inputs stay inside them
+            for part in vars(strategy).values():
+                if isinstance(part, ReversePGD):
+                    part.box = box
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.batches_applied = 0
         self.model_version = 0
@@ -210,15 +217,16 @@ class OnlineLearner:
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> OnlineLearner:
-        """Rebuild a learner saved with `save`; the next step is identical to the one it would have taken."""
+        """Rebuild a learner saved with `save` (a built-in's model, or a bundle's architecture from its spec: a
+        factory's package must be importable); the next step is identical to the one it would have taken."""
         tensors, meta = load_checkpoint(directory)
         spec = meta["model_spec"]
-        model = build_model(**spec)
+        model = build_model_from_spec(spec)
         model.load_state_dict(split_prefix(tensors, "model"))
         aux_state = split_prefix(tensors, "auxiliary")
         auxiliary = None
         if aux_state:
-            auxiliary = build_model(**spec)
+            auxiliary = copy.deepcopy(model)
             auxiliary.load_state_dict(aux_state)
         calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
         strategy_tensors = split_prefix(tensors, "strategy")

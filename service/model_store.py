@@ -22,7 +22,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from service.models import build_model
+from service.bundle.architecture import build_model_from_spec
 from service.models.inference import logits_in_chunks
 
 
@@ -46,12 +46,13 @@ def weights_to_bytes(model: nn.Module, version: int, spec: dict) -> bytes:
 
 
 def model_from_bytes(weights: bytes) -> PublishedModel:
-    """Rebuild a published model (the spec and version travel in the safetensors metadata)."""
+    """Rebuild a published model (the spec and version travel in the safetensors metadata; a bundle's spec
+    rebuilds its architecture, so a factory's package must be importable where this runs)."""
     header_length = int.from_bytes(weights[:8], "little")
     metadata = json.loads(weights[8 : 8 + header_length]).get("__metadata__", {})
     spec = json.loads(metadata["model_spec"])
     with torch.random.fork_rng(devices=[]):  # random init is overwritten: leave the caller's RNG stream as it was
-        model = build_model(**spec)
+        model = build_model_from_spec(spec)
     model.load_state_dict(load_tensors(weights))
     return PublishedModel(int(metadata["model_version"]), spec, model.eval(), weights)
 

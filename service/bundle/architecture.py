@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from service.bundle.manifest import TORCHVISION_PREFIX, BundleError, BundleManifest
+from service.bundle.manifest import SCHEMA_VERSION, TORCHVISION_PREFIX, BundleError, BundleManifest
 from service.defense.eval_mode import eval_mode
 from service.models import Normalized, build_model
 
@@ -100,3 +100,58 @@ def _check_forward(net: nn.Module, manifest: BundleManifest, manifest_path) -> N
         raise BundleError(manifest_path, "input.num_classes", f"{manifest.model.architecture} maps "
                                                               f"{_PROBE_SAMPLES} inputs to {got}, not to "
                                                               f"[{_PROBE_SAMPLES}, {spec.num_classes}] class scores")
+
+
+# the key of a model spec that holds a bundle's model and input sections (a built-in profile's spec has none)
+BUNDLE_SPEC_KEY = "bundle"
+
+
+def bundle_model_spec(manifest: BundleManifest) -> dict:
+    """The model spec a learner, its checkpoints and the published model keep for a bundle's network: the name,
+    class count and input shape every model spec has, plus the manifest's model and input sections, from which
+    `build_model_from_spec` rebuilds it (the bundle directory is not needed again).
+
+    >>> from service.bundle.manifest import BundleManifest
+    >>> manifest = BundleManifest(schema_version=1, model={"architecture": "tests.bundle_factory:tiny_mlp",
+    ...     "kwargs": {"features": 3, "classes": 2}}, input={"shape": [3], "num_classes": 2,
+    ...     "feature_bounds": [[0, 1], [0.2, 0.5], [0, 0.5]]})
+    >>> spec = bundle_model_spec(manifest)
+    >>> spec["name"], spec["input_shape"], type(build_model_from_spec(spec)).__name__
+    ('tests.bundle_factory:tiny_mlp', [3], 'Sequential')
+    """
+    return {"name": manifest.model.architecture, "num_classes": manifest.input.num_classes,
+            "input_shape": list(manifest.input.shape),
+            BUNDLE_SPEC_KEY: {"model": manifest.model.model_dump(mode="json"),
+                              "input": manifest.input.model_dump(mode="json")}}
+
+
+def build_model_from_spec(spec: dict) -> nn.Module:
+    """A fresh network for a model spec: a bundle's (`bundle_model_spec`) or a built-in's (`build_model`'s
+    arguments, as a profile's burn-in keeps them)."""
+    if BUNDLE_SPEC_KEY not in spec:
+        return build_model(**spec)
+    sections = spec[BUNDLE_SPEC_KEY]
+    manifest = BundleManifest(schema_version=SCHEMA_VERSION, model=sections["model"], input=sections["input"])
+    return build_network(manifest, f"model spec of {spec['name']}")
+
+
+def input_box(spec: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The box every input value must stay in, as (low, high) tensors shaped like one input, when a bundle's
+    spec declares one other than [0, 1] (per-feature bounds, or a value range); None for [0, 1].
+
+    >>> spec = {"name": "m", "num_classes": 2, "input_shape": [2], "bundle": {"model": {}, "input": {
+    ...     "shape": [2], "value_range": [0, 1], "feature_bounds": [[0, 0.5], [0.25, 1]], "num_classes": 2}}}
+    >>> [t.tolist() for t in input_box(spec)]
+    [[0.0, 0.25], [0.5, 1.0]]
+    """
+    section = spec.get(BUNDLE_SPEC_KEY, {}).get("input")
+    if section is None:
+        return None
+    shape = list(section["shape"])
+    if section.get("feature_bounds") is not None:
+        bounds = torch.tensor(section["feature_bounds"], dtype=torch.float32)
+        return bounds[:, 0].reshape(shape), bounds[:, 1].reshape(shape)
+    low, high = section.get("value_range", (0.0, 1.0))
+    if (low, high) == (0.0, 1.0):
+        return None
+    return torch.full(shape, float(low)), torch.full(shape, float(high))
