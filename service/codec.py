@@ -49,15 +49,32 @@ class BatchRejected(ValueError):
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model accepts: [N, *input_shape] with 1 <= N <= max_samples, labels in [0, num_classes)."""
+    """What the model accepts: [N, *input_shape] with 1 <= N <= max_samples, labels in [0, num_classes), values in
+    `value_range` and, for a bundle's feature vectors, each feature inside its `feature_bounds` [low, high].
+
+    >>> spec = InputSpec.from_model_spec({"name": "m", "num_classes": 2, "input_shape": [2], "bundle": {"input": {
+    ...     "shape": [2], "value_range": [0, 1], "feature_bounds": [[0, 0.5], [0, 1]], "num_classes": 2}}}, 8)
+    >>> try:
+    ...     check_values(np.array([[0.6, 0.2]], np.float32), spec)
+    ... except BatchRejected as exc:
+    ...     print(exc.reason, exc.message)
+    values feature 0 must lie in [0, 0.5] (the model's input.feature_bounds), got values in [0.6, 0.6]
+    """
 
     input_shape: tuple[int, ...]
     num_classes: int
     max_samples: int
+    value_range: tuple[float, float] = (0.0, 1.0)
+    feature_bounds: tuple[tuple[float, float], ...] | None = None
 
     @classmethod
     def from_model_spec(cls, model_spec: Mapping, max_samples: int) -> InputSpec:
-        return cls(tuple(int(v) for v in model_spec["input_shape"]), int(model_spec["num_classes"]), max_samples)
+        """From a published model spec; a bundle's (its `bundle.input` section) adds the value range and bounds."""
+        bundle_input = model_spec.get("bundle", {}).get("input", {})
+        bounds = bundle_input.get("feature_bounds")
+        return cls(tuple(int(v) for v in model_spec["input_shape"]), int(model_spec["num_classes"]), max_samples,
+                   tuple(float(v) for v in bundle_input.get("value_range", (0.0, 1.0))),
+                   tuple((float(lo), float(hi)) for lo, hi in bounds) if bounds is not None else None)
 
 
 @dataclass(frozen=True)
@@ -104,13 +121,24 @@ def check_declared(dtype: str, shape: Sequence[int], spec: InputSpec) -> int:
     return math.prod(shape) * INPUT_DTYPES[dtype].itemsize
 
 
-def check_values(x: np.ndarray) -> np.ndarray:
-    if x.dtype != np.uint8:
-        if not np.isfinite(x).all():
-            raise BatchRejected("values", "float32 inputs must be finite (found NaN or infinity)")
-        low, high = float(x.min()), float(x.max())
-        if low < 0.0 or high > 1.0:
-            raise BatchRejected("values", f"float32 inputs must lie in [0, 1], got values in [{low}, {high}]")
+def check_values(x: np.ndarray, spec: InputSpec) -> np.ndarray:
+    if x.dtype == np.uint8:
+        if spec.value_range != (0.0, 1.0) or spec.feature_bounds is not None:
+            raise BatchRejected("dtype", "this model takes float32 inputs (uint8 is for images in [0, 1])")
+        return x
+    if not np.isfinite(x).all():
+        raise BatchRejected("values", "float32 inputs must be finite (found NaN or infinity)")
+    low, high = float(x.min()), float(x.max())
+    range_low, range_high = spec.value_range
+    if low < range_low or high > range_high:
+        raise BatchRejected("values", f"float32 inputs must lie in [{range_low:g}, {range_high:g}], got values in "
+                                      f"[{low}, {high}]")
+    for index, (bound_low, bound_high) in enumerate(spec.feature_bounds or ()):
+        feature = x[:, index]
+        if float(feature.min()) < bound_low or float(feature.max()) > bound_high:
+            raise BatchRejected("values", f"feature {index} must lie in [{bound_low:g}, {bound_high:g}] (the model's "
+                                          f"input.feature_bounds), got values in [{float(feature.min()):g}, "
+                                          f"{float(feature.max()):g}]")
     return x
 
 
@@ -137,7 +165,7 @@ def decode_base64_inputs(data: str, dtype: str, shape: Sequence[int], spec: Inpu
         raise BatchRejected("encoding", f"data is not valid base64: {exc}", status_code=400) from exc
     if len(raw) != nbytes:
         raise BatchRejected("encoding", f"data decodes to {len(raw)} bytes, expected {nbytes}", status_code=400)
-    return check_values(np.frombuffer(raw, dtype=INPUT_DTYPES[dtype]).reshape(tuple(shape)))
+    return check_values(np.frombuffer(raw, dtype=INPUT_DTYPES[dtype]).reshape(tuple(shape)), spec)
 
 
 def decode_json_batch(payload: Mapping, spec: InputSpec, need_labels: bool = True) -> Batch:
@@ -182,7 +210,8 @@ def decode_safetensors_batch(body: bytes, spec: InputSpec, need_labels: bool = T
     dtype = _SAFETENSORS_INPUT.get(dtype, dtype)
     shape = x_info.get("shape", [])
     nbytes = check_declared(dtype, shape, spec)
-    x = check_values(np.frombuffer(_tensor_bytes(data, x_info, nbytes, "x"), INPUT_DTYPES[dtype]).reshape(shape))
+    x = check_values(np.frombuffer(_tensor_bytes(data, x_info, nbytes, "x"), INPUT_DTYPES[dtype]).reshape(shape),
+                     spec)
     y = None
     if need_labels:
         y_info = header["y"]
@@ -271,6 +300,6 @@ def from_stream_fields(fields: Mapping[bytes, bytes], spec: InputSpec) -> Batch:
     if len(raw_x) != nbytes or len(raw_y) != 8 * shape[0]:
         raise BatchRejected("entry", f"stream entry holds {len(raw_x)} input bytes and {len(raw_y)} label bytes, "
                                      f"expected {nbytes} and {8 * shape[0]}")
-    x = check_values(np.frombuffer(raw_x, INPUT_DTYPES[dtype]).reshape(shape))
+    x = check_values(np.frombuffer(raw_x, INPUT_DTYPES[dtype]).reshape(shape), spec)
     y = check_labels(np.frombuffer(raw_y, "<i8"), shape[0], spec)
     return Batch(check_batch_id(batch_id), x, y)

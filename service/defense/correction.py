@@ -57,6 +57,8 @@ class ReversePGD:
         self.steps, self.step_size, self.epsilon = steps, step_size, epsilon
         self.early_stop, self.divergence = early_stop, divergence
         self.detector = DiscrepancyDetector(divergence, early_stop) if early_stop != "none" else None
+        # where corrected inputs must stay: None is [0, 1]; a served bundle sets its input spec's (low, high) box
+        self.box: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(
         self,
@@ -109,7 +111,7 @@ class ReversePGD:
                 if after is not None:
                     grad = grad[keep] if step > 0 else grad
                 stepped = x_corrected[active] - self.step_size * grad.sign()
-                x_corrected[active] = project_linf(stepped, x[active], self.epsilon)
+                x_corrected[active] = project_linf(stepped, x[active], self.epsilon, self.box)
                 steps_taken[active] += 1
         return CorrectionResult(x_corrected, before, after, flagged, steps_taken)
 
