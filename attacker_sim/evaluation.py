@@ -3,12 +3,15 @@
 For each seed the data is split and the model burnt in with that seed (cached); every strategy then
 starts from the same burn-in state and sees the same clean batches and the same trigger base.
 Thresholds are calibrated on the trusted clean split only; the test split is only ever measured.
+With a model bundle (`dscguard eval --bundle DIR --data FILE`), `prepare` gives each seed's experiment instead:
+the bundle's models and trusted set, and the user's data split with the seed (`service.bundle.serving`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +20,7 @@ from tqdm.auto import tqdm
 from attacker_sim.campaign import AccumulativeCampaign, RunResult, run_clean_oracle
 from attacker_sim.surrogate import train_surrogate
 from attacker_sim.targets import InProcessTarget
+from service.bundle.architecture import input_box
 from service.burnin import load_checkpoint_epoch
 from service.config import ExperimentConfig
 from service.experiment import Experiment
@@ -43,8 +47,9 @@ class Evaluation:
 
 def evaluate(config: ExperimentConfig, strategies: Sequence[str] = STRATEGY_ORDER,
              scenarios: Sequence[str] = SCENARIOS, seeds: Sequence[int] | None = None, cache_dir=None,
-             progress: bool = True) -> Evaluation:
-    """Run `scenarios` x `strategies` x `seeds` in process and collect the results."""
+             progress: bool = True, prepare: Callable[[ExperimentConfig], Experiment] | None = None) -> Evaluation:
+    """Run `scenarios` x `strategies` x `seeds` in process and collect the results; `prepare` builds a seed's
+    experiment from its config (default: `Experiment.prepare`, the profile's data and burn-in)."""
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenario(s) {sorted(unknown)}; expected {', '.join(SCENARIOS)}")
@@ -56,9 +61,11 @@ def evaluate(config: ExperimentConfig, strategies: Sequence[str] = STRATEGY_ORDE
     steps_per_run = {"clean": clean_batches, "poison": campaign.max_batches}
     total = len(seeds) * len(strategies) * sum(steps_per_run[s] for s in scenarios)
     bar = tqdm(total=total, desc=f"eval {config.profile}", unit="step", disable=not progress)
+    if prepare is None:
+        def prepare(seed_config: ExperimentConfig) -> Experiment:
+            return Experiment.prepare(seed_config, cache_dir=cache_dir, progress=progress)
     for seed in seeds:
-        experiment = Experiment.prepare(config.model_copy(update={"seed": seed}), cache_dir=cache_dir,
-                                        progress=progress)
+        experiment = prepare(config.model_copy(update={"seed": seed}))
         evaluation.burnin[seed] = {"cached": experiment.burnin.cached, "history": experiment.burnin.history}
         test = experiment.test_tensors
         validation = experiment.splits.attacker_val.tensors()
@@ -93,7 +100,12 @@ def build_campaign(experiment: Experiment) -> AccumulativeCampaign:
     attack = experiment.config.attack
     surrogate = build_surrogate(experiment) if attack.setting == "black_box" else None
     auxiliary = experiment.burnin.auxiliary if attack.beta > 0 else None
-    return AccumulativeCampaign(attack, experiment.config.campaign, surrogate=surrogate, auxiliary=auxiliary)
+    campaign = AccumulativeCampaign(attack, experiment.config.campaign, surrogate=surrogate, auxiliary=auxiliary)
+    box = input_box(experiment.burnin.model_spec)
+    if box is not None:  # a bundle's feature bounds: the service refuses poisons and triggers outside them
+        for crafter in (campaign.poison, campaign.trigger):
+            crafter.budget = dataclasses.replace(crafter.budget, box=box)
+    return campaign
 
 
 def build_surrogate(experiment: Experiment) -> torch.nn.Module:

@@ -66,6 +66,9 @@ class ServiceSettings(BaseSettings):
     redis_timeout_seconds: float = Field(2.0, gt=0, description="socket connect/read timeout")
 
     # The experiment the worker serves (the one config object, built by `experiment_config`).
+    bundle: Path | None = Field(None, description="a model bundle directory (`dscguard bundle create`), served in "
+                                "place of the profile's burn-in: its models, trusted set, stream and defense "
+                                "settings (DSCGUARD_STRATEGY still names another defense)")
     profile: str = "digits"
     seed: int = 0
     device: str = Field("auto", description="auto: CUDA when present, CPU otherwise")

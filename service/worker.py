@@ -32,6 +32,12 @@ If the replay cannot catch up (the published updates are in neither a checkpoint
 replaced checkpoint directory, a Redis that lost its stream), it says so in an error and publishes
 what it has.
 
+The model is a profile's burn-in (`DSCGUARD_PROFILE`), or a model bundle (`DSCGUARD_BUNDLE`, `dscguard worker
+--bundle`): its online and auxiliary models, its trusted set (calibration, guard's gate, the canary), its stream and
+defense settings, and its input spec, which the API validates batches against (value range and feature bounds
+included). A bad bundle is refused when the worker is built, and a checkpoint of another bundle when it starts,
+before anything is written to the checkpoint directory.
+
 Redis going away is waited out with exponential backoff (capped); once it answers again the
 worker takes back the entries it was handed but never applied, and carries on.
 """
@@ -49,6 +55,8 @@ from pathlib import Path
 import redis
 import torch
 
+from service.bundle import BundleError, LoadedBundle, load_bundle
+from service.bundle.serving import bundle_config, bundle_experiment, bundle_fingerprint
 from service.checkpoint_store import CheckpointStore, WorkerError
 from service.codec import BatchRejected, InputSpec, from_stream_fields
 from service.device import resolve_device
@@ -76,10 +84,17 @@ class Worker:
                  metrics: WorkerMetrics | None = None):
         self.settings = settings
         self.config = settings.experiment_config()
+        # a bundle is loaded and checked (a BundleError otherwise) before anything is read or written
+        self.bundle: LoadedBundle | None = load_bundle(settings.bundle) if settings.bundle is not None else None
+        bundle = None
+        if self.bundle is not None:
+            self.config = bundle_config(self.bundle.manifest, self.config, settings.strategy,
+                                        settings.config_overrides)
+            bundle = bundle_fingerprint(self.bundle.directory)
         self.queue = queue or RedisQueue.from_settings(settings)
         self.metrics = metrics or WorkerMetrics()
         self.consumer = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
-        self.store = CheckpointStore(Path(settings.checkpoint_dir), settings.checkpoints_kept, self.config)
+        self.store = CheckpointStore(Path(settings.checkpoint_dir), settings.checkpoints_kept, self.config, bundle)
         self.learner: OnlineLearner | None = None
         self.spec: InputSpec | None = None
         self.last_applied_id = "0-0"
@@ -134,7 +149,8 @@ class Worker:
             self.queue.publish_spec(self.learner.model_spec)
             self.publish()
             self.metrics.model_version.set(self.learner.model_version)
-            self.metrics.model_info.labels(model=self.learner.model_spec["name"], profile=self.settings.profile,
+            profile = self.settings.profile if self.bundle is None else f"bundle:{self.bundle.directory.name}"
+            self.metrics.model_info.labels(model=self.learner.model_spec["name"], profile=profile,
                                            strategy=self.learner.strategy.name, device=str(self.learner.device)).set(1)
             threshold = self.learner.threshold()
             if threshold is not None:
@@ -435,14 +451,24 @@ class Worker:
     def _create(self, device: torch.device) -> OnlineLearner:
         from service.experiment import Experiment
 
-        log.info("no checkpoint in %s: burning in (cached) and calibrating a new learner", self.store.directory)
-        experiment = Experiment.prepare(self.config.model_copy(update={"device": str(device)}),
-                                        cache_dir=self.settings.cache_dir, progress=False)
-        learner = experiment.new_learner()
-        calibration = experiment.splits.calibration.subset(range(min(self.settings.canary_samples,
-                                                                     len(experiment.splits.calibration))))
+        config = self.config.model_copy(update={"device": str(device)})
+        if self.bundle is not None:
+            log.info("no checkpoint in %s: calibrating a new learner from bundle %s", self.store.directory,
+                     self.bundle.directory)
+            experiment = bundle_experiment(self.bundle, config, device=device)
+            try:
+                learner = experiment.new_learner()
+            except ValueError as exc:  # the strategy refuses the trusted set (too few samples for guard's gate)
+                raise BundleError(self.bundle.directory / self.bundle.manifest.files.trusted, "x", str(exc)) from exc
+        else:
+            log.info("no checkpoint in %s: burning in (cached) and calibrating a new learner", self.store.directory)
+            experiment = Experiment.prepare(config, cache_dir=self.settings.cache_dir, progress=False)
+            learner = experiment.new_learner()
+        calibration = experiment.splits.calibration.subset(list(range(min(self.settings.canary_samples,
+                                                                          len(experiment.splits.calibration)))))
         x, y = calibration.tensors()
-        self.store.save_canary(torch.from_numpy(calibration.x), y)
+        # a profile's images stay uint8 on disk (4x smaller); a bundle's inputs are float already
+        self.store.save_canary(x if self.bundle is not None else torch.from_numpy(calibration.x), y)
         self.canary = (x, y)
         self.learner = learner
         self.commit()

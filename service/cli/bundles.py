@@ -35,6 +35,28 @@ _FLAGS = {("model", "architecture"): "--model", ("model", "kwargs"): "--model-kw
           ("input", "class_names"): "--class-names", ("input", "value_range"): "--value-range"}
 
 
+def bundle_experiments(args: argparse.Namespace, config):
+    """For `eval`/`attack --bundle DIR --data FILE`: the config with the bundle's stream, strategy and calibration
+    settings (then --set), and the function that gives a seed's experiment (the bundle, the data split with the
+    seed); (config, None) without --bundle."""
+    if args.bundle is None:
+        if args.data is not None:
+            raise CommandLineError("--data goes with --bundle (a profile reads its own dataset: --data-dir)")
+        return config, None
+    if args.data is None:
+        raise CommandLineError("--bundle needs --data: the samples the stream, the attacker and the test draw from "
+                               "(the bundle's trusted set is for calibration only)")
+    from service.bundle import load_bundle
+    from service.bundle.serving import bundle_config, bundle_experiment, read_data
+    from service.device import resolve_device
+
+    bundle = load_bundle(args.bundle)
+    data = read_data(args.data, bundle.manifest)
+    config = bundle_config(bundle.manifest, config, overrides=parse_overrides(args.set))
+    device = resolve_device(config.device)
+    return config, lambda seed_config: bundle_experiment(bundle, seed_config, data, device)
+
+
 def _flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 

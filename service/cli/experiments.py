@@ -15,6 +15,7 @@ from service.cli.options import (
     STRATEGY_HELP,
     CommandLineError,
     build_config,
+    bundle_options,
     check_field,
     count,
     experiment_options,
@@ -82,10 +83,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
 def _evaluate_and_report(config: ExperimentConfig, args: argparse.Namespace, out: str) -> int:
     from attacker_sim.evaluation import evaluate
     from attacker_sim.report import bar_checks, table_markdown, write_reports
+    from service.cli.bundles import bundle_experiments
 
+    config, prepare = bundle_experiments(args, config)
     writable_output(out)
     evaluation = evaluate(config, strategies=args.strategies, scenarios=args.scenarios, seeds=args.seeds,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, prepare=prepare)
     written = write_reports(evaluation, out, plots=not args.no_plots)
     print(table_markdown(evaluation))
     for name, check in (bar_checks(evaluation) or {}).items():
@@ -212,8 +215,10 @@ def add_experiment_commands(sub) -> None:
     p.add_argument("--eval-every", type=count(1), default=5, help="print test accuracy every N batches")
     p.set_defaults(func=cmd_stream)
 
-    p = sub.add_parser("eval", help="every strategy vs the clean oracle and the accumulative attack, over seeds")
+    p = sub.add_parser("eval", help="every strategy vs the clean oracle and the accumulative attack, over seeds "
+                                    "(a profile's burn-in, or your model: --bundle DIR --data FILE)")
     experiment_options(p, seed=False)
+    bundle_options(p)
     _eval_options(p, "reports/eval")
     p.set_defaults(func=cmd_eval)
 

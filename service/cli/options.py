@@ -110,6 +110,17 @@ def experiment_options(parser: argparse.ArgumentParser, *, profile: bool = True,
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def bundle_options(parser: argparse.ArgumentParser) -> None:
+    """--bundle and --data: a user's model bundle and data in place of the profile's burn-in and dataset."""
+    parser.add_argument("--bundle", help="a model bundle (a directory from `dscguard bundle create`): its models, "
+                                         "trusted set, stream and defense settings in place of the profile's burn-in "
+                                         "(the profile gives the attack and campaign settings); needs --data")
+    parser.add_argument("--data", help="with --bundle: the data the stream, the attacker and the test measure draw "
+                                       "from, x and y in a .npz or .safetensors file, shaped like the bundle's input "
+                                       "(a quarter, at most data.test, for the test; an eighth, at most "
+                                       "data.attacker_val, for the attacker; the rest is the stream)")
+
+
 def writable_output(path: str | Path, flag: str = "--out") -> Path:
     """The report directory, created and shown writable before any work starts: a run of an hour must not die
     at its last line on a permission error. An OSError naming `flag` and the cause otherwise."""

@@ -13,10 +13,11 @@ import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.cli.options import build_config, experiment_options, writable_output
+from service.cli.options import build_config, bundle_options, experiment_options, writable_output
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -70,14 +71,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = _settings(worker_metrics_port=args.metrics_port)  # before torch loads: a wrong setting fails fast
+    # before torch loads: a wrong setting fails fast
+    settings = _settings(worker_metrics_port=args.metrics_port, bundle=Path(args.bundle) if args.bundle else None)
 
+    from service.bundle import BundleError
     from service.worker import WorkerError, run_worker
 
     _logging(args.log_level)
     try:
         run_worker(settings, max_batches=args.max_batches, idle_timeout=args.idle_timeout)
-    except WorkerError as exc:
+    except (WorkerError, BundleError) as exc:
         raise SystemExit(str(exc)) from exc
     return 0
 
@@ -85,8 +88,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_attack(args: argparse.Namespace) -> int:
     from attacker_sim.http_target import HttpTarget, TargetError, evaluate_target
     from attacker_sim.report import table_markdown, write_reports
+    from service.cli.bundles import bundle_experiments
 
-    config = build_config(args)
+    config, prepare = bundle_experiments(args, build_config(args))
     if args.out:
         writable_output(args.out)
     settings = _settings()
@@ -97,8 +101,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         strategy = target.status()["strategy"]
         if strategy is None:
             raise TargetError("the service has not published a status yet (is the worker running?)")
+        experiment = prepare(config) if prepare is not None else None
         evaluation = evaluate_target(config, target, strategy, scenarios=args.scenarios,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, experiment=experiment)
     except TargetError as exc:
         raise SystemExit(f"attack against {args.target} failed: {exc}") from exc
     finally:
@@ -138,6 +143,8 @@ def add_service_commands(sub) -> None:
     p.add_argument("--max-batches", type=int, help="stop after applying this many batches (default: never)")
     p.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a batch (default: "
                                                       "never)")
+    p.add_argument("--bundle", help="serve this model bundle (a directory from `dscguard bundle create`) instead of "
+                                    "the profile's burn-in (default: $DSCGUARD_BUNDLE, else the profile)")
     p.add_argument("--metrics-port", type=int, help="port of the worker's /metrics (default: "
                                                     "$DSCGUARD_WORKER_METRICS_PORT or 9101; 0: off)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="the worker's log level")
@@ -145,6 +152,7 @@ def add_service_commands(sub) -> None:
 
     p = sub.add_parser("attack", help="the eval campaigns against a running service over HTTP; prints the eval table")
     experiment_options(p)
+    bundle_options(p)
     p.add_argument("--target", required=True, help="the service's base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--scenarios", nargs="+", default=["clean", "poison"], choices=("clean", "poison"),
                    help="clean: the clean oracle (no attacker); poison: the accumulative attack and its trigger")

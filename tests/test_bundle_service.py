@@ -1,0 +1,244 @@
+"""The worker serves a model bundle (issue 14): a user's own module and a torchvision network each go bundle ->
+`bundle check` -> worker + API -> `dscguard attack --bundle` over HTTP -> report, with the same runs as in process;
+a checkpoint of another bundle is refused naming both fingerprints; every bad bundle is refused before anything is
+written to the checkpoint directory; and correction keeps a bundle's feature vectors inside their bounds."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from attacker_sim.http_target import evaluate_target
+from attacker_sim.report import table_markdown
+from attacker_sim.targets import InProcessTarget
+from service.bundle import BundleError, BundleManifest, create_bundle, load_bundle
+from service.bundle.architecture import bundle_model_spec
+from service.bundle.serving import bundle_config, bundle_experiment, bundle_fingerprint, read_data
+from service.checkpoint_store import WorkerError, checkpoints
+from service.cli import main
+from service.config import ExperimentConfig
+from service.data.digits import load_sklearn_digits
+from service.defense import build_strategy
+from service.learner import OnlineLearner
+from service.worker import Worker
+from tests.bundle_factory import tiny_cnn, tiny_mlp
+from tests.service_harness import ADMIN_TOKEN, API_KEY, ApiServer, WorkerProcess, make_settings, needs_redis, wait_until
+from tests.test_bundle import BAD_BUNDLES, small_bundle  # noqa: F401  (small_bundle: a fixture)
+
+STREAM = {"batch_size": 10}  # small batches: the campaigns below take a few seconds per bundle
+CAMPAIGN = {"max_batches": 2, "clean_batches": 2}
+TRUSTED, DATA = 60, 400  # the trusted set; the data the stream, the attacker and the test draw from
+
+
+def _digits(channels: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as float images in [0, 1], shaped [N, channels, size, size]."""
+    x, y = load_sklearn_digits().tensors()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp(0, 1) if size != 8 else x
+    return x.repeat(1, channels, 1, 1), y
+
+
+def _train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> torch.nn.Module:
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=generator).split(32):
+            optimizer.zero_grad()
+            F.cross_entropy(net(x[idx]), y[idx]).backward()
+            optimizer.step()
+    return net.eval()
+
+
+def _user_module_bundle(directory: Path) -> tuple[Path, Path]:
+    """tests.bundle_factory:tiny_cnn trained briefly on digits (an earlier epoch as the auxiliary), defended by dsc."""
+    x, y = _digits(1, 8)
+    torch.manual_seed(0)
+    net = _train(tiny_cnn(1, 10), x[DATA + TRUSTED :], y[DATA + TRUSTED :], epochs=1)
+    auxiliary = copy.deepcopy(net)
+    _train(net.train(), x[DATA + TRUSTED :], y[DATA + TRUSTED :], epochs=1)
+    manifest = BundleManifest(schema_version=1, model={"architecture": "tests.bundle_factory:tiny_cnn",
+                                                       "kwargs": {"channels": 1, "classes": 10}},
+                              input={"shape": [1, 8, 8], "num_classes": 10}, stream=STREAM, strategy={"name": "dsc"})
+    bundle = create_bundle(directory / "user-module", manifest, net, (x[DATA : DATA + TRUSTED],
+                                                                    y[DATA : DATA + TRUSTED]), auxiliary=auxiliary)
+    return bundle, _save_data(directory / "user-module.npz", x[:DATA], y[:DATA])
+
+
+def _torchvision_bundle(directory: Path) -> tuple[Path, Path]:
+    """torchvision's shufflenet_v2_x0_5 at 3x32x32 (its own initialisation: the pipeline is what is tested), no
+    auxiliary, defended by guard. No dropout: its steps draw no random numbers, so the worker's runs equal the
+    in-process ones exactly."""
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
+    x, y = _digits(3, 32)
+    torch.manual_seed(0)
+    net = torchvision.models.get_model("shufflenet_v2_x0_5", weights=None, num_classes=10)
+    manifest = BundleManifest(schema_version=1, model={"architecture": "torchvision:shufflenet_v2_x0_5",
+                                                       "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}},
+                              input={"shape": [3, 32, 32], "num_classes": 10}, stream=STREAM)
+    bundle = create_bundle(directory / "torchvision", manifest, net.state_dict(), (x[DATA : DATA + TRUSTED],
+                                                                                  y[DATA : DATA + TRUSTED]))
+    return bundle, _save_data(directory / "torchvision.npz", x[:DATA], y[:DATA])
+
+
+def _save_data(path: Path, x: torch.Tensor, y: torch.Tensor) -> Path:
+    np.savez(path, x=x.numpy(), y=y.numpy())
+    return path
+
+
+BUNDLES = {"user module": _user_module_bundle, "torchvision": _torchvision_bundle}
+
+
+def _files(directory: Path) -> dict[str, int]:
+    """Every file under `directory` (relative path -> modification time in ns): what a refusal must leave as it is."""
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*"))} \
+        if directory.exists() else {}
+
+
+@needs_redis
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(BUNDLES))
+def test_a_bundle_is_checked_served_and_attacked_over_http(kind, namespace, tmp_path, monkeypatch, capsys):
+    bundle_dir, data_path = BUNDLES[kind](tmp_path)
+    assert main(["bundle", "check", str(bundle_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"bundle {bundle_dir}: ok")
+
+    bundle = load_bundle(bundle_dir)
+    manifest = bundle.manifest
+    config = bundle_config(manifest, ExperimentConfig.from_profile("digits", campaign=CAMPAIGN))
+    experiment = bundle_experiment(bundle, config, read_data(data_path, manifest))
+    strategy = manifest.strategy.name
+    learner = experiment.new_learner()
+    expected = evaluate_target(config, InProcessTarget(learner), strategy, progress=False, experiment=experiment)
+
+    settings = make_settings(namespace, tmp_path, bundle=bundle_dir)
+    monkeypatch.setenv("DSCGUARD_API_KEY", API_KEY)
+    monkeypatch.setenv("DSCGUARD_ADMIN_TOKEN", ADMIN_TOKEN)
+    report = tmp_path / "report"
+    with ApiServer(settings) as api, WorkerProcess(settings) as worker:
+        def ready():
+            assert worker.process.poll() is None, f"the worker exited early:\n{worker.output()}"
+            return api.client.get("/health/ready").status_code == 200
+
+        wait_until(ready, 90, "the service to be ready", interval=0.1, diagnostics=worker.output)
+        status = api.client.get("/v1/status").json()
+        assert status["strategy"] == strategy
+        args = ["attack", "--target", api.url, "--bundle", str(bundle_dir), "--data", str(data_path), "--no-progress",
+                "--no-plots", "--out", str(report)]
+        assert main(args + [a for k, v in CAMPAIGN.items() for a in ("--set", f"campaign.{k}={v}")]) == 0
+        # the API validates against the bundle's input spec, which the worker published with the model
+        wrong = torch.zeros(1, 1, 4, 4)
+        response = api.client.post("/v1/ingest", content=_safetensors(wrong, [0], "wrong-shape"),
+                                   headers={"Content-Type": "application/vnd.safetensors"})
+        assert response.status_code == 422 and response.json()["reason"] == "shape"
+        assert f"[N, {', '.join(map(str, manifest.input.shape))}]" in response.json()["detail"]
+    printed = capsys.readouterr().out
+    assert _without_timing(printed) == _without_timing(table_markdown(expected))
+    results = json.loads((report / "results.json").read_text())
+    poison = [row for row in results["rows"] if row["scenario"] == "poison"]
+    assert len(poison) == 1 and poison[0]["strategy"] == strategy and poison[0]["trigger_acc"] is not None
+
+
+def _safetensors(x, y, batch_id):
+    from service.codec import encode_safetensors_batch
+
+    return encode_safetensors_batch(x, y, batch_id=batch_id)
+
+
+def _without_timing(table: str) -> list[str]:
+    return [re.sub(r"\| [0-9.]+ \|$", "|", line) for line in table.strip().splitlines() if line.startswith("|")]
+
+
+@needs_redis
+def test_a_checkpoint_of_another_bundle_is_refused_naming_both(small_bundle, namespace, tmp_path):  # noqa: F811
+    settings = make_settings(namespace, tmp_path, bundle=small_bundle)
+    first = Worker(settings)
+    first.start()
+    first.shutdown()
+    checkpoint_dir = Path(settings.checkpoint_dir)
+    written = checkpoints(checkpoint_dir)
+    assert written and json.loads((written[0] / "meta.json").read_text())["extra"]["bundle"] == \
+        bundle_fingerprint(small_bundle)
+
+    other = tmp_path / "other"
+    manifest = load_bundle(small_bundle).manifest
+    trusted = load_bundle(small_bundle).trusted
+    torch.manual_seed(1)
+    create_bundle(other, manifest, _digits_net(manifest), trusted)  # other weights: another bundle
+    before = _files(checkpoint_dir)
+    with pytest.raises(WorkerError) as info:
+        Worker(make_settings(namespace, tmp_path, bundle=other)).start()
+    message = str(info.value)
+    assert "\n" not in message and str(written[0]) in message
+    assert f"bundle {bundle_fingerprint(small_bundle)}" in message and f"bundle {bundle_fingerprint(other)}" in message
+    # a profile's worker on that directory is refused too, and neither refusal wrote or moved anything
+    with pytest.raises(WorkerError, match="written for bundle .* serves a profile's burn-in"):
+        Worker(make_settings(namespace, tmp_path)).start()
+    assert _files(checkpoint_dir) == before
+
+
+def _digits_net(manifest: BundleManifest) -> torch.nn.Module:
+    from service.models import build_model
+
+    return build_model(**manifest.model_spec())
+
+
+@needs_redis
+@pytest.mark.parametrize("case", list(BAD_BUNDLES))
+def test_the_worker_refuses_a_bad_bundle_before_writing_anything(case, small_bundle, namespace,  # noqa: F811
+                                                                 tmp_path):
+    spoil, file, field, problem = BAD_BUNDLES[case]
+    spoil(small_bundle)
+    settings = make_settings(namespace, tmp_path, bundle=small_bundle)
+    with pytest.raises(BundleError) as info:
+        Worker(settings).start()
+    assert (info.value.file, info.value.field) == (small_bundle / file, field)
+    assert problem in str(info.value) and "\n" not in str(info.value)
+    assert not Path(settings.checkpoint_dir).exists()
+
+
+@pytest.mark.parametrize("kind", ["a file", "missing", "no manifest"])
+def test_dscguard_worker_refuses_a_bundle_path_that_is_no_bundle(kind, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "bundle"
+    if kind == "a file":
+        path.write_text("{}")
+    elif kind == "no manifest":
+        path.mkdir()
+    checkpoint_dir = tmp_path / "checkpoints"
+    monkeypatch.setenv("DSCGUARD_CHECKPOINT_DIR", str(checkpoint_dir))
+    monkeypatch.setenv("DSCGUARD_REDIS_URL", "redis://127.0.0.1:9/0")  # refused before Redis is ever asked
+    assert main(["worker", "--bundle", str(path), "--metrics-port", "0"]) == 1
+    err = capsys.readouterr().err
+    expected = f"{path}: not a directory" if kind != "no manifest" else f"{path / 'bundle.json'}: missing: not a bundle"
+    assert err.startswith(f"dscguard: error: {expected}") and err.count("\n") == 1
+    assert not checkpoint_dir.exists()
+
+
+def test_correction_keeps_feature_vectors_inside_their_bounds():
+    bounds = [[0.0, 0.3], [0.2, 0.6], [0.5, 1.0], [0.0, 1.0]]
+    manifest = BundleManifest(schema_version=1, model={"architecture": "tests.bundle_factory:tiny_mlp",
+                                                       "kwargs": {"features": len(bounds), "classes": 2}},
+                              input={"shape": [len(bounds)], "num_classes": 2, "feature_bounds": bounds})
+    low, high = torch.tensor(bounds).T
+    torch.manual_seed(0)
+    x = low + torch.rand(64, len(bounds)) * (high - low)
+    y = (x[:, 3] > 0.5).long()
+    model, auxiliary = tiny_mlp(len(bounds), 2), tiny_mlp(len(bounds), 2)  # unlike each other: everything flagged
+    # AT corrects every sample for every step, with a radius wider than every feature's range
+    strategy = build_strategy(manifest.strategy.model_copy(update={"name": "at", "epsilon": 1.0, "steps": 5,
+                                                                  "step_size": 0.5}))
+    learner = OnlineLearner(model, auxiliary, strategy, model_spec=bundle_model_spec(manifest))
+    prepared = learner.strategy.prepare(learner.model, learner.auxiliary, x, y, 0)
+    corrected = prepared.correction.x
+    assert not torch.equal(corrected, x)  # it moved them
+    assert bool(((corrected >= low) & (corrected <= high)).all())
+    # the same strategy without the bundle's spec leaves the bounds (only [0, 1] holds): the bounds did the work
+    plain = build_strategy(manifest.strategy.model_copy(update={"name": "at", "epsilon": 1.0, "steps": 5,
+                                                               "step_size": 0.5}))
+    unbounded = plain.prepare(model, auxiliary, x, y, 0).correction.x
+    assert not bool(((unbounded >= low) & (unbounded <= high)).all())
