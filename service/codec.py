@@ -135,7 +135,8 @@ def check_values(x: np.ndarray, spec: InputSpec) -> np.ndarray:
                                       f"[{low}, {high}]")
     for index, (bound_low, bound_high) in enumerate(spec.feature_bounds or ()):
         feature = x[:, index]
-        if float(feature.min()) < bound_low or float(feature.max()) > bound_high:
+        # compared in float32, as the inputs are and as the defense and the attacker project them
+        if feature.min() < np.float32(bound_low) or feature.max() > np.float32(bound_high):
             raise BatchRejected("values", f"feature {index} must lie in [{bound_low:g}, {bound_high:g}] (the model's "
                                           f"input.feature_bounds), got values in [{float(feature.min()):g}, "
                                           f"{float(feature.max()):g}]")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from attacker_sim.http_target import evaluate_target
@@ -242,3 +243,34 @@ def test_correction_keeps_feature_vectors_inside_their_bounds():
                                                                "step_size": 0.5}))
     unbounded = plain.prepare(model, auxiliary, x, y, 0).correction.x
     assert not bool(((unbounded >= low) & (unbounded <= high)).all())
+
+
+def test_a_feature_bound_holds_in_float32_as_inputs_are_sent():
+    from service.codec import InputSpec, check_values
+
+    bound = 0.512725  # not a float32: the float32 nearest to it lies below it
+    assert float(np.float32(bound)) < bound
+    spec = InputSpec((1,), 2, 8, feature_bounds=((bound, 1.0),))
+    x = np.array([[bound]], np.float32)  # a value projected onto the bound, as correction and the attacker do
+    assert check_values(x, spec) is x
+
+
+def test_bundle_create_takes_feature_bounds_inline_or_from_a_file(tmp_path, capsys):
+    bounds = [[0.0, 0.5], [0.25, 1.0]]
+    x = torch.tensor([[0.1, 0.3], [0.4, 0.9], [0.2, 0.5], [0.0, 0.25]])
+    np.savez(tmp_path / "trusted.npz", x=x.numpy(), y=np.array([0, 1, 0, 1]))
+    save_file(tiny_mlp(2, 2).state_dict(), tmp_path / "weights.safetensors")
+    (tmp_path / "bounds.json").write_text(json.dumps(bounds))
+    for given, out in ((json.dumps(bounds), "inline"), (str(tmp_path / "bounds.json"), "file")):
+        assert main(["bundle", "create", "--model", "tests.bundle_factory:tiny_mlp", "--model-kwargs",
+                     '{"features": 2, "classes": 2}', "--weights", str(tmp_path / "weights.safetensors"), "--trusted",
+                     str(tmp_path / "trusted.npz"), "--classes", "2", "--feature-bounds", given,
+                     "--out", str(tmp_path / out)]) == 0
+        assert [list(b) for b in load_bundle(tmp_path / out).manifest.input.feature_bounds] == bounds
+    capsys.readouterr()
+    # a sample outside its feature's bounds is refused, naming the file and the feature
+    assert main(["bundle", "create", "--model", "tests.bundle_factory:tiny_mlp", "--model-kwargs",
+                 '{"features": 2, "classes": 2}', "--weights", str(tmp_path / "weights.safetensors"), "--trusted",
+                 str(tmp_path / "trusted.npz"), "--classes", "2", "--feature-bounds", "[[0, 0.3], [0, 1]]",
+                 "--out", str(tmp_path / "narrow")]) == 1
+    assert "trusted.npz: x: feature(s) 0 fall outside input.feature_bounds" in capsys.readouterr().err

@@ -26,13 +26,14 @@ from service.cli.options import (
 from service.config import PROFILES
 
 _PIECES = ("weights", "trusted", "auxiliary", "classes", "class_names", "model_kwargs", "mean", "std", "value_range",
-           "description")
+           "feature_bounds", "description")
 _REQUIRED_PIECES = ("weights", "trusted", "classes")
 _BUNDLE_SECTIONS = ("stream", "strategy", "calibration")  # what --set may change in a bundle made from pieces
 # manifest fields as the options that set them, for the errors of `bundle create --model`
 _FLAGS = {("model", "architecture"): "--model", ("model", "kwargs"): "--model-kwargs",
           ("model", "normalization"): "--mean/--std", ("input", "num_classes"): "--classes",
-          ("input", "class_names"): "--class-names", ("input", "value_range"): "--value-range"}
+          ("input", "class_names"): "--class-names", ("input", "value_range"): "--value-range",
+          ("input", "feature_bounds"): "--feature-bounds"}
 
 
 def bundle_experiments(args: argparse.Namespace, config):
@@ -104,6 +105,15 @@ def _piece_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     return overrides, kwargs
 
 
+def _json_option(value: str, flag: str):
+    """A JSON option given inline, or as the path of a JSON file."""
+    text = Path(value).read_text() if not value.lstrip().startswith(("[", "{")) and Path(value).is_file() else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CommandLineError(f"{flag}: neither JSON nor a JSON file ({exc})") from exc
+
+
 def _manifest_from_pieces(args: argparse.Namespace, overrides: dict, kwargs: dict):
     """The manifest of `bundle create --model`: the input shape from the trusted set's x, the rest from options."""
     from service.bundle import SCHEMA_VERSION, BundleError, BundleManifest, read_trusted
@@ -117,7 +127,9 @@ def _manifest_from_pieces(args: argparse.Namespace, overrides: dict, kwargs: dic
               "model": {"architecture": args.model, "kwargs": kwargs, "normalization": normalization},
               "input": {"shape": list(trusted["x"].shape[1:]), "num_classes": args.classes,
                         "class_names": args.class_names.split(",") if args.class_names else None,
-                        **({"value_range": args.value_range} if args.value_range else {})},
+                        **({"value_range": args.value_range} if args.value_range else {}),
+                        **({"feature_bounds": _json_option(args.feature_bounds, "--feature-bounds")}
+                           if args.feature_bounds else {})},
               **overrides}
 
     def name(loc) -> str:
@@ -221,6 +233,8 @@ def add_bundle_commands(sub) -> None:
     pieces.add_argument("--std", type=float, nargs="+", help="per-channel std the model divides by, inside it")
     pieces.add_argument("--value-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="range of every input value (default: 0 1)")
+    pieces.add_argument("--feature-bounds", metavar="JSON", help="feature vectors: [[low, high], ...] per feature, "
+                                                                 "inline or a JSON file (default: none)")
     pieces.add_argument("--description", help="a line about the bundle, kept in its manifest")
     p.set_defaults(func=cmd_bundle_create)
 
