@@ -32,8 +32,10 @@ from tests.monitoring_queries import (
 )
 
 COMPOSE, GPU_OVERRIDE, ENV_EXAMPLE = ROOT / "docker-compose.yml", ROOT / "docker-compose.gpu.yml", ROOT / ".env.example"
-SERVICES = {"redis", "api", "worker", "prometheus", "grafana", "attacker"}
+SERVICES = {"redis", "api", "worker", "prometheus", "grafana", "reports-dir", "attacker"}
+ONE_SHOT = {"reports-dir"}  # runs to completion before the attacker: no healthcheck, waited for by exit status
 OUTPUT_DIRS = {"./reports"}  # bind mounts the stack writes to: created on first run, ignored by git
+DSCGUARD_IMAGES = {"api", "worker", "attacker", "reports-dir"}
 
 
 def _has_compose_v2() -> bool:
@@ -70,11 +72,13 @@ def test_compose_file_validates_with_the_eval_profile(tool):
     assert set(services) == SERVICES
     assert services["api"]["environment"]["DSCGUARD_API_KEY"] == "change-me-client-key"  # from the env file
     for name, service in services.items():
-        test = service.get("healthcheck", {}).get("test")
-        assert test and test[0] in ("CMD", "CMD-SHELL") and not service["healthcheck"].get("disable"), name
+        if name not in ONE_SHOT:
+            test = service.get("healthcheck", {}).get("test")
+            assert test and test[0] in ("CMD", "CMD-SHELL") and not service["healthcheck"].get("disable"), name
         for dependency, condition in service.get("depends_on", {}).items():
-            assert condition["condition"] == "service_healthy", (name, dependency)
-    assert set(services["attacker"]["depends_on"]) == {"api", "worker"}
+            expected = "service_completed_successfully" if dependency in ONE_SHOT else "service_healthy"
+            assert condition["condition"] == expected, (name, dependency)
+    assert set(services["attacker"]["depends_on"]) == {"reports-dir", "api", "worker"}
     assert services["attacker"]["profiles"] == ["eval"]
     attack = services["attacker"]["command"]
     assert attack[:3] == ["attack", "--target", "http://api:8000"] and attack[attack.index("--out") + 1] == "/reports"
@@ -120,6 +124,11 @@ def test_the_stack_keeps_its_state_in_named_volumes_and_mounts_what_the_services
     assert datasource["url"] == "http://prometheus:9090"
 
 
+def _with_defaults(text: str) -> str:
+    """`${NAME:-default}` as compose reads it when NAME is unset."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+
+
 def test_every_path_the_compose_files_name_exists():
     for path in (COMPOSE, GPU_OVERRIDE):
         for name, service in yaml.safe_load(path.read_text())["services"].items():
@@ -127,7 +136,7 @@ def test_every_path_the_compose_files_name_exists():
                 context = ROOT / service["build"]["context"]
                 assert context.is_dir() and (context / service["build"]["dockerfile"]).is_file(), name
             for volume in service.get("volumes", []):
-                source = volume.split(":")[0]
+                source = _with_defaults(volume).split(":")[0]
                 if source.startswith((".", "/")):
                     assert source in OUTPUT_DIRS or (ROOT / source).exists(), f"{name}: {source}"
     ignored = (ROOT / ".gitignore").read_text().splitlines()
@@ -153,6 +162,15 @@ def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
             for line in text.splitlines() if line.strip()]
 
 
+def _build_args(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    """Every ARG and its default ('' when it has none)."""
+    return dict((args.split("=", 1) + [""])[:2] for instruction, args in instructions if instruction == "ARG")
+
+
+def _expand(word: str, build_args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda match: build_args[match.group(1)], word)
+
+
 def _dockerignored(path: str, patterns: list[str]) -> bool:
     """Docker's rule: the last pattern that matches the path (or a folder above it) decides."""
     parts = Path(path).parts
@@ -176,15 +194,80 @@ def test_dockerfiles_parse_and_copy_only_what_the_build_context_has():
         assert {i for i, _ in instructions} <= known, dockerfile
         patterns = [p.strip() for p in (context / ".dockerignore").read_text().splitlines()
                     if p.strip() and not p.startswith("#")]
+        defaults = _build_args(instructions)
         copies = [shlex.split(args) for instruction, args in instructions if instruction in ("COPY", "ADD")]
         assert copies, dockerfile
         for words in copies:
-            words = [w for w in words if not w.startswith("--")]
+            if any(w.startswith("--from=") for w in words):  # from an earlier stage, not the build context
+                continue
+            words = [_expand(w, defaults) for w in words if not w.startswith("--")]
             for source in words[:-1]:
                 assert (context / source).exists(), f"{dockerfile.name}: COPY {source}: not in the build context"
                 assert not _dockerignored(source, patterns), f"{dockerfile.name}: COPY {source}: in .dockerignore"
         assert ("ENTRYPOINT", '["dscguard"]') in instructions, dockerfile
         assert any(i == "USER" and args != "root" for i, args in instructions), f"{dockerfile}: runs as root"
+
+
+def test_images_build_offline_from_an_argument_base_and_wheelhouse_without_a_registry_pull():
+    """Issue 15: no `# syntax=` line (BuildKit would pull its frontend image), the base image a build argument
+    (CI passes one it built), torch's index and a wheelhouse as build arguments (an offline build), the
+    wheelhouse installed in a stage of its own (its wheels never reach the image)."""
+    for dockerfile in (DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda"):
+        assert not re.search(r"^#\s*syntax\s*=", dockerfile.read_text(), re.M | re.I), dockerfile
+        instructions = _instructions(dockerfile)
+        arguments = _build_args(instructions)
+        assert {"BASE_IMAGE", "TORCH_INDEX_URL", "WHEELHOUSE"} <= set(arguments), dockerfile
+        assert arguments["BASE_IMAGE"] == "python:3.11-slim"
+        assert (DEPLOY.parent / arguments["WHEELHOUSE"]).is_dir()
+        stages = [args for instruction, args in instructions if instruction == "FROM"]
+        assert all(stage.split()[0] == "${BASE_IMAGE}" for stage in stages), stages
+        assert len(stages) == 2 and stages[0].endswith(" AS dependencies"), stages
+        (wheelhouse_copy,) = [i for i, (instruction, args) in enumerate(instructions)
+                              if instruction == "COPY" and "${WHEELHOUSE}" in args]
+        assert wheelhouse_copy < [i for i, (instruction, _) in enumerate(instructions) if instruction == "FROM"][1]
+        install = " ".join(args for instruction, args in instructions if instruction == "RUN")
+        assert "--no-index --find-links /wheelhouse" in install and '--index-url $TORCH_INDEX_URL' in install
+        assert "torch==2.14.1 torchvision==0.29.1" in install
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    assert not _dockerignored("deploy/wheelhouse/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl", patterns)
+    assert _dockerignored("deploy/Dockerfile", patterns)
+
+
+def test_services_run_read_only_and_healthchecks_need_only_what_the_images_have():
+    services = _raw_compose()["services"]
+    for name, service in services.items():
+        if name == "grafana":  # not started here (no image): its writable paths are unverified
+            continue
+        assert service.get("read_only") is True, f"{name}: root filesystem writable"
+        assert "/tmp" in service.get("tmpfs", []), f"{name}: no tmpfs for /tmp"
+    for name in DSCGUARD_IMAGES:
+        assert services[name]["image"] == "dscguard:cpu", name
+        test = services[name].get("healthcheck", {}).get("test", [])
+        # the slim image has Python and no curl or wget
+        assert not test or test[:2] == ["CMD", "python"], f"{name}: {test}"
+    assert "user" not in services["api"] and "user" not in services["worker"]  # the image's unprivileged user
+    # the one-shot that prepares the reports folder: root with CHOWN only, on the same host folder as the attacker
+    prepare, attacker = services["reports-dir"], services["attacker"]
+    assert prepare["user"] == "0:0" and prepare["cap_drop"] == ["ALL"] and prepare["cap_add"] == ["CHOWN"]
+    assert prepare["volumes"] == attacker["volumes"] and attacker["volumes"][0].endswith(":/reports")
+    assert prepare["profiles"] == attacker["profiles"] == ["eval"]
+
+
+def test_the_reports_folder_is_handed_to_the_reports_owner_only_when_the_daemon_created_it(tmp_path):
+    """reports-dir's script, run here on folders like the ones it meets: a root-owned folder (the daemon
+    created it) goes to DSCGUARD_REPORTS_UID, a folder someone owns stays theirs."""
+    script = _raw_compose()["services"]["reports-dir"]["command"][0]
+    calls = []
+    for owner in (0, 1234):
+        def fake_stat(path, owner=owner):
+            return os.stat_result((0o40755, 0, 0, 2, owner, owner, 0, 0, 0, 0))
+
+        namespace = {"os": type("os", (), {"environ": {"REPORTS_UID": "1000", "REPORTS_GID": "1001"},
+                                           "stat": staticmethod(fake_stat),
+                                           "chown": staticmethod(lambda *args: calls.append(args))})}
+        exec(script.replace("import os\n", ""), namespace)
+    assert calls == [("/reports", 1000, 1001)]
 
 
 def test_dockerignore_keeps_data_and_history_out_of_the_build_context():
