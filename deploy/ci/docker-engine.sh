@@ -160,7 +160,11 @@ product() {
   nice docker build -q -f deploy/Dockerfile -t dscguard:cpu \
     --build-arg BASE_IMAGE=dscguard-ci/python:3.11 --build-arg WHEELHOUSE=deploy/wheelhouse . >/dev/null || built=$?
   find deploy/wheelhouse -maxdepth 1 -name '*.whl' -delete
-  [ "$built" -eq 0 ] || { log "dscguard:cpu: docker build failed"; return "$built"; }
+  if [ "$built" -ne 0 ]; then
+    # an image of older code must not stand in for this checkout's: without the tag the compose test skips
+    docker rmi dscguard:cpu >/dev/null 2>&1 || true
+    log "dscguard:cpu: docker build failed"; return "$built"
+  fi
   # the image this build replaced, unless a container still uses it (its layers shared with the new one stay)
   local current; current=$(docker image inspect -f '{{.Id}}' dscguard:cpu)
   [ -z "$previous" ] || [ "$previous" = "$current" ] || docker rmi "$previous" >/dev/null 2>&1 || true
