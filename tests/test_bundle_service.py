@@ -274,3 +274,27 @@ def test_bundle_create_takes_feature_bounds_inline_or_from_a_file(tmp_path, caps
                  str(tmp_path / "trusted.npz"), "--classes", "2", "--feature-bounds", "[[0, 0.3], [0, 1]]",
                  "--out", str(tmp_path / "narrow")]) == 1
     assert "trusted.npz: x: feature(s) 0 fall outside input.feature_bounds" in capsys.readouterr().err
+
+
+def test_a_learner_of_a_factory_bundle_is_saved_and_loaded_back(tmp_path):
+    bounds = [[0.0, 0.5], [0.25, 1.0], [0.0, 1.0]]
+    manifest = BundleManifest(schema_version=1, model={"architecture": "tests.bundle_factory:tiny_mlp",
+                                                       "kwargs": {"features": 3, "classes": 2}},
+                              input={"shape": [3], "num_classes": 2, "feature_bounds": bounds},
+                              strategy={"name": "dsc"})
+    torch.manual_seed(0)
+    low, high = torch.tensor(bounds).T
+    x = low + torch.rand(40, 3) * (high - low)
+    bundle_dir = create_bundle(tmp_path / "mlp", manifest, tiny_mlp(3, 2), (x, (x[:, 1] > 0.6).long()))
+    config = bundle_config(manifest, ExperimentConfig.from_profile("digits"), overrides={"stream": {"batch_size": 8}})
+    learner = bundle_experiment(load_bundle(bundle_dir), config).new_learner()
+    # no auxiliary in the bundle: the online weights are the auxiliary
+    for name, tensor in learner.model.state_dict().items():
+        assert torch.equal(learner.auxiliary.state_dict()[name], tensor)
+    learner.step(x[:8], (x[:8, 1] > 0.6).long())
+    learner.save(tmp_path / "checkpoint")
+    loaded = OnlineLearner.load(tmp_path / "checkpoint")
+    assert loaded.model_spec == learner.model_spec and loaded.batches_applied == 1
+    for name, tensor in learner.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor)
+    assert [bound.tolist() for bound in loaded.strategy.correct.box] == [low.tolist(), high.tolist()]
