@@ -17,8 +17,14 @@ expected is refused before it is opened. Every problem is a `BundleError`: one l
 - `load_bundle(path) -> LoadedBundle`: the manifest, the online model, the auxiliary (or None), the trusted set;
 - `check_bundle(path) -> CheckReport`: load, predict the trusted set, calibrate guard's update gate.
 
+Serving one (`serving`): `bundle_config` (the bundle's stream, strategy and calibration settings in an experiment's
+configuration), `bundle_experiment` (an `Experiment` whose burn-in is the bundle, for the worker and for `eval`/`attack
+--bundle --data`), `bundle_fingerprint` (what a checkpoint of a served bundle records); `architecture.bundle_model_spec`
+and `build_model_from_spec` (the model spec a learner, its checkpoints and the published model rebuild it from).
+
 The modules: `manifest` (the format), `architecture` (building the model it names), `store` (reading, checking and
-writing the files), `profile` (a profile's burn-in as a bundle), `check` (the check before serving).
+writing the files), `profile` (a profile's burn-in as a bundle), `check` (the check before serving), `serving` (a
+bundle in place of a profile's burn-in).
 """
 
 from service.bundle.check import CheckReport, check_bundle

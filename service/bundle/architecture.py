@@ -8,6 +8,10 @@ fetched from anywhere: torchvision builds with `weights=None`, and the bundle's 
 A factory is imported by its path and called with the manifest's kwargs and nothing else; a bundle carries no code,
 so the package must be installed where the bundle is loaded (as with MLServer's `implementation`).
 
+A learner serving a bundle keeps `bundle_model_spec(manifest)` as its model spec: `build_model_from_spec` rebuilds the
+network from it (and a built-in's from `build_model`'s arguments), and `input_box` reads the bounds its inputs must
+stay in.
+
 >>> from service.bundle.manifest import BundleManifest
 >>> manifest = BundleManifest(schema_version=1, model={"architecture": "digitscnn"},
 ...                           input={"shape": [1, 8, 8], "num_classes": 10})
