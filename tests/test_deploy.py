@@ -265,7 +265,8 @@ def test_the_reports_folder_is_handed_to_the_reports_owner_only_when_the_daemon_
 
         namespace = {"os": type("os", (), {"environ": {"REPORTS_UID": "1000", "REPORTS_GID": "1001"},
                                            "stat": staticmethod(fake_stat),
-                                           "chown": staticmethod(lambda *args: calls.append(args))})}
+                                           "chown": staticmethod(lambda *args: calls.append(args))}),
+                     "print": lambda *args: None}
         exec(script.replace("import os\n", ""), namespace)
     assert calls == [("/reports", 1000, 1001)]
 
