@@ -28,7 +28,6 @@ from service.config import PROFILES
 _PIECES = ("weights", "trusted", "auxiliary", "classes", "class_names", "model_kwargs", "mean", "std", "value_range",
            "feature_bounds", "description")
 _REQUIRED_PIECES = ("weights", "trusted", "classes")
-_BUNDLE_SECTIONS = ("stream", "strategy", "calibration")  # what --set may change in a bundle made from pieces
 # manifest fields as the options that set them, for the errors of `bundle create --model`
 _FLAGS = {("model", "architecture"): "--model", ("model", "kwargs"): "--model-kwargs",
           ("model", "normalization"): "--mean/--std", ("input", "num_classes"): "--classes",
@@ -92,10 +91,12 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
 
 def _piece_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     """The --set overrides (stream, strategy and calibration only) and the --model-kwargs of `bundle create --model`."""
+    from service.bundle.serving import BUNDLE_SECTIONS  # what --set may change in a bundle made from pieces
+
     overrides = parse_overrides(args.set)
-    other = [section for section in overrides if section not in _BUNDLE_SECTIONS]
+    other = [section for section in overrides if section not in BUNDLE_SECTIONS]
     if other:
-        raise CommandLineError(f"--set {other[0]}.*: a bundle keeps only {', '.join(_BUNDLE_SECTIONS)} settings")
+        raise CommandLineError(f"--set {other[0]}.*: a bundle keeps only {', '.join(BUNDLE_SECTIONS)} settings")
     try:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     except json.JSONDecodeError as exc:
