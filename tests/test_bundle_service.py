@@ -298,3 +298,41 @@ def test_a_learner_of_a_factory_bundle_is_saved_and_loaded_back(tmp_path):
     for name, tensor in learner.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor)
     assert [bound.tolist() for bound in loaded.strategy.correct.box] == [low.tolist(), high.tolist()]
+
+
+def _image_tree(root: Path, classes: list[str], size: int = 8) -> torch.Tensor:
+    """train/<class>/*.png and test/<class>/*.png: two grey images per class and part; their pixels, in file order."""
+    from PIL import Image
+
+    pixels = []
+    for part in ("train", "test"):
+        for label, name in enumerate(classes):
+            (root / part / name).mkdir(parents=True)
+            for index in range(2):
+                image = np.full((size, size), 40 * label + 10 * index + (100 if part == "test" else 0), np.uint8)
+                Image.fromarray(image).save(root / part / name / f"{index}.png")
+                pixels.append(image)
+    return torch.from_numpy(np.stack(pixels)).float().div(255).unsqueeze(1)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_data_may_be_an_image_folder_tree(packed, tmp_path):
+    import tarfile
+
+    manifest = BundleManifest(schema_version=1, model={"architecture": "digitscnn"},
+                              input={"shape": [1, 8, 8], "num_classes": 3, "class_names": ["a", "b", "c"]})
+    expected = _image_tree(tmp_path / "tree", ["a", "b", "c"])
+    path = tmp_path / "tree"
+    if packed:
+        path = tmp_path / "tree.tar.gz"
+        with tarfile.open(path, "w:gz") as archive:
+            archive.add(tmp_path / "tree", arcname="tree")
+    data = read_data(path, manifest)
+    assert torch.equal(data.x, expected)
+    assert data.y.tolist() == [0, 0, 1, 1, 2, 2] * 2
+
+    # a class folder the bundle does not name is refused, naming the tree and the folder
+    (tmp_path / "tree" / "train" / "d").mkdir()
+    (tmp_path / "tree" / "train" / "c" / "0.png").rename(tmp_path / "tree" / "train" / "d" / "0.png")
+    with pytest.raises(BundleError, match=r"tree: not an image-folder tree .* unknown class folder 'd'"):
+        read_data(tmp_path / "tree", manifest)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from service.bundle.architecture import bundle_model_spec
-from service.bundle.manifest import MANIFEST_FILE, BundleManifest, read_manifest
+from service.bundle.manifest import MANIFEST_FILE, BundleError, BundleManifest, read_manifest
 from service.bundle.store import LoadedBundle, check_trusted, read_trusted
 from service.config import ExperimentConfig
 from service.data.splits import Splits
@@ -45,6 +45,7 @@ from service.data.splits import Splits
 TEST_SHARE, ATTACKER_SHARE = 4, 8
 _FINGERPRINT_CHUNK = 1 << 20
 BUNDLE_SECTIONS = ("stream", "strategy", "calibration")  # the configuration a bundle carries
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")  # what an image-folder tree given as --data may hold
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,39 @@ def bundle_config(manifest: BundleManifest, base: ExperimentConfig, strategy: st
 
 
 def read_data(path: str | Path, manifest: BundleManifest) -> TensorSet:
-    """The user's data for a bundle: x and y in a .npz or .safetensors file, checked against the input spec (a
-    BundleError naming the file and the tensor otherwise)."""
-    x, y = check_trusted(read_trusted(path), manifest.input, path)
+    """The user's data for a bundle: x and y in a .npz or .safetensors file, or an image-folder tree (a directory or
+    a .tar.gz holding `train/<class>/*` and `test/<class>/*`, as the built-in datasets' trees do, both parts pooled),
+    checked against the input spec (a BundleError naming the file and the tensor otherwise)."""
+    path = Path(path)
+    tensors = _read_image_tree(path, manifest) if path.is_dir() or path.name.endswith(".tar.gz") else read_trusted(path)
+    x, y = check_trusted(tensors, manifest.input, path)
     return TensorSet(x, y)
+
+
+def _read_image_tree(path: Path, manifest: BundleManifest) -> dict[str, torch.Tensor]:
+    """An image-folder tree as uint8 x and int64 y; the class folders are `input.class_names` (or 0, 1, ...)."""
+    from service.data.catalog import DatasetSpec
+    from service.data.image_folder import read_image_folder
+
+    spec = manifest.input
+    if len(spec.shape) != 3 or spec.shape[0] not in (1, 3) or tuple(spec.value_range) != (0.0, 1.0):
+        raise BundleError(path, None, f"an image folder holds images: input.shape must be [1 or 3, H, W] with values "
+                                      f"in [0, 1], got {spec.shape} in {list(spec.value_range)}")
+    classes = tuple(spec.class_names or (str(label) for label in range(spec.num_classes)))
+    problems = []
+    for extension in IMAGE_EXTENSIONS:
+        dataset = DatasetSpec(name=path.name, input_shape=tuple(spec.shape), classes=classes, image_ext=extension)
+        try:
+            parts = read_image_folder(path, dataset)
+        except (OSError, ValueError) as exc:  # no images of this extension, an unknown class folder, a bad image
+            problems.append(str(exc))
+            continue
+        return {"x": torch.cat([torch.from_numpy(p.x) for p in parts]),
+                "y": torch.cat([torch.from_numpy(p.y) for p in parts])}
+    # the extension whose tree was there says what is wrong with it; otherwise no extension found any images
+    problem = next((p for p in problems if "images found" not in p), problems[0])
+    raise BundleError(path, None, f"not an image-folder tree of {', '.join(IMAGE_EXTENSIONS)} images for this "
+                                  f"bundle: {problem}")
 
 
 def split_data(data: TensorSet, config: ExperimentConfig) -> tuple[TensorSet, TensorSet, TensorSet]:

@@ -116,9 +116,10 @@ def bundle_options(parser: argparse.ArgumentParser) -> None:
                                          "trusted set, stream and defense settings in place of the profile's burn-in "
                                          "(the profile gives the attack and campaign settings); needs --data")
     parser.add_argument("--data", help="with --bundle: the data the stream, the attacker and the test measure draw "
-                                       "from, x and y in a .npz or .safetensors file, shaped like the bundle's input "
-                                       "(a quarter, at most data.test, for the test; an eighth, at most "
-                                       "data.attacker_val, for the attacker; the rest is the stream)")
+                                       "from: x and y in a .npz or .safetensors file, shaped like the bundle's input, "
+                                       "or an image-folder tree (a directory or .tar.gz of train/<class>/* and "
+                                       "test/<class>/*, pooled); a quarter, at most data.test, for the test, an "
+                                       "eighth, at most data.attacker_val, for the attacker, the rest the stream")
 
 
 def writable_output(path: str | Path, flag: str = "--out") -> Path:
