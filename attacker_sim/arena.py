@@ -49,6 +49,7 @@ VARIANTS: dict[str, dict] = {
     "dsc-gate": {"name": "dsc", "auxiliary": "rolling", "flag_action": "gate"},
     "guard": {"name": "guard"},
     "guard-skip": {"name": "guard", "gate_action": "skip"},
+    "guard-uncapped": {"name": "guard", "gate_norm_cap": "none"},
 }
 DEFAULT_STRATEGY = "guard"  # the product's default defense, the one the checks hold to the bar
 
@@ -123,7 +124,7 @@ def _settings(strategy: StrategyConfig) -> dict:
     relevant = {"st": [], "gc": ["clip_value", "clip_norm"], "at": ["epsilon", "steps", "step_size", "at_kl_weight"],
                 "dsc": ["epsilon", "steps", "step_size", "early_stop", "divergence", "mu", "tau"],
                 "guard": ["gate_action", "gate_target_false_flag_rate", "gate_calibration_updates",
-                          "gate_recalibrate_every"]}
+                          "gate_recalibrate_every", "gate_norm_cap", "gate_cap_level"]}
     return {"name": strategy.name, **{k: getattr(strategy, k) for k in relevant[strategy.name]}}
 
 
@@ -152,7 +153,8 @@ def _run_strategy(experiment: Experiment, data: scenarios.ScenarioData, label: s
     launches = sorted(arena.launch_after if long_horizon else [t for t in arena.launch_after if t == 0])
     length = max([*launches, arena.clean_batches])
     clean, snapshots = scenarios.clean_prefix(experiment.new_learner(strategy), data, label, length,
-                                              arena.clean_batches, set(launches), on_step)
+                                              arena.clean_batches, set(launches), on_step,
+                                              fresh_batches=arena.fresh_batches)
     outcomes = [clean]
     for launch in launches:
         outcomes.append(scenarios.attack(snapshots.pop(launch), data, label, attackers["white"], f"attack@{launch}",
@@ -216,8 +218,13 @@ def checks(board: Leaderboard, config: ExperimentConfig) -> dict[str, dict]:
         check(f"{default} clean oracle within 1 point of ST", gap <= 0.01, f"ST - {default} = {gap * 100:.1f} points")
     if mine and mine.clean_flag_rate is not None and mine.target_flag_rate:
         realised, target = mine.clean_flag_rate.mean, mine.target_flag_rate
-        check(f"{default} realised clean false-flag rate within [0.5x, 1.5x] of its target",
+        check(f"{default} realised clean false-flag rate on the stream within [0.5x, 1.5x] of its target",
               0.5 * target <= realised <= 1.5 * target, f"{realised:.1%} vs target {target:.0%}")
+    if mine and mine.fresh_flag_rate_early is not None and mine.fresh_flag_rate_late is not None:
+        early, late, target = mine.fresh_flag_rate_early.mean, mine.fresh_flag_rate_late.mean, mine.target_flag_rate
+        check(f"{default} realised false-flag rate on fresh clean batches, early and late, within [0.5x, 1.5x] of "
+              "its target", all(0.5 * target <= rate <= 1.5 * target for rate in (early, late)),
+              f"{early:.1%} early, {late:.1%} late vs target {target:.0%}")
     return out
 
 

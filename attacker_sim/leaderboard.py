@@ -12,7 +12,9 @@ unless said otherwise):
   where ST gained at least `MIN_ST_LOSS` (a drift ST hardly learns says nothing about a defense).
 - `poisons_flagged`: share of poisoned samples flagged; `clean_flag_rate`: share of clean samples
   flagged (the realised false-flag rate, to compare with `target_flag_rate`), also over the first
-  (`_early`) and last (`_late`) 100 batches of the long clean stream.
+  (`_early`) and last (`_late`) 100 batches of the long clean stream; `fresh_flag_rate_early`/`_late`: the
+  share flagged of fresh clean batches (test-view data the model never learned) judged before the first and
+  after the last batch of that stream, nothing learned from them.
 - `batches`: accumulative batches before the trigger; `seconds_per_step`: wall time of one step.
 """
 
@@ -26,7 +28,7 @@ from attacker_sim.report import Stat, plus_minus, summarize
 from attacker_sim.scenarios import Outcome
 
 MIN_ST_LOSS = 0.01  # recovery (and drift-gain share) are undefined where ST itself moved less than a point
-SCHEMA_VERSION = 2  # 2: promotions_refused
+SCHEMA_VERSION = 3  # 2: promotions_refused; 3: fresh_flag_rate_early/late
 
 
 class Row(BaseModel):
@@ -47,6 +49,8 @@ class Row(BaseModel):
     clean_flag_rate: Stat | None = None
     clean_flag_rate_early: Stat | None = None
     clean_flag_rate_late: Stat | None = None
+    fresh_flag_rate_early: Stat | None = None
+    fresh_flag_rate_late: Stat | None = None
     target_flag_rate: float | None = None
     promotions_refused: Stat | None = None
     seconds_per_step: Stat
@@ -109,6 +113,8 @@ def build_rows(outcomes: list[Outcome]) -> list[Row]:
             clean_flag_rate=_stat(r.clean_flag_rate for r in runs),
             clean_flag_rate_early=_stat(r.clean_flag_rate_early for r in runs),
             clean_flag_rate_late=_stat(r.clean_flag_rate_late for r in runs),
+            fresh_flag_rate_early=_stat(r.fresh_flag_rate_early for r in runs),
+            fresh_flag_rate_late=_stat(r.fresh_flag_rate_late for r in runs),
             target_flag_rate=targets[0] if targets else None,
             promotions_refused=_stat(r.promotions_refused for r in runs),
             seconds_per_step=_stat(r.seconds_per_step for r in runs),
@@ -151,16 +157,19 @@ def markdown(board: Leaderboard) -> str:
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     lines += ["", "## Every row", "",
               "| scenario | strategy | start | final | batch | recovery of ST's loss | drift gain share | "
-              "poisons flagged | clean flagged (target) | early / late | promotions refused | ms/step |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "poisons flagged | clean flagged (target) | early / late | fresh early / late | promotions refused | "
+              "ms/step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in board.rows:
         target = f" ({row.target_flag_rate:.0%})" if row.target_flag_rate is not None else ""
         early_late = (f"{_pm(row.clean_flag_rate_early, digits=0)} / {_pm(row.clean_flag_rate_late, digits=0)}"
                       if row.clean_flag_rate_early is not None else "–")
+        fresh = (f"{_pm(row.fresh_flag_rate_early, digits=0)} / {_pm(row.fresh_flag_rate_late, digits=0)}"
+                 if row.fresh_flag_rate_early is not None else "–")
         lines.append(
             f"| {row.scenario} | {row.strategy} | {_pm(row.start_acc)} | {_pm(row.final_acc)} | "
             f"{_pm(row.batches, 1.0)} | {_pm(row.recovery, 100, 0)} | {_pm(row.drift_gain_share, 100, 0)} | "
-            f"{_pm(row.poisons_flagged, 100, 0)} | {_pm(row.clean_flag_rate, 100, 0)}{target} | {early_late} | "
+            f"{_pm(row.poisons_flagged, 100, 0)} | {_pm(row.clean_flag_rate, 100, 0)}{target} | {early_late} | {fresh} | "
             f"{_pm(row.promotions_refused, 1.0, 1)} | {_pm(row.seconds_per_step, 1000, 1)} |")
     lines += ["", "## Strategies", ""]
     for label, settings in board.strategies.items():

@@ -3,7 +3,8 @@
 A scenario says what the defense faces; the arena and the baseline tuning run the same scenarios (the
 tuning on the defender's trusted split and tuning seeds, the arena on the test split and reporting seeds):
 
-- `clean`: the clean oracle, in-distribution batches only; also the realised clean false-flag rate.
+- `clean`: the clean oracle, in-distribution batches only; also the realised clean false-flag rate, on the
+  stream's batches and on fresh batches the model never learned (`fresh_flag_rate`), early and late.
 - `attack`: the accumulative attack (Pang et al.) after `launch_after` clean batches.
 - `slow_poison`: one poisoned batch every `every` batches for a long stretch, then the trigger.
 - `drift`: honest data that drifts (`attacker_sim.drift`), accuracy on the drifted test set.
@@ -43,6 +44,8 @@ class Outcome:
     clean_flag_rate: float | None = None  # share of clean samples flagged (the realised false-flag rate)
     clean_flag_rate_early: float | None = None
     clean_flag_rate_late: float | None = None
+    fresh_flag_rate_early: float | None = None  # share of fresh clean batches flagged, at the start of the stream
+    fresh_flag_rate_late: float | None = None  # ... and at its end
     target_flag_rate: float | None = None
     promotions_refused: int | None = None  # DSC's rolling auxiliary: health-gate refusals during the scenario
     seconds_per_step: float = 0.0
@@ -79,14 +82,36 @@ class ScenarioData:
         return self.experiment.config.seed
 
 
+def fresh_flag_rate(learner: OnlineLearner, pool: Tensors, batches: int, batch_size: int, seed: int) -> float | None:
+    """Share of samples in `batches` fresh clean batches, drawn with replacement from `pool` (data the model never
+    learned and the calibration never saw), that the learner's defense flags; each batch is judged by a copy of
+    the learner as it stands, so nothing is learned. None for a strategy that flags nothing.
+
+    On a small stream split shown many times the model memorises the stream's batches, and the rate on them says
+    little about the calibration: the calibration's target is about batches like these.
+    """
+    if learner.strategy.target_false_flag_rate() is None or batches < 1:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    flagged = samples = 0
+    for _ in range(batches):
+        pick = torch.randint(len(pool[0]), (batch_size,), generator=generator)
+        report = copy.deepcopy(learner).step(pool[0][pick], pool[1][pick])
+        flagged, samples = flagged + int(report.flagged.sum()), samples + len(pick)
+    return flagged / samples
+
+
 def clean_prefix(learner: OnlineLearner, data: ScenarioData, label: str, length: int, clean_batches: int,
                  snapshot_at: set[int], on_step: Callable[[], None] | None = None,
-                 window: int = 100) -> tuple[Outcome, dict[int, OnlineLearner]]:
+                 window: int = 100, fresh_batches: int = 0) -> tuple[Outcome, dict[int, OnlineLearner]]:
     """Stream `length` clean batches; the clean oracle is the accuracy after `clean_batches` of them.
 
     Returns the clean-oracle outcome (with the realised clean false-flag rate over the whole stretch, its
-    first and its last `window` batches) and copies of the learner taken after each of `snapshot_at` batches.
+    first and its last `window` batches, and on `fresh_batches` fresh batches from the test view before the
+    first and after the last) and copies of the learner taken after each of `snapshot_at` batches.
     """
+    batch_size = data.experiment.config.stream.batch_size
+    fresh_early = fresh_flag_rate(learner, data.test, fresh_batches, batch_size, seed=data.seed)
     target = InProcessTarget(learner)
     start = accuracy(target, *data.test)
     final = start
@@ -113,6 +138,9 @@ def clean_prefix(learner: OnlineLearner, data: ScenarioData, label: str, length:
 
     result = Outcome("clean", label, data.seed, start_acc=start, final_acc=final, clean_flag_rate=rate(slice(None)),
                      clean_flag_rate_early=rate(slice(0, window)), clean_flag_rate_late=rate(slice(-window, None)),
+                     fresh_flag_rate_early=fresh_early,
+                     fresh_flag_rate_late=fresh_flag_rate(learner, data.test, fresh_batches, batch_size,
+                                                           seed=data.seed + 1),
                      target_flag_rate=learner.strategy.target_false_flag_rate(),
                      promotions_refused=_refusals(learner), seconds_per_step=float(np.mean(seconds or [0.0])))
     return result, snapshots

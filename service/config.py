@@ -111,6 +111,10 @@ class StrategyConfig(_Section):
                                                description="guard: share of clean updates the threshold flags")
     gate_calibration_updates: int = Field(32, ge=1, description="guard: clean trusted updates per calibration")
     gate_recalibrate_every: int = Field(100, ge=1, description="guard: updates between recalibrations")
+    gate_norm_cap: Literal["none", "2", "inf"] = Field(
+        "inf", description="guard: cap every update's gradient norm at the gate_cap_level quantile of the norms of "
+                           "clean trusted updates, calibrated with the threshold ('none': no cap)")
+    gate_cap_level: float = Field(0.5, gt=0, le=1, description="guard: quantile of clean update norms the cap sits at")
 
 
     @model_validator(mode="after")
@@ -205,6 +209,9 @@ class ArenaConfig(_Section):
         None, description="strategies run at launch times > 0 (None: all but the *-paper variants)")
     slow_poison_every: int = Field(10, ge=2, description="slow poison: one poisoned batch every r batches")
     slow_poison_count: int = Field(20, ge=1, description="slow poison: poisoned batches before the trigger")
+    fresh_batches: int = Field(50, ge=0, description="fresh clean test-view batches judged (not learned) before and "
+                                                     "after the long clean stream: the realised false-flag rate "
+                                                     "on data the model never learned (0: not measured)")
     drifts: list[str] = Field(default_factory=lambda: ["pixel_shift", "rotation", "brightness_contrast",
                                                        "label_prior"])
     drift_batches: int = Field(30, ge=1)

@@ -5,15 +5,17 @@ import json
 
 import jsonschema
 import pytest
+import torch
 
 from attacker_sim import scenarios
 from attacker_sim.arena import VARIANTS, resolve_strategies, run_arena, write_leaderboard
 from attacker_sim.evaluation import build_campaign
 from attacker_sim.leaderboard import Leaderboard
 from attacker_sim.tuning import tune_baselines
+from service.config import StrategyConfig
 from tests.profiles import DIGITS_OVERRIDES
 
-TINY_ARENA = {"launch_after": [0, 12], "clean_batches": 4, "slow_poison_every": 3, "slow_poison_count": 2,
+TINY_ARENA = {"launch_after": [0, 12], "clean_batches": 4, "fresh_batches": 3, "slow_poison_every": 3, "slow_poison_count": 2,
               "drift_batches": 6, "adaptive_betas": [1.0], "strategies": ["st", "gc", "at", "dsc"],
               "tuning": {"seeds": [1], "gc_clip_values": [0.01, 1.0], "gc_norms": ["inf"], "at_epsilons": [0.05],
                          "at_steps": [2]}}
@@ -88,6 +90,18 @@ def test_launch_snapshots_are_independent_copies_taken_after_their_batch(digits_
     assert snapshots[5].model is not learner.model
     assert snapshots[0].accuracy(*data.test) == pytest.approx(clean.start_acc)
     assert clean.clean_flag_rate_early is not None and clean.target_flag_rate == pytest.approx(0.1)
+
+
+def test_the_fresh_false_flag_rate_judges_fresh_batches_without_learning_them(digits_experiment):
+    learner = digits_experiment.new_learner(StrategyConfig(name="guard"))
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    x, y = digits_experiment.test_tensors
+    clean = scenarios.fresh_flag_rate(learner, (x, y), 20, 50, seed=0)
+    flipped = scenarios.fresh_flag_rate(learner, (x, (y + 1) % 10), 20, 50, seed=0)  # every label wrong
+    assert learner.batches_applied == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
+    assert clean <= 0.3 and flipped >= 0.7, (clean, flipped)
+    assert scenarios.fresh_flag_rate(digits_experiment.new_learner(StrategyConfig(name="st")), (x, y), 5, 50, 0) is None
 
 
 def test_baselines_are_tuned_on_tuning_seeds_by_the_rule(board):

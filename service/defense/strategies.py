@@ -274,7 +274,8 @@ class TrustedUpdateGuard(Strategy):
 
     The update gate (`UpdateGate`) is calibrated on the trusted split for a false-flag target; a flagged
     update is shrunk until it no longer raises the trusted probe loss beyond the threshold (or dropped,
-    `gate_action="skip"`). Honest batches, drifted ones included, are applied whole.
+    `gate_action="skip"`), and every update is capped at the median norm of clean trusted updates
+    (`gate_norm_cap`). Honest batches, drifted ones included, are learned at most at a clean batch's pace.
     """
 
     name = "guard"
@@ -303,7 +304,8 @@ class TrustedUpdateGuard(Strategy):
         return {"gate": self.gate.state()}
 
     def health(self, applied: int) -> dict:
-        return {"gate_threshold": self.gate.threshold, "gate_calibrations": self.gate.calibrations}
+        return {"gate_threshold": self.gate.threshold, "gate_cap": self.gate.cap,
+                "gate_calibrations": self.gate.calibrations}
 
     def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         if state.get("gate"):
@@ -319,7 +321,9 @@ def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed
     return UpdateGate(x.detach().cpu().float(), y.detach().cpu().long(), batch_size=batch_size or len(x) // 4,
                       target_false_flag_rate=config.gate_target_false_flag_rate,
                       calibration_updates=config.gate_calibration_updates,
-                      recalibrate_every=config.gate_recalibrate_every, action=config.gate_action, seed=seed)
+                      recalibrate_every=config.gate_recalibrate_every, action=config.gate_action,
+                      norm_cap=None if config.gate_norm_cap == "none" else config.gate_norm_cap,
+                      cap_level=config.gate_cap_level, seed=seed)
 
 
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {

@@ -30,6 +30,16 @@ ceil(1 / (1 - momentum)) updates and the interval doubles after each one up to `
 threshold kept from the first update for 100 flagged 35% of clean CIFAR-10 batches against a 10% target;
 recalibrated after 40, 5%). Without momentum there is no buffer to fill: every interval is `recalibrate_every`.
 
+Every update is also capped (`norm_cap`, default the inf-norm in the strategy's settings): its gradient is scaled
+down to at most the `cap_level` quantile (the median by default) of the norms of the clean calibration updates,
+recalibrated with the threshold; where the update is also flagged, the smaller of the two scales is applied.
+The cap is not a verdict (it flags nothing): it says that no batch moves the model further than a typical clean
+batch does, which is what a gradient clip does, with its bound measured on trusted data instead of tuned. An
+accumulative poison moves the model 3-10x further than a clean batch (digits, development seeds 2000-2001:
+inf-norm median 0.40-0.53 against 0.04-0.11), and learns little under the cap; an honest drifted batch is
+learned a little slower (median 0.13-0.21). The lookahead still judges the whole update, so its verdict and
+its false-flag rate are the ones it was calibrated for.
+
 >>> import torch
 >>> _ = torch.manual_seed(0)
 >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
@@ -54,6 +64,7 @@ from service.defense.calibration import conformal_quantile
 from service.defense.eval_mode import eval_mode, training_mode_frozen_stats
 
 ACTIONS = ("shrink", "skip")
+NORMS = {"2": 2.0, "inf": float("inf")}  # the update norms the cap can bound
 
 
 @dataclass(frozen=True)
@@ -62,8 +73,10 @@ class GateVerdict:
 
     increase: float  # delta(1): increase of the probe cross-entropy the whole update would cause
     threshold: float
-    flagged: bool
+    flagged: bool  # above the threshold
     scale: float  # the share of the batch's gradient that was applied
+    norm: float | None = None  # the gradient's norm, when the gate caps norms
+    cap: float | None = None
 
 
 class UpdateGate:
@@ -71,7 +84,8 @@ class UpdateGate:
 
     def __init__(self, trusted_x: torch.Tensor, trusted_y: torch.Tensor, *, batch_size: int,
                  target_false_flag_rate: float = 0.1, calibration_updates: int = 32, recalibrate_every: int = 100,
-                 action: str = "shrink", probe_samples: int = 256, seed: int = 0):
+                 action: str = "shrink", probe_samples: int = 256, norm_cap: str | None = None,
+                 cap_level: float = 0.5, seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
@@ -81,6 +95,10 @@ class UpdateGate:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
         if calibration_updates < 1 or recalibrate_every < 1 or batch_size < 1 or probe_samples < 4:
             raise ValueError("calibration_updates, recalibrate_every and batch_size must be >= 1, probe_samples >= 4")
+        if norm_cap is not None and norm_cap not in NORMS:
+            raise ValueError(f"norm_cap must be one of {', '.join(NORMS)} or None, got {norm_cap!r}")
+        if not 0 < cap_level <= 1:
+            raise ValueError(f"cap_level must be in (0, 1], got {cap_level}")
         self.trusted = (trusted_x, trusted_y)
         # the probe: at most `probe_samples` trusted samples, fixed once, so that a lookahead costs a bounded
         # forward whatever the size of the trusted split (1,000 MNIST images made a step 23x ST's)
@@ -89,11 +107,13 @@ class UpdateGate:
         else:
             self.probe = torch.randperm(len(trusted_x), generator=torch.Generator().manual_seed(seed))[:probe_samples]
         self.batch_size = batch_size
+        self.norm_cap, self.cap_level = norm_cap, cap_level
         self.level = 1.0 - target_false_flag_rate
         self.calibration_updates, self.recalibrate_every = calibration_updates, recalibrate_every
         self.action = action
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.threshold: float | None = None
+        self.cap: float | None = None
         self.updates_since_calibration = 0
         self.calibrations = 0
         self.history: list[dict] = []  # one entry per calibration: when, the threshold, the clean increases seen
@@ -125,36 +145,45 @@ class UpdateGate:
                 for p, value in zip(params, saved, strict=True):
                     p.copy_(value)
 
-    def calibrate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
-        """Set the threshold from updates on clean trusted batches, taken from the current model."""
-        params = [p for p in model.parameters() if p.requires_grad]
+    def _clean_gradient(self, model: nn.Module, params, pick: torch.Tensor):
+        """The gradient of a clean trusted batch as the stream's update computes it (dropout on, BatchNorm on batch
+        statistics: eval mode gave a gentler gradient, and the 3x-target clean flag rate of SmallCNN's dropout),
+        recording nothing: a simulation, not an update."""
         x_ref, y_ref = self.trusted
         device = _device(model)
+        with training_mode_frozen_stats(model):
+            loss = F.cross_entropy(model(x_ref[pick].to(device)), y_ref[pick].to(device))
+        return torch.autograd.grad(loss, params)
+
+    def calibrate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """Set the cap and the threshold from updates on clean trusted batches, taken from the current model."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        # with replacement: a batch of the stream is drawn from a far larger population than the trusted split;
+        # drawing without replacement from a few hundred samples would shrink the spread of updates
+        picks = [torch.randint(len(self.trusted[0]), (self.batch_size,), generator=self.generator)
+                 for _ in range(self.calibration_updates)]
         # the step without any batch is the same for every calibration update: its probe losses are measured once
         base = self._losses_after_step(model, optimizer, params, [torch.zeros_like(p) for p in params], 0.0)
-        increases = []
-        for _ in range(self.calibration_updates):
-            # with replacement: a batch of the stream is drawn from a far larger population than the trusted
-            # split; drawing without replacement from a few hundred samples would shrink the spread of updates
-            pick = torch.randint(len(x_ref), (self.batch_size,), generator=self.generator)
-            keep = torch.ones(len(x_ref), dtype=torch.bool)
+        increases, norms = [], []
+        for pick in picks:
+            keep = torch.ones(len(self.trusted[0]), dtype=torch.bool)
             keep[pick] = False
             keep = keep[self.probe]  # cross-fitting: judged on the probe samples that are not in the batch
-            # the gradient as the stream's update computes it (dropout on, BatchNorm on batch statistics: eval
-            # mode gave a gentler gradient, and the 3x-target clean flag rate of SmallCNN's dropout), recording
-            # nothing: a simulation, not an update
-            with training_mode_frozen_stats(model):
-                loss = F.cross_entropy(model(x_ref[pick].to(device)), y_ref[pick].to(device))
-            grads = torch.autograd.grad(loss, params)
+            grads = self._clean_gradient(model, params, pick)
             after = self._losses_after_step(model, optimizer, params, grads, 1.0)
             increases.append(float((after - base)[keep].mean()))
+            if self.norm_cap:
+                norms.append(self._norm(grads))
+        if self.norm_cap:
+            self.cap = float(torch.quantile(torch.tensor(norms), self.cap_level))
         values = torch.tensor(increases)
         # never below zero: an update that does not raise the probe loss is never suspicious
         self.threshold = max(conformal_quantile(values, self.level), 0.0)
         self.updates_since_calibration = 0
         self.calibrations += 1
         self.history.append({"threshold": self.threshold, "increase_median": float(values.median()),
-                             "increase_max": float(values.max()), "updates": self.calibration_updates})
+                             "increase_max": float(values.max()), "cap": self.cap,
+                             "updates": self.calibration_updates})
         return self.threshold
 
     def interval(self, optimizer: torch.optim.Optimizer) -> int:
@@ -175,6 +204,11 @@ class UpdateGate:
         first = math.ceil(1.0 / (1.0 - momentum) - 1e-9)
         return min(self.recalibrate_every, first * 2 ** max(self.calibrations - 1, 0))
 
+    def _norm(self, grads) -> float:
+        """The norm the cap bounds, of the whole update (all parameters as one vector)."""
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, NORMS[self.norm_cap])
+                                                            for g in grads]), NORMS[self.norm_cap]))
+
     def _lookahead(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         """The update in the parameters' `.grad` as (params, grads, base, delta(1)): `base` holds the per-sample
         probe losses where the step goes without the batch."""
@@ -184,32 +218,45 @@ class UpdateGate:
         increase = float((self._losses_after_step(model, optimizer, params, grads, 1.0) - base).mean())
         return params, grads, base, increase
 
+    def _cap_scale(self, model: nn.Module) -> tuple[float | None, float]:
+        """(the update's norm, the scale that brings it under the cap): (None, 1.0) without a cap."""
+        if not self.norm_cap or self.cap is None:
+            return None, 1.0
+        norm = self._norm([p.grad.detach() for p in model.parameters() if p.grad is not None])
+        return norm, (min(1.0, self.cap / norm) if norm > 0 else 1.0)
+
     def increase(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
         """delta(1) of the update in the parameters' `.grad`, judged by nothing (what an attacker who knows the
         gate can measure on its own data)."""
         return self._lookahead(model, optimizer)[3]
 
     def judge(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GateVerdict:
-        """Judge the update in the parameters' `.grad` and scale it in place by the action's choice."""
+        """Judge the update in the parameters' `.grad` and scale it in place: onto the norm cap (when the gate has
+        one), and, if the update is above the threshold, by the action's choice (the smaller scale wins)."""
         if self.threshold is None or self.updates_since_calibration >= self.interval(optimizer):
             self.calibrate(model, optimizer)  # autograd.grad: the batch's .grad is left as it is
         self.updates_since_calibration += 1
+        norm, scale = self._cap_scale(model)
         params, grads, base, increase = self._lookahead(model, optimizer)
-        if increase <= self.threshold:
-            return GateVerdict(increase, self.threshold, False, 1.0)
-        scale = 0.0
-        if self.action == "shrink":
-            probe_scale = self.threshold / increase
-            at_probe = float((self._losses_after_step(model, optimizer, params, grads, probe_scale) - base).mean())
-            scale = _chord_scale(self.threshold, probe_scale, at_probe, increase)
-        with torch.no_grad():
-            for p in params:
-                p.grad.mul_(scale)
-        return GateVerdict(increase, self.threshold, True, scale)
+        flagged = increase > self.threshold
+        if flagged:
+            shrink = 0.0
+            if self.action == "shrink":
+                probe_scale = self.threshold / increase
+                at_probe = float((self._losses_after_step(model, optimizer, params, grads, probe_scale)
+                                  - base).mean())
+                shrink = _chord_scale(self.threshold, probe_scale, at_probe, increase)
+            scale = min(scale, shrink)
+        if scale != 1.0:
+            with torch.no_grad():
+                for p in params:
+                    p.grad.mul_(scale)
+        return GateVerdict(increase, self.threshold, flagged, scale, norm, self.cap)
 
     # -- persistence: the calibration state travels with the learner's checkpoint ---------------------
     def state(self) -> dict:
-        return {"threshold": self.threshold, "updates_since_calibration": self.updates_since_calibration,
+        return {"threshold": self.threshold, "cap": self.cap,
+                "updates_since_calibration": self.updates_since_calibration,
                 "calibrations": self.calibrations,
                 "history": self.history[-20:], "generator": self.generator.get_state().tolist(),
                 "batch_size": self.batch_size, "probe": self.probe.tolist()}
@@ -218,6 +265,7 @@ class UpdateGate:
         self.batch_size = int(state["batch_size"])
         self.probe = torch.tensor(state["probe"], dtype=torch.long)
         self.threshold = state["threshold"]
+        self.cap = state.get("cap")
         self.updates_since_calibration = int(state["updates_since_calibration"])
         self.calibrations = int(state.get("calibrations", len(state["history"])))
         self.history = list(state["history"])
