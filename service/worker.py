@@ -86,15 +86,16 @@ class Worker:
         self.config = settings.experiment_config()
         # a bundle is loaded and checked (a BundleError otherwise) before anything is read or written
         self.bundle: LoadedBundle | None = load_bundle(settings.bundle) if settings.bundle is not None else None
-        bundle = None
+        self.bundle_fingerprint: str | None = None
         if self.bundle is not None:
             self.config = bundle_config(self.bundle.manifest, self.config, settings.strategy,
                                         settings.config_overrides)
-            bundle = bundle_fingerprint(self.bundle.directory)
+            self.bundle_fingerprint = bundle_fingerprint(self.bundle.directory)
         self.queue = queue or RedisQueue.from_settings(settings)
         self.metrics = metrics or WorkerMetrics()
         self.consumer = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
-        self.store = CheckpointStore(Path(settings.checkpoint_dir), settings.checkpoints_kept, self.config, bundle)
+        self.store = CheckpointStore(Path(settings.checkpoint_dir), settings.checkpoints_kept, self.config,
+                                     self.bundle_fingerprint)
         self.learner: OnlineLearner | None = None
         self.spec: InputSpec | None = None
         self.last_applied_id = "0-0"
@@ -358,7 +359,10 @@ class Worker:
         """The worker's status; while it replays behind the published model, the served model's fields stay
         as published and `replaying` says where the replay is."""
         learner = self.learner
-        status = {"consumer": self.consumer, "strategy": learner.strategy.name, "device": str(learner.device),
+        bundle = None if self.bundle is None else {"directory": str(self.bundle.directory),
+                                                   "fingerprint": self.bundle_fingerprint}
+        status = {"consumer": self.consumer, "bundle": bundle, "strategy": learner.strategy.name,
+                  "device": str(learner.device),
                   "model_version": learner.model_version, "batches_applied": learner.batches_applied,
                   "threshold": learner.threshold(),
                   "calibration": learner.calibration.to_dict() if learner.calibration else None,

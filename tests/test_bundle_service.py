@@ -129,6 +129,8 @@ def test_a_bundle_is_checked_served_and_attacked_over_http(kind, namespace, tmp_
         wait_until(ready, 90, "the service to be ready", interval=0.1, diagnostics=worker.output)
         status = api.client.get("/v1/status").json()
         assert status["strategy"] == strategy
+        served = {"directory": str(bundle_dir), "fingerprint": bundle_fingerprint(bundle_dir)}
+        assert status["worker"]["bundle"] == served
         args = ["attack", "--target", api.url, "--bundle", str(bundle_dir), "--data", str(data_path), "--no-progress",
                 "--no-plots", "--out", str(report)]
         assert main(args + [a for k, v in CAMPAIGN.items() for a in ("--set", f"campaign.{k}={v}")]) == 0
