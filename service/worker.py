@@ -460,6 +460,11 @@ class Worker:
             log.info("no checkpoint in %s: calibrating a new learner from bundle %s", self.store.directory,
                      self.bundle.directory)
             experiment = bundle_experiment(self.bundle, config, device=device)
+            strategy = config.strategy
+            if self.bundle.auxiliary is None and strategy.name == "dsc" and strategy.auxiliary == "frozen":
+                log.warning("bundle %s has no auxiliary: dsc's frozen auxiliary is the online model as it starts, so "
+                            "its discrepancy measures only the drift since then; bundle an earlier checkpoint "
+                            "(--auxiliary) or set strategy.auxiliary=rolling", self.bundle.directory)
             try:
                 learner = experiment.new_learner()
             except ValueError as exc:  # the strategy refuses the trusted set (too few samples for guard's gate)
