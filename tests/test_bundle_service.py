@@ -338,3 +338,18 @@ def test_data_may_be_an_image_folder_tree(packed, tmp_path):
     (tmp_path / "tree" / "train" / "c" / "0.png").rename(tmp_path / "tree" / "train" / "d" / "0.png")
     with pytest.raises(BundleError, match=r"tree: not an image-folder tree .* unknown class folder 'd'"):
         read_data(tmp_path / "tree", manifest)
+
+
+@needs_redis
+@pytest.mark.parametrize("auxiliary", ["frozen", "rolling"])
+def test_dsc_with_a_frozen_auxiliary_the_bundle_lacks_is_warned_about(auxiliary, namespace, tmp_path, caplog):
+    manifest = BundleManifest(schema_version=1, model={"architecture": "digitscnn"},
+                              input={"shape": [1, 8, 8], "num_classes": 10}, stream=STREAM,
+                              strategy={"name": "dsc", "auxiliary": auxiliary})
+    x, y = _digits(1, 8)
+    bundle = create_bundle(tmp_path / "bundle", manifest, _digits_net(manifest), (x[:TRUSTED], y[:TRUSTED]))
+    worker = Worker(make_settings(namespace, tmp_path, bundle=bundle))
+    with caplog.at_level("WARNING", logger="dscguard.worker"):
+        worker.start()
+    worker.shutdown()
+    assert ("has no auxiliary" in caplog.text) == (auxiliary == "frozen")
