@@ -133,8 +133,12 @@ class WorkerMetrics:
                                           registry=r)
         self.gate_threshold = GaugeOnceSet("dscguard_gate_threshold", "The update gate's calibrated threshold on "
                                            "that increase", registry=r)
-        self.updates_shrunk = Counter("dscguard_updates_shrunk_total", "Updates the gate shrank or dropped "
-                                      "(applied at less than their full size)", registry=r)
+        self.updates_shrunk = Counter("dscguard_updates_shrunk_total", "Updates the gate flagged and shrank or "
+                                      "dropped", registry=r)
+        self.updates_capped = Counter("dscguard_updates_capped_total", "Updates the gate did not flag but capped at "
+                                      "its norm cap (larger than a typical clean update)", registry=r)
+        self.gate_cap = GaugeOnceSet("dscguard_gate_cap", "The update gate's norm cap (the median norm of clean "
+                                     "trusted updates at its last calibration); absent without a cap", registry=r)
         self.target_flag_ratio = Gauge("dscguard_target_false_flag_ratio", "Share of clean samples the defense is "
                                        "calibrated to flag (compare with the flagged fraction)", registry=r)
         self.auxiliary_age = GaugeOnceSet("dscguard_auxiliary_age_batches", "Batches since dsc's auxiliary was "
@@ -178,8 +182,12 @@ class WorkerMetrics:
         if report.gate is not None:
             self.gate_increase.set(report.gate.increase)
             self.gate_threshold.set(report.gate.threshold)
-        if report.update_scale < 1.0:
+        if report.gate is not None and report.gate.flagged:
             self.updates_shrunk.inc()
+        elif report.update_scale < 1.0:
+            self.updates_capped.inc()
+        if report.gate is not None and report.gate.cap is not None:
+            self.gate_cap.set(report.gate.cap)
         if report.promotion is not None:
             self.promotions.labels(decision=report.promotion.reason).inc()
         if defense.get("auxiliary_age") is not None:
