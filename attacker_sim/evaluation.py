@@ -40,6 +40,12 @@ class Evaluation:
     burnin: dict[int, dict] = field(default_factory=dict)
     calibration: dict[int, dict] = field(default_factory=dict)
     seconds: float = 0.0
+    subject: dict[str, str] = field(default_factory=dict)  # {"dataset", "model"} measured when not the profile's
+
+    def dataset_and_model(self) -> tuple[str, str]:
+        """What was measured: a bundle's data and architecture (`subject`), else the profile's dataset and model."""
+        return (self.subject.get("dataset", self.config.data.dataset),
+                self.subject.get("model", self.config.model.name))
 
     def runs_for(self, strategy: str, scenario: str) -> list[RunResult]:
         return [r for r in self.runs if r.strategy == strategy and r.scenario == scenario]
@@ -47,14 +53,16 @@ class Evaluation:
 
 def evaluate(config: ExperimentConfig, strategies: Sequence[str] = STRATEGY_ORDER,
              scenarios: Sequence[str] = SCENARIOS, seeds: Sequence[int] | None = None, cache_dir=None,
-             progress: bool = True, prepare: Callable[[ExperimentConfig], Experiment] | None = None) -> Evaluation:
+             progress: bool = True, prepare: Callable[[ExperimentConfig], Experiment] | None = None,
+             subject: dict[str, str] | None = None) -> Evaluation:
     """Run `scenarios` x `strategies` x `seeds` in process and collect the results; `prepare` builds a seed's
-    experiment from its config (default: `Experiment.prepare`, the profile's data and burn-in)."""
+    experiment from its config (default: `Experiment.prepare`, the profile's data and burn-in), and `subject` says
+    what it measures then (`Evaluation.subject`)."""
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenario(s) {sorted(unknown)}; expected {', '.join(SCENARIOS)}")
     seeds = list(config.campaign.seeds if seeds is None else seeds)
-    evaluation = Evaluation(config, list(strategies), list(scenarios))
+    evaluation = Evaluation(config, list(strategies), list(scenarios), subject=dict(subject or {}))
     started = time.perf_counter()
     campaign = config.campaign
     clean_batches = campaign.clean_batches or campaign.max_batches + 1

@@ -129,7 +129,7 @@ def _check(response: httpx.Response, what: str) -> None:
 
 def evaluate_target(config: ExperimentConfig, target: Target, strategy: str,
                     scenarios: Sequence[str] = ("clean", "poison"), cache_dir=None, progress: bool = True,
-                    experiment=None):
+                    experiment=None, subject: dict[str, str] | None = None):
     """The scenarios of `dscguard eval` for `config.seed` against one target that keeps its state.
 
     Unlike `evaluate`, which gives every scenario a fresh learner, a running service holds one
@@ -137,7 +137,8 @@ def evaluate_target(config: ExperimentConfig, target: Target, strategy: str,
     experiment as the service (same profile and seed: the same data splits and burn-in) for its
     batches, its validation split, its black-box surrogate, and the test split the harness measures.
     In-process (`InProcessTarget`) and over HTTP, the same seeds give the same runs. A service that serves a
-    bundle is attacked from `experiment` (`service.bundle.serving.bundle_experiment`: the bundle and the data).
+    bundle is attacked from `experiment` (`service.bundle.serving.bundle_experiment`: the bundle and the data), and
+    `subject` names them in the reports.
     """
     from attacker_sim.campaign import run_clean_oracle
     from attacker_sim.evaluation import SCENARIOS, Evaluation, build_campaign, campaign_stream
@@ -149,7 +150,7 @@ def evaluate_target(config: ExperimentConfig, target: Target, strategy: str,
     started = time.perf_counter()
     if experiment is None:
         experiment = Experiment.prepare(config, cache_dir=cache_dir, progress=progress)
-    evaluation = Evaluation(config, [strategy], list(scenarios))
+    evaluation = Evaluation(config, [strategy], list(scenarios), subject=dict(subject or {}))
     test = experiment.test_tensors
     validation = experiment.splits.attacker_val.tensors()
     seed, campaign = config.seed, config.campaign

@@ -82,14 +82,14 @@ def summarize(values) -> dict | None:
 
 def rows(evaluation: Evaluation) -> list[dict]:
     """One row per (strategy, scenario), every metric as mean, std and the per-seed values."""
-    cfg = evaluation.config
+    dataset, model = evaluation.dataset_and_model()
     out = []
     for strategy in evaluation.strategies:
         for scenario in evaluation.scenarios:
             runs = evaluation.runs_for(strategy, scenario)
             if not runs:
                 continue
-            row = {"dataset": cfg.data.dataset, "model": cfg.model.name, "strategy": strategy, "scenario": scenario,
+            row = {"dataset": dataset, "model": model, "strategy": strategy, "scenario": scenario,
                    "seed_count": len(runs)}
             for metric in METRICS:
                 row[metric] = summarize(getattr(r, metric) for r in runs)
@@ -191,7 +191,8 @@ def bar_checks(evaluation: Evaluation) -> dict | None:
 def report_markdown(evaluation: Evaluation, plots: list[str]) -> str:
     cfg = evaluation.config
     seeds = sorted({r.seed for r in evaluation.runs})
-    lines = [f"# dscguard evaluation: {cfg.data.dataset} / {cfg.model.name} (profile `{cfg.profile}`)", "",
+    dataset, model = evaluation.dataset_and_model()
+    lines = [f"# dscguard evaluation: {dataset} / {model} (profile `{cfg.profile}`)", "",
              f"Seeds {seeds}; mean ± std over seeds; accuracies in percent on the test split. "
              f"Attack: {cfg.attack.kind}, eps {cfg.attack.epsilon}, {cfg.attack.steps} steps of "
              f"{cfg.attack.step_size}, {cfg.attack.setting.replace('_', '-')}, beta {cfg.attack.beta}; "

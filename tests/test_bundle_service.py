@@ -145,6 +145,11 @@ def test_a_bundle_is_checked_served_and_attacked_over_http(kind, namespace, tmp_
     results = json.loads((report / "results.json").read_text())
     poison = [row for row in results["rows"] if row["scenario"] == "poison"]
     assert len(poison) == 1 and poison[0]["strategy"] == strategy and poison[0]["trigger_acc"] is not None
+    # the report names what was measured: the user's data and architecture, not the profile's
+    assert {(row["dataset"], row["model"]) for row in results["rows"]} == \
+        {(data_path.name, f"{manifest.model.architecture} (bundle {bundle_dir.name})")}
+    assert (report / "report.md").read_text().startswith(
+        f"# dscguard evaluation: {data_path.name} / {manifest.model.architecture} (bundle {bundle_dir.name})")
 
 
 def _safetensors(x, y, batch_id):

@@ -37,12 +37,12 @@ _FLAGS = {("model", "architecture"): "--model", ("model", "kwargs"): "--model-kw
 
 def bundle_experiments(args: argparse.Namespace, config):
     """For `eval`/`attack --bundle DIR --data FILE`: the config with the bundle's stream, strategy and calibration
-    settings (then --set), and the function that gives a seed's experiment (the bundle, the data split with the
-    seed); (config, None) without --bundle."""
+    settings (then --set), the function that gives a seed's experiment (the bundle, the data split with the seed),
+    and what the reports name as measured (the data and the architecture); (config, None, {}) without --bundle."""
     if args.bundle is None:
         if args.data is not None:
             raise CommandLineError("--data goes with --bundle (a profile reads its own dataset: --data-dir)")
-        return config, None
+        return config, None, {}
     if args.data is None:
         raise CommandLineError("--bundle needs --data: the samples the stream, the attacker and the test draw from "
                                "(the bundle's trusted set is for calibration only)")
@@ -54,7 +54,9 @@ def bundle_experiments(args: argparse.Namespace, config):
     data = read_data(args.data, bundle.manifest)
     config = bundle_config(bundle.manifest, config, overrides=parse_overrides(args.set))
     device = resolve_device(config.device)
-    return config, lambda seed_config: bundle_experiment(bundle, seed_config, data, device)
+    subject = {"dataset": Path(args.data).name, "model": f"{bundle.manifest.model.architecture} (bundle "
+                                                         f"{Path(args.bundle).name})"}
+    return config, lambda seed_config: bundle_experiment(bundle, seed_config, data, device), subject
 
 
 def _flag(option: str) -> str:

@@ -85,10 +85,10 @@ def _evaluate_and_report(config: ExperimentConfig, args: argparse.Namespace, out
     from attacker_sim.report import bar_checks, table_markdown, write_reports
     from service.cli.bundles import bundle_experiments
 
-    config, prepare = bundle_experiments(args, config)
+    config, prepare, subject = bundle_experiments(args, config)
     writable_output(out)
     evaluation = evaluate(config, strategies=args.strategies, scenarios=args.scenarios, seeds=args.seeds,
-                          progress=not args.no_progress, prepare=prepare)
+                          progress=not args.no_progress, prepare=prepare, subject=subject)
     written = write_reports(evaluation, out, plots=not args.no_plots)
     print(table_markdown(evaluation))
     for name, check in (bar_checks(evaluation) or {}).items():

@@ -90,7 +90,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from attacker_sim.report import table_markdown, write_reports
     from service.cli.bundles import bundle_experiments
 
-    config, prepare = bundle_experiments(args, build_config(args))
+    config, prepare, subject = bundle_experiments(args, build_config(args))
     if args.out:
         writable_output(args.out)
     settings = _settings()
@@ -103,7 +103,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             raise TargetError("the service has not published a status yet (is the worker running?)")
         experiment = prepare(config) if prepare is not None else None
         evaluation = evaluate_target(config, target, strategy, scenarios=args.scenarios,
-                                     progress=not args.no_progress, experiment=experiment)
+                                     progress=not args.no_progress, experiment=experiment, subject=subject)
     except TargetError as exc:
         raise SystemExit(f"attack against {args.target} failed: {exc}") from exc
     finally:
