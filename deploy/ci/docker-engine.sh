@@ -156,14 +156,26 @@ product() {
   local previous; previous=$(docker image inspect -f '{{.Id}}' dscguard:cpu 2>/dev/null || true)
   wheelhouse
   log "dscguard:cpu: docker build (BASE_IMAGE=dscguard-ci/python:3.11, WHEELHOUSE=deploy/wheelhouse, offline)"
-  local built=0
-  nice docker build -q -f deploy/Dockerfile -t dscguard:cpu \
-    --build-arg BASE_IMAGE=dscguard-ci/python:3.11 --build-arg WHEELHOUSE=deploy/wheelhouse . >/dev/null || built=$?
+  local built=0 output; output=$(mktemp)
+  nice docker build -f deploy/Dockerfile -t dscguard:cpu \
+    --build-arg BASE_IMAGE=dscguard-ci/python:3.11 --build-arg WHEELHOUSE=deploy/wheelhouse . >"$output" 2>&1 \
+    || built=$?
   find deploy/wheelhouse -maxdepth 1 -name '*.whl' -delete
   if [ "$built" -ne 0 ]; then
+    tail -30 "$output" >&2; rm -f "$output"
     # an image of older code must not stand in for this checkout's: without the tag the compose test skips
     docker rmi dscguard:cpu >/dev/null 2>&1 || true
     log "dscguard:cpu: docker build failed"; return "$built"
+  fi
+  # The dependencies stage stays as build cache (the next build reuses it), untagged: once the dependencies change,
+  # the stage it replaced (about 9 GB: the wheelhouse and the venv) is removed here, not left to pile up
+  local stage; stage=$(awk '/^Step [0-9]+\/[0-9]+ : FROM / && !/ AS dependencies/ {print id; exit}
+                            /^ ---> [0-9a-f]+$/ {id = $2}' "$output")
+  rm -f "$output"
+  local kept="$CACHE/dependencies-stage" replaced; replaced=$(cat "$kept" 2>/dev/null || true)
+  if [ -n "$stage" ]; then
+    [ -z "$replaced" ] || [ "$replaced" = "$stage" ] || docker rmi "$replaced" >/dev/null 2>&1 || true
+    echo "$stage" | $sudo tee "$kept" >/dev/null
   fi
   # the image this build replaced, unless a container still uses it (its layers shared with the new one stay)
   local current; current=$(docker image inspect -f '{{.Id}}' dscguard:cpu)
