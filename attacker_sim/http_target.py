@@ -54,7 +54,8 @@ class HttpTarget:
 
         Until the timeout, a 429 (queue full) or 503 (Redis away) is retried after its Retry-After and a
         failed connection (the API restarting) after 0.5 s, always with the same batch_id: a retry of a
-        batch that got in is answered 200 as a duplicate and applied once.
+        batch that got in is answered 200 as a duplicate and applied once. A wait for the batch's state that
+        fails in transport (an API too busy to answer in time, rebuilding a large model) is asked again.
         """
         batch_id = f"{BATCH_ID_PREFIX}{uuid.uuid4().hex}"
         body = encode_safetensors_batch(x, y, batch_id=batch_id)
@@ -81,7 +82,13 @@ class HttpTarget:
     def _wait_applied(self, batch_id: str, deadline: float) -> dict:
         while True:  # the service holds each request until the batch leaves the queue (or 10 s pass)
             wait = min(10.0, max(0.0, deadline - time.monotonic()))
-            response = self.client.get(f"/v1/batches/{batch_id}", params={"wait": wait})
+            try:
+                response = self.client.get(f"/v1/batches/{batch_id}", params={"wait": wait})
+            except httpx.TransportError as exc:  # an API slow to answer (a large model being rebuilt) or restarting
+                if time.monotonic() >= deadline:
+                    raise TargetError(f"batch state: {type(exc).__name__}: {exc}") from exc
+                time.sleep(0.5)
+                continue
             _check(response, "batch state")
             state = response.json()
             if state["state"] == "applied":

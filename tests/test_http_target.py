@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 import torch
 
-from attacker_sim.http_target import BATCH_ID_PREFIX, HttpTarget
+from attacker_sim.http_target import BATCH_ID_PREFIX, HttpTarget, TargetError
 from service.codec import InputSpec, decode_safetensors_batch
 
 SPEC = InputSpec((1, 8, 8), num_classes=10, max_samples=64)
@@ -33,3 +34,37 @@ def test_step_retries_503_429_and_a_refused_connection_with_the_same_batch_id():
         target.close()
     assert len(posted) == 4 and len(set(posted)) == 1 and posted[0].startswith(BATCH_ID_PREFIX)
     assert (outcome.samples, outcome.flagged) == (4, 4)
+
+
+def test_a_wait_for_the_batch_that_times_out_is_asked_again_until_the_deadline():
+    waits: list[str] = []
+
+    def service(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(202, json={"batch_id": decode_safetensors_batch(request.content, SPEC).batch_id})
+        waits.append(request.url.path)
+        if len(waits) == 1:  # an API too busy to answer in time (a large model being rebuilt)
+            raise httpx.ReadTimeout("timed out", request=request)
+        record = {"samples": 4, "flagged": 0, "corrected": 0, "threshold": 0.5, "step_seconds": 0.01}
+        return httpx.Response(200, json={"state": "applied", "record": record})
+
+    target = HttpTarget("http://127.0.0.1:9", api_key="key")
+    target.client = httpx.Client(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(service))
+    try:
+        outcome = target.step(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    finally:
+        target.close()
+    assert len(waits) == 2 and waits[0] == waits[1] and outcome.samples == 4
+
+    def never_answers(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(202, json={"batch_id": "b"})
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    target = HttpTarget("http://127.0.0.1:9", api_key="key", timeout_seconds=0.2)
+    target.client = httpx.Client(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(never_answers))
+    try:
+        with pytest.raises(TargetError, match="batch state: ReadTimeout"):
+            target.step(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    finally:
+        target.close()
