@@ -12,6 +12,16 @@ from service.codec import InputSpec, decode_safetensors_batch
 SPEC = InputSpec((1, 8, 8), num_classes=10, max_samples=64)
 
 
+def _step_against(service, timeout_seconds: float = 120.0):
+    """One `HttpTarget.step` of 4 digits against the mocked `service` (a function of the request)."""
+    target = HttpTarget("http://127.0.0.1:9", api_key="key", timeout_seconds=timeout_seconds)
+    target.client = httpx.Client(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(service))
+    try:
+        return target.step(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    finally:
+        target.close()
+
+
 def test_step_retries_503_429_and_a_refused_connection_with_the_same_batch_id():
     answers = iter(["refused", 503, 429, 202])
     posted: list[str] = []
@@ -26,12 +36,7 @@ def test_step_retries_503_429_and_a_refused_connection_with_the_same_batch_id():
         record = {"samples": 4, "flagged": 4, "corrected": 0, "threshold": 0.5, "step_seconds": 0.01}
         return httpx.Response(200, json={"state": "applied", "record": record})
 
-    target = HttpTarget("http://127.0.0.1:9", api_key="key")
-    target.client = httpx.Client(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(service))
-    try:
-        outcome = target.step(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
-    finally:
-        target.close()
+    outcome = _step_against(service)
     assert len(posted) == 4 and len(set(posted)) == 1 and posted[0].startswith(BATCH_ID_PREFIX)
     assert (outcome.samples, outcome.flagged) == (4, 4)
 
@@ -48,12 +53,7 @@ def test_a_wait_for_the_batch_that_times_out_is_asked_again_until_the_deadline()
         record = {"samples": 4, "flagged": 0, "corrected": 0, "threshold": 0.5, "step_seconds": 0.01}
         return httpx.Response(200, json={"state": "applied", "record": record})
 
-    target = HttpTarget("http://127.0.0.1:9", api_key="key")
-    target.client = httpx.Client(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(service))
-    try:
-        outcome = target.step(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
-    finally:
-        target.close()
+    outcome = _step_against(service)
     assert len(waits) == 2 and waits[0] == waits[1] and outcome.samples == 4
 
     def never_answers(request: httpx.Request) -> httpx.Response:
@@ -61,10 +61,5 @@ def test_a_wait_for_the_batch_that_times_out_is_asked_again_until_the_deadline()
             return httpx.Response(202, json={"batch_id": "b"})
         raise httpx.ReadTimeout("timed out", request=request)
 
-    target = HttpTarget("http://127.0.0.1:9", api_key="key", timeout_seconds=0.2)
-    target.client = httpx.Client(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(never_answers))
-    try:
-        with pytest.raises(TargetError, match="batch state: ReadTimeout"):
-            target.step(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
-    finally:
-        target.close()
+    with pytest.raises(TargetError, match="batch state: ReadTimeout"):
+        _step_against(never_answers, timeout_seconds=0.2)
