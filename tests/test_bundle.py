@@ -347,6 +347,46 @@ def test_bundle_create_from_the_users_pieces(digits_experiment, tmp_path, capsys
     assert torch.equal(bundle.trusted[0], digits_experiment.calibration_tensors[0])  # scaled by 1/255
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_bundle_create_reads_an_image_folder_tree_as_the_trusted_set(packed, tmp_path, capsys):
+    import tarfile
+
+    from tests.test_bundle_service import _image_tree
+
+    save_file(build_model("digitscnn", num_classes=3, input_shape=(1, 8, 8)).state_dict(), tmp_path / "w.safetensors")
+    tree = tmp_path / "tree"
+    expected = _image_tree(tree, ["a", "b", "c"])
+    if packed:
+        with tarfile.open(tmp_path / "tree.tar.gz", "w:gz") as archive:
+            archive.add(tree, arcname="tree")
+        tree = tmp_path / "tree.tar.gz"
+    argv = ["bundle", "create", "--model", "digitscnn", "--weights", str(tmp_path / "w.safetensors"),
+            "--trusted", str(tree), "--classes", "3", "--class-names", "a,b,c"]
+    assert main([*argv, "--out", str(tmp_path / "no-shape")]) == 2
+    assert capsys.readouterr().err == (f"dscguard: error: --trusted {tree}: an image-folder tree needs --input-shape "
+                                       f"C H W (the images' channels, height and width)\n")
+    assert main([*argv, "--input-shape", "1", "8", "8", "--out", str(tmp_path / "bundle")]) == 0
+    bundle = load_bundle(tmp_path / "bundle")
+    assert torch.equal(bundle.trusted[0], expected)
+    assert bundle.trusted[1].tolist() == [0, 0, 1, 1, 2, 2] * 2
+    assert bundle.manifest.input.class_names == ["a", "b", "c"]
+
+
+def test_bundle_create_refuses_a_tree_with_a_class_the_bundle_does_not_name(tmp_path, capsys):
+    from tests.test_bundle_service import _image_tree
+
+    save_file(build_model("digitscnn", num_classes=3, input_shape=(1, 8, 8)).state_dict(), tmp_path / "w.safetensors")
+    _image_tree(tmp_path / "tree", ["a", "b", "d"])
+    assert main(["bundle", "create", "--model", "digitscnn", "--weights", str(tmp_path / "w.safetensors"),
+                 "--trusted", str(tmp_path / "tree"), "--input-shape", "1", "8", "8", "--classes", "3",
+                 "--class-names", "a,b,c", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dscguard: error: {tmp_path / 'tree'}: not an image-folder tree of .png, .jpg, .jpeg "
+                          f"images for this bundle: ") and len(err.splitlines()) == 1
+    assert "train/d/0.png: unknown class folder 'd'" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def _pieces(tmp_path: Path) -> list[str]:
     save_file(build_model("digitscnn", num_classes=CLASSES, input_shape=(1, 8, 8)).state_dict(),
               tmp_path / "w.safetensors")

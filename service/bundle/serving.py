@@ -84,9 +84,16 @@ def read_data(path: str | Path, manifest: BundleManifest) -> TensorSet:
     a .tar.gz holding `train/<class>/*` and `test/<class>/*`, as the built-in datasets' trees do, both parts pooled),
     checked against the input spec (a BundleError naming the file and the tensor otherwise)."""
     path = Path(path)
-    tensors = _read_image_tree(path, manifest) if path.is_dir() or path.name.endswith(".tar.gz") else read_trusted(path)
+    tensors = _read_image_tree(path, manifest) if is_image_tree(path) else read_trusted(path)
     x, y = check_trusted(tensors, manifest.input, path)
     return TensorSet(x, y)
+
+
+def is_image_tree(path: str | Path) -> bool:
+    """Whether `read_data` reads `path` as an image-folder tree (a directory or a .tar.gz) rather than a file of x
+    and y."""
+    path = Path(path)
+    return path.is_dir() or path.name.endswith(".tar.gz")
 
 
 def _read_image_tree(path: Path, manifest: BundleManifest) -> dict[str, torch.Tensor]:

@@ -25,8 +25,8 @@ from service.cli.options import (
 )
 from service.config import PROFILES
 
-_PIECES = ("weights", "trusted", "auxiliary", "classes", "class_names", "model_kwargs", "mean", "std", "value_range",
-           "feature_bounds", "description")
+_PIECES = ("weights", "trusted", "auxiliary", "classes", "class_names", "input_shape", "model_kwargs", "mean", "std",
+           "value_range", "feature_bounds", "description")
 _REQUIRED_PIECES = ("weights", "trusted", "classes")
 # manifest fields as the options that set them, for the errors of `bundle create --model`
 _FLAGS = {("model", "architecture"): "--model", ("model", "kwargs"): "--model-kwargs",
@@ -84,8 +84,10 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
         out = writable_output(args.out)
         manifest = _manifest_from_pieces(args, overrides, kwargs)
         from service.bundle import create_bundle
+        from service.bundle.serving import read_data
 
-        create_bundle(out, manifest, args.weights, args.trusted, args.auxiliary)
+        trusted = read_data(args.trusted, manifest)  # a file of x and y, or an image-folder tree
+        create_bundle(out, manifest, args.weights, (trusted.x, trusted.y), args.auxiliary)
     print(f"wrote bundle {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     print(f"check it with: dscguard bundle check {out}")
     return 0
@@ -118,17 +120,26 @@ def _json_option(value: str, flag: str):
 
 
 def _manifest_from_pieces(args: argparse.Namespace, overrides: dict, kwargs: dict):
-    """The manifest of `bundle create --model`: the input shape from the trusted set's x, the rest from options."""
+    """The manifest of `bundle create --model`: the input shape from --input-shape or else the trusted set's x, the
+    rest from options."""
     from service.bundle import SCHEMA_VERSION, BundleError, BundleManifest, read_trusted
+    from service.bundle.serving import is_image_tree
 
-    trusted = read_trusted(args.trusted)
-    if "x" not in trusted:
-        raise BundleError(args.trusted, "x", "missing: a trusted set holds x (inputs) and y (labels)")
+    if args.input_shape is not None:
+        shape = args.input_shape
+    elif is_image_tree(args.trusted):
+        raise CommandLineError(f"--trusted {args.trusted}: an image-folder tree needs --input-shape C H W (the "
+                               f"images' channels, height and width)")
+    else:
+        trusted = read_trusted(args.trusted)
+        if "x" not in trusted:
+            raise BundleError(args.trusted, "x", "missing: a trusted set holds x (inputs) and y (labels)")
+        shape = list(trusted["x"].shape[1:])
     normalization = None if args.mean is None and args.std is None else {"mean": args.mean, "std": args.std}
     fields = {"schema_version": SCHEMA_VERSION, "description": args.description or f"{args.model} from "
                                                                                     f"{Path(args.weights).name}",
               "model": {"architecture": args.model, "kwargs": kwargs, "normalization": normalization},
-              "input": {"shape": list(trusted["x"].shape[1:]), "num_classes": args.classes,
+              "input": {"shape": shape, "num_classes": args.classes,
                         "class_names": args.class_names.split(",") if args.class_names else None,
                         **({"value_range": args.value_range} if args.value_range else {}),
                         **({"feature_bounds": _json_option(args.feature_bounds, "--feature-bounds")}
@@ -137,7 +148,7 @@ def _manifest_from_pieces(args: argparse.Namespace, overrides: dict, kwargs: dic
 
     def name(loc) -> str:
         if tuple(loc[:2]) == ("input", "shape"):
-            return f"{args.trusted}: x: shape"
+            return "--input-shape" if args.input_shape is not None else f"{args.trusted}: x: shape"
         if tuple(loc[:2]) in _FLAGS:
             return _FLAGS[tuple(loc[:2])]
         return "--set " + ".".join(map(str, loc)) if loc else "--model"  # the model against its input
@@ -225,12 +236,18 @@ def add_bundle_commands(sub) -> None:
     experiment_options(p, profile=False)
     pieces = p.add_argument_group("with --model")
     pieces.add_argument("--weights", metavar="FILE", help="the online model's weights (.safetensors)")
-    pieces.add_argument("--trusted", metavar="FILE", help="the trusted clean set: x and y in .safetensors or .npz; "
-                                                          "the input shape is read from x")
+    pieces.add_argument("--trusted", metavar="PATH", help="the trusted clean set: x and y in .safetensors or .npz "
+                                                          "(the input shape is read from x), or an image-folder tree "
+                                                          "(a directory or .tar.gz of train/<class>/* and "
+                                                          "test/<class>/* images, both parts pooled; needs "
+                                                          "--input-shape; class folders named by --class-names, or "
+                                                          "0, 1, ...)")
     pieces.add_argument("--auxiliary", metavar="FILE", help="an earlier checkpoint of the same model (.safetensors; "
                                                             "default: none)")
     pieces.add_argument("--classes", type=int, help="the number of classes")
     pieces.add_argument("--class-names", metavar="A,B,...", help="class names, comma-separated, in label order")
+    pieces.add_argument("--input-shape", type=int, nargs="+", metavar="N",
+                        help="the input shape without the batch, e.g. 3 32 32 (default: read from the trusted x)")
     pieces.add_argument("--model-kwargs", metavar="JSON", help="constructor keyword arguments, a JSON object")
     pieces.add_argument("--mean", type=float, nargs="+", help="per-channel mean the model subtracts, inside it")
     pieces.add_argument("--std", type=float, nargs="+", help="per-channel std the model divides by, inside it")
