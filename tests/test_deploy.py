@@ -32,6 +32,7 @@ from tests.monitoring_queries import (
 )
 
 COMPOSE, GPU_OVERRIDE, ENV_EXAMPLE = ROOT / "docker-compose.yml", ROOT / "docker-compose.gpu.yml", ROOT / ".env.example"
+BUNDLE_OVERRIDE = ROOT / "docker-compose.bundle.yml"
 SERVICES = {"redis", "api", "worker", "prometheus", "grafana", "reports-dir", "attacker"}
 ONE_SHOT = {"reports-dir"}  # runs to completion before the attacker: no healthcheck, waited for by exit status
 OUTPUT_DIRS = {"./reports"}  # bind mounts the stack writes to: created on first run, ignored by git
@@ -323,6 +324,43 @@ def test_the_gpu_override_merges_with_every_compose(tool):
     worker = yaml.safe_load(result.stdout)["services"]["worker"]
     assert worker["image"] == "dscguard:cuda" and worker["build"]["dockerfile"] == "deploy/Dockerfile.cuda"
     assert worker["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def test_the_bundle_override_only_adds_to_the_worker():
+    assert "!reset" not in BUNDLE_OVERRIDE.read_text()
+    services = yaml.safe_load(BUNDLE_OVERRIDE.read_text())["services"]
+    assert set(services) == {"worker"} and set(services["worker"]) == {"environment", "volumes"}
+
+
+def _bind_mounts(service: dict) -> dict[str, tuple[str, bool]]:
+    """target -> (source, read-only) of a service's bind mounts, from `config` of Compose v1 (short syntax) or v2."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *mode = volume.split(":")
+            mounts[target] = (source, mode == ["ro"])
+        else:
+            mounts[volume["target"]] = (volume["source"], volume.get("read_only", False))
+    return mounts
+
+
+@pytest.mark.parametrize("tool", COMPOSE_TOOLS)
+def test_the_bundle_override_mounts_the_bundle_read_only_for_the_worker(tool, tmp_path):
+    result = _compose_config(tool, "-f", str(COMPOSE), "-f", str(BUNDLE_OVERRIDE))
+    assert result.returncode != 0 and "set DSCGUARD_BUNDLE_DIR to your bundle directory" in result.stderr
+
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"{ENV_EXAMPLE.read_text()}\nDSCGUARD_BUNDLE_DIR={tmp_path / 'bundle'}\n")
+    result = _compose_config(tool, "-f", str(COMPOSE), "-f", str(BUNDLE_OVERRIDE), env_file=env_file)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    worker = services["worker"]
+    assert worker["environment"]["DSCGUARD_BUNDLE"] == "/bundle"
+    assert worker["environment"]["DSCGUARD_PROFILE"] == "digits"  # the base's environment is kept, not replaced
+    mounts = _bind_mounts(worker)
+    assert mounts["/bundle"] == (str(tmp_path / "bundle"), True)
+    assert mounts["/var/lib/dscguard/checkpoints"][0] == "checkpoints"  # the base's volumes are kept too
+    assert "DSCGUARD_BUNDLE" not in services["api"]["environment"] and "/bundle" not in _bind_mounts(services["api"])
 
 
 def test_dashboard_uses_the_provisioned_datasource_and_no_import_inputs():
