@@ -126,6 +126,11 @@ def _pm(stat: Stat | None, scale: float = 100.0, digits: int = 1) -> str:
     return plus_minus(stat.model_dump() if stat else None, scale, digits)
 
 
+def _early_late(early: Stat | None, late: Stat | None) -> str:
+    """'early / late' rates in percent, or '–' where they were not measured."""
+    return f"{_pm(early, digits=0)} / {_pm(late, digits=0)}" if early is not None else "–"
+
+
 def summary_columns(board: Leaderboard) -> list[tuple[str, str]]:
     """(scenario, header) of the summary table: the clean oracle, each attack, the drift kinds."""
     columns = []
@@ -162,14 +167,12 @@ def markdown(board: Leaderboard) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in board.rows:
         target = f" ({row.target_flag_rate:.0%})" if row.target_flag_rate is not None else ""
-        early_late = (f"{_pm(row.clean_flag_rate_early, digits=0)} / {_pm(row.clean_flag_rate_late, digits=0)}"
-                      if row.clean_flag_rate_early is not None else "–")
-        fresh = (f"{_pm(row.fresh_flag_rate_early, digits=0)} / {_pm(row.fresh_flag_rate_late, digits=0)}"
-                 if row.fresh_flag_rate_early is not None else "–")
         lines.append(
             f"| {row.scenario} | {row.strategy} | {_pm(row.start_acc)} | {_pm(row.final_acc)} | "
             f"{_pm(row.batches, 1.0)} | {_pm(row.recovery, 100, 0)} | {_pm(row.drift_gain_share, 100, 0)} | "
-            f"{_pm(row.poisons_flagged, 100, 0)} | {_pm(row.clean_flag_rate, 100, 0)}{target} | {early_late} | {fresh} | "
+            f"{_pm(row.poisons_flagged, 100, 0)} | {_pm(row.clean_flag_rate, 100, 0)}{target} | "
+            f"{_early_late(row.clean_flag_rate_early, row.clean_flag_rate_late)} | "
+            f"{_early_late(row.fresh_flag_rate_early, row.fresh_flag_rate_late)} | "
             f"{_pm(row.promotions_refused, 1.0, 1)} | {_pm(row.seconds_per_step, 1000, 1)} |")
     lines += ["", "## Strategies", ""]
     for label, settings in board.strategies.items():

@@ -15,8 +15,9 @@ from attacker_sim.tuning import tune_baselines
 from service.config import StrategyConfig
 from tests.profiles import DIGITS_OVERRIDES
 
-TINY_ARENA = {"launch_after": [0, 12], "clean_batches": 4, "fresh_batches": 3, "slow_poison_every": 3, "slow_poison_count": 2,
-              "drift_batches": 6, "adaptive_betas": [1.0], "strategies": ["st", "gc", "at", "dsc"],
+TINY_ARENA = {"launch_after": [0, 12], "clean_batches": 4, "fresh_batches": 3, "slow_poison_every": 3,
+              "slow_poison_count": 2, "drift_batches": 6, "adaptive_betas": [1.0],
+              "strategies": ["st", "gc", "at", "dsc"],
               "tuning": {"seeds": [1], "gc_clip_values": [0.01, 1.0], "gc_norms": ["inf"], "at_epsilons": [0.05],
                          "at_steps": [2]}}
 

@@ -52,8 +52,8 @@ def test_install_line_ci_and_images_use_the_constraints():
     readme = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[dev]" -c constraints.txt' in readme
     assert "-c constraints.txt" in (ROOT / ".ci" / "run").read_text()
-    for dockerfile in ("Dockerfile", "Dockerfile.cuda"):
-        assert "pip install -c constraints.txt ." in (ROOT / "deploy" / dockerfile).read_text()
+    for dockerfile in ("Dockerfile", "Dockerfile.cuda"):  # the dependencies stage installs under the constraints
+        assert re.search(r"pip install .*-c \S*constraints\.txt", (ROOT / "deploy" / dockerfile).read_text())
 
 
 def test_the_fast_default_leaves_out_slow_tests_and_ci_runs_them_all():
