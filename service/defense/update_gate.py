@@ -22,7 +22,8 @@ delta(1), and takes the largest s that the chords through (0, 0), (s0, delta(s0)
 the threshold: where the probe loss curves upward along the update (as around a trained model, and more so
 around one an accumulative attack has made fragile) a chord lies above the curve, so the shrunk update stays
 under the threshold without a search (one forward, where halving took up to six). An update under the
-threshold is applied whole, so honest drift is learned at full speed. The threshold is recalibrated every
+threshold is not shrunk (only capped, below), so honest drift is learned at a clean batch's pace. The threshold
+is recalibrated every
 `recalibrate_every` updates, since clean updates change size as the model converges or drifts. With momentum,
 sooner at the start: the stream's optimizer is fresh and its buffer fills over about 1 / (1 - momentum)
 updates, while the model leaves the burn-in's state, so the first recalibration comes after
