@@ -24,7 +24,9 @@ from service.bundle import (
     create_bundle_from_profile,
     load_bundle,
 )
+from service.bundle.serving import bundle_config, bundle_experiment, bundle_fingerprint
 from service.cli import main
+from service.config import ExperimentConfig
 from service.models import Normalized, build_model
 from tests.bundle_factory import tiny_mlp
 from tests.profiles import DIGITS_OVERRIDES
@@ -37,8 +39,8 @@ PROFILE_SETS = [f"burnin.{name}={value}" for name, value in DIGITS_OVERRIDES["bu
 
 
 def _digits_manifest(**fields) -> BundleManifest:
-    return BundleManifest(schema_version=SCHEMA_VERSION, model={"architecture": "digitscnn"}, input=DIGITS_INPUT,
-                          **fields)
+    return BundleManifest(**{"schema_version": SCHEMA_VERSION, "model": {"architecture": "digitscnn"},
+                             "input": DIGITS_INPUT, **fields})
 
 
 @pytest.fixture
@@ -223,8 +225,8 @@ BAD_BUNDLES = {  # id: (what is done to a good bundle, the file named, the field
                                MANIFEST_FILE, "schema_version", "Field required"),
     "unknown field": (lambda b: _edit_manifest(b, lambda d: d["model"].update(weights_url="https://x/w.pt")),
                       MANIFEST_FILE, "model.weights_url", "Extra inputs are not permitted"),
-    "unknown schema version": (lambda b: _edit_manifest(b, lambda d: d.update(schema_version=2)),
-                               MANIFEST_FILE, "schema_version", "(got 2)"),
+    "unknown schema version": (lambda b: _edit_manifest(b, lambda d: d.update(schema_version=3)),
+                               MANIFEST_FILE, "schema_version", "(got 3)"),
     "hub weights": (lambda b: _edit_manifest(b, _torchvision_with_weights), MANIFEST_FILE, "model.kwargs",
                     "weights cannot be set for torchvision:resnet18"),
     "import fails": (lambda b: _edit_manifest(b, lambda d: d["model"].update(architecture="no_such_pkg.nets:cnn")),
@@ -297,6 +299,169 @@ def test_a_bundle_path_that_is_not_a_directory(kind, tmp_path, capsys):
 def test_a_directory_without_a_manifest(tmp_path):
     with pytest.raises(BundleError, match=f"^{re.escape(str(tmp_path / MANIFEST_FILE))}: missing: not a bundle"):
         load_bundle(tmp_path)
+
+
+# ---------------------------------------------------------------- the stream optimizer's state
+
+
+def _momentum(manifest: BundleManifest, leave_out: str | None = None, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A random momentum buffer for every parameter of the manifest's model (but `leave_out`)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {f"momentum_buffer.{name}": torch.randn(p.shape, generator=generator)
+            for name, p in build_model(**manifest.model_spec()).named_parameters() if name != leave_out}
+
+
+def _bundle_with_momentum(tmp_path: Path, state, manifest: BundleManifest | None = None) -> Path:
+    manifest = manifest or _digits_manifest(stream={"batch_size": 10, "momentum": 0.9})
+    trusted = (torch.rand(TRUSTED_SAMPLES, 1, 8, 8), torch.arange(TRUSTED_SAMPLES) % CLASSES)
+    return create_bundle(tmp_path / "bundle", manifest, build_model(**manifest.model_spec()), trusted,
+                         optimizer_state=state)
+
+
+def test_an_optimizer_state_round_trips_into_the_served_learner(tmp_path, capsys):
+    manifest = _digits_manifest(schema_version=1, stream={"batch_size": 10, "momentum": 0.9})
+    state = _momentum(manifest, leave_out="net.0.bias")  # a parameter left out starts fresh, as torch's SGD does
+    save_file(state, tmp_path / "momentum.safetensors")
+    out = _bundle_with_momentum(tmp_path, tmp_path / "momentum.safetensors", manifest)
+    written = json.loads((out / MANIFEST_FILE).read_text())
+    assert written["files"]["optimizer"] == "optimizer.safetensors" and written["schema_version"] == 2
+    assert _states_equal(load_file(out / "optimizer.safetensors"), state)
+
+    bundle = load_bundle(out)
+    config = bundle_config(bundle.manifest, ExperimentConfig.from_profile("digits"))
+    experiment = bundle_experiment(bundle, config)
+    learners = [experiment.new_learner(), experiment.new_learner(config.strategy.model_copy(update={"name": "st"}))]
+    for learner in learners:  # each learner gets its own copy, exactly the bundle's buffers
+        held = {f"momentum_buffer.{name}": learner.optimizer.state[p]["momentum_buffer"]
+                for name, p in learner.model.named_parameters() if "momentum_buffer" in learner.optimizer.state[p]}
+        assert _states_equal(held, state)
+    first, second = (learner.optimizer.state[learner.model.net[0].weight]["momentum_buffer"] for learner in learners)
+    assert first.data_ptr() != second.data_ptr()
+    # the first step of the stream goes on from the buffers: lr * (momentum * buffer + gradient)
+    st = learners[1]
+    before = {name: p.detach().clone() for name, p in st.model.named_parameters()}
+    st.step(torch.rand(10, 1, 8, 8), torch.arange(10))
+    weight = st.model.net[0].weight
+    buffer = state["momentum_buffer.net.0.weight"]
+    assert torch.allclose(st.optimizer.state[weight]["momentum_buffer"], 0.9 * buffer + weight.grad)
+    assert torch.allclose(weight.detach(), before["net.0.weight"] - config.stream.lr * (0.9 * buffer + weight.grad))
+
+    # the check calibrates guard's gate from the same optimizer as the worker's learner; show lists the file
+    report = check_bundle(out)
+    assert report.optimizer_tensors == len(state)
+    assert report.gate_threshold == pytest.approx(learners[0].strategy.gate.calibrate(learners[0].model,
+                                                                                      learners[0].optimizer))
+    assert main(["bundle", "check", str(out)]) == 0
+    assert (f"  stream optimizer: starts from optimizer.safetensors ({len(state)} momentum buffers)\n"
+            in capsys.readouterr().out)
+    assert main(["bundle", "show", str(out)]) == 0
+    assert "optimizer.safetensors (" in capsys.readouterr().out
+
+
+def test_without_an_optimizer_state_the_optimizer_starts_fresh(small_bundle):
+    bundle = load_bundle(small_bundle)
+    assert bundle.optimizer_state is None
+    assert json.loads((small_bundle / MANIFEST_FILE).read_text())["files"]["optimizer"] is None
+    learner = bundle_experiment(bundle, bundle_config(bundle.manifest, ExperimentConfig.from_profile("digits"))
+                                ).new_learner()
+    assert not learner.optimizer.state
+    assert check_bundle(small_bundle).optimizer_tensors == 0
+
+
+def test_a_version_1_manifest_still_loads_and_cannot_name_an_optimizer_state(small_bundle, tmp_path):
+    _edit_manifest(small_bundle, lambda d: (d.update(schema_version=1), d["files"].pop("optimizer")))
+    assert load_bundle(small_bundle).manifest.schema_version == 1  # the bundles written before version 2
+    save_file(_momentum(_digits_manifest()), small_bundle / "optimizer.safetensors")
+    _edit_manifest(small_bundle, lambda d: d["files"].update(optimizer="optimizer.safetensors"))
+    with pytest.raises(BundleError, match=r"bundle\.json: files\.optimizer needs schema_version 2, got 1"):
+        load_bundle(small_bundle)
+    _edit_manifest(small_bundle, lambda d: d.update(schema_version=2))
+    assert load_bundle(small_bundle).optimizer_state is not None
+
+
+def test_the_fingerprint_covers_the_optimizer_state(tmp_path):
+    out = _bundle_with_momentum(tmp_path, _momentum(_digits_manifest()))
+    before = bundle_fingerprint(out)
+    _edit_tensors(out / "optimizer.safetensors", lambda t: t["momentum_buffer.net.0.bias"].add_(1.0))
+    assert bundle_fingerprint(out) != before
+
+
+def _optimizer_pickle(path: Path) -> Path:
+    _pickle_bomb(path, path.parent / "unpickled")
+    return path
+
+
+def _optimizer_torch_save(path: Path) -> Path:
+    torch.save(_momentum(_digits_manifest()), path)
+    return path
+
+
+def _optimizer_file(edit):
+    def write(path: Path) -> Path:
+        state = _momentum(_digits_manifest())
+        edit(state)
+        save_file(state, path)
+        return path
+    return write
+
+
+BAD_OPTIMIZER_STATES = {  # id: (writes the user's file at a path, its name, the key named, words of the problem)
+    "unknown parameter": (_optimizer_file(lambda t: t.update({"momentum_buffer.net.99.weight": torch.zeros(3)})),
+                          "o.safetensors", "momentum_buffer.net.99.weight", "'net.99.weight' is not a parameter of "
+                                                                            "digitscnn"),
+    "a buffer, not a parameter": (_optimizer_file(lambda t: t.update({"momentum_buffer.mean": torch.zeros(1)})),
+                                  "o.safetensors", "momentum_buffer.mean", "'mean' is not a parameter"),
+    "another optimizer's state": (_optimizer_file(lambda t: _rename(t, "momentum_buffer.net.0.bias",
+                                                                    "exp_avg.net.0.bias")),
+                                  "o.safetensors", "exp_avg.net.0.bias", "not a state of the stream optimizer (SGD)"),
+    "wrong shape": (_optimizer_file(lambda t: t.update({"momentum_buffer.net.8.weight": torch.zeros(CLASSES, 32)})),
+                    "o.safetensors", "momentum_buffer.net.8.weight", "shape [10, 32], but digitscnn expects [10, 64]"),
+    "NaN": (_optimizer_file(lambda t: _set(t, "momentum_buffer.net.0.bias", 0, np.nan)),
+            "o.safetensors", "momentum_buffer.net.0.bias", "holds NaN or infinite values"),
+    "Inf": (_optimizer_file(lambda t: _set(t, "momentum_buffer.net.6.weight", (0, 0), -np.inf)),
+            "o.safetensors", "momentum_buffer.net.6.weight", "holds NaN or infinite values"),
+    "integer values": (_optimizer_file(lambda t: t.update({"momentum_buffer.net.0.bias": torch.zeros(8).long()})),
+                       "o.safetensors", "momentum_buffer.net.0.bias", "dtype torch.int64"),
+    "empty": (lambda path: (save_file({}, path), path)[1], "o.safetensors", None, "holds no tensors"),
+    "a pickle by name": (_optimizer_pickle, "o.pt", None, "a pickle file is never loaded"),
+    "a torch.save file named .safetensors": (_optimizer_torch_save, "o.safetensors", None,
+                                             "holds a pickle (torch.save), not safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIMIZER_STATES))
+def test_bundle_create_refuses_a_bad_optimizer_state_naming_the_file_and_the_key(case, tmp_path, capsys):
+    write, name, key, problem = BAD_OPTIMIZER_STATES[case]
+    path = write(tmp_path / name)
+    pieces = _pieces(tmp_path)
+    out = tmp_path / "out"
+    assert main(["bundle", "create", "--model", "digitscnn", "--classes", "10", *pieces, "--optimizer-state",
+                 str(path), "--set", "stream.momentum=0.9", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dscguard: error: {path}: {key}: " if key else f"dscguard: error: {path}: ")
+    assert problem in err and len(err.splitlines()) == 1
+    assert list(out.iterdir()) == []  # every check before any file is written
+    assert not (tmp_path / "unpickled").exists()
+    # the same refusal from Python, and from a bundle whose own optimizer.safetensors is spoilt
+    if path.suffix == ".safetensors":
+        with pytest.raises(BundleError) as info:
+            _bundle_with_momentum(tmp_path, path)
+        assert (info.value.file, info.value.field) == (path, key)
+        bundle = _bundle_with_momentum(tmp_path / "good", _momentum(_digits_manifest()))
+        (bundle / "optimizer.safetensors").write_bytes(path.read_bytes())
+        with pytest.raises(BundleError) as info:
+            check_bundle(bundle)
+        assert (info.value.file, info.value.field) == (bundle / "optimizer.safetensors", key)
+        assert main(["bundle", "check", str(bundle)]) == 1
+        assert capsys.readouterr().err == f"dscguard: error: {info.value}\n"
+
+
+def test_an_optimizer_state_given_as_tensors_is_named_by_the_bundle_file(tmp_path):
+    state = _momentum(_digits_manifest())
+    state["momentum_buffer.net.0.bias"][0] = np.nan
+    with pytest.raises(BundleError, match=r"optimizer\.safetensors: momentum_buffer\.net\.0\.bias: holds NaN"):
+        _bundle_with_momentum(tmp_path, state)
+    assert list((tmp_path / "bundle").iterdir()) == []
 
 
 # ---------------------------------------------------------------- the command line
@@ -397,6 +562,7 @@ def _pieces(tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--profile", "digits", "--classes", "10"], "--classes: these go with --model"),
+    (["--profile", "digits", "--optimizer-state", "o.safetensors"], "--optimizer-state: these go with --model"),
     (["--model", "digitscnn"], "--model needs --weights, --trusted and --classes (missing: --classes)"),
     (["--model", "digitscnn", "--classes", "10", "--set", "burnin.epochs=3"],
      "--set burnin.*: a bundle keeps only stream, strategy, calibration settings"),

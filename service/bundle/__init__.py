@@ -8,23 +8,27 @@ A bundle is a directory:
     online.safetensors     the current weights (required)
     auxiliary.safetensors  an earlier checkpoint of the same architecture (optional)
     trusted.safetensors    the trusted clean set: x [N, *input.shape] and y [N] (required)
+    optimizer.safetensors  the stream optimizer's state to start from: momentum_buffer.<parameter name> (optional)
 
 No pickle anywhere: tensors are read with `safetensors.torch.load_file`, and a pickle file where safetensors is
 expected is refused before it is opened. Every problem is a `BundleError`: one line naming the file and the field.
 
-- `create_bundle(out_dir, manifest, online, trusted, auxiliary=None)`: from the user's pieces;
+- `create_bundle(out_dir, manifest, online, trusted, auxiliary=None, optimizer_state=None)`: from the user's
+  pieces;
 - `create_bundle_from_profile(config, out_dir)`: from a profile's burn-in;
-- `load_bundle(path) -> LoadedBundle`: the manifest, the online model, the auxiliary (or None), the trusted set;
+- `load_bundle(path) -> LoadedBundle`: the manifest, the online model, the auxiliary (or None), the trusted set,
+  the optimizer state (or None);
 - `check_bundle(path) -> CheckReport`: load, predict the trusted set, calibrate guard's update gate.
 
 Serving one (`serving`): `bundle_config` (the bundle's stream, strategy and calibration settings in an experiment's
-configuration), `bundle_experiment` (an `Experiment` whose burn-in is the bundle, for the worker and for `eval`/`attack
---bundle --data`), `bundle_fingerprint` (what a checkpoint of a served bundle records); `architecture.bundle_model_spec`
-and `build_model_from_spec` (the model spec a learner, its checkpoints and the published model rebuild it from).
+configuration), `bundle_experiment` (an `Experiment` whose burn-in is the bundle and whose learners' optimizer starts
+from its optimizer state, for the worker and for `eval`/`attack --bundle --data`), `bundle_fingerprint` (what a
+checkpoint of a served bundle records); `architecture.bundle_model_spec` and `build_model_from_spec` (the model spec
+a learner, its checkpoints and the published model rebuild it from).
 
 The modules: `manifest` (the format), `architecture` (building the model it names), `store` (reading, checking and
 writing the files), `profile` (a profile's burn-in as a bundle), `check` (the check before serving), `serving` (a
-bundle in place of a profile's burn-in).
+bundle in place of a profile's burn-in), `experiment` (the bundle's `Experiment`, imported by `serving` when used).
 """
 
 from service.bundle.check import CheckReport, check_bundle

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from service.bundle.manifest import BundleError, BundleManifest
-from service.bundle.store import load_bundle
+from service.bundle.store import apply_optimizer_state, load_bundle
 from service.defense.strategies import build_strategy
 from service.models.inference import logits_in_chunks
 
@@ -34,6 +34,7 @@ class CheckReport:
     gate_threshold: float
     target_false_flag_rate: float
     gate_updates: int  # clean trusted updates the threshold was calibrated from
+    optimizer_tensors: int = 0  # the optimizer state's tensors the stream optimizer starts from (0: none, fresh)
 
 
 def check_bundle(path: str | Path, device: str | torch.device = "cpu", seed: int = 0) -> CheckReport:
@@ -48,6 +49,7 @@ def check_bundle(path: str | Path, device: str | torch.device = "cpu", seed: int
     strategy, stream = manifest.strategy, manifest.stream
     optimizer = torch.optim.SGD(bundle.model.parameters(), lr=stream.lr, momentum=stream.momentum,
                                 weight_decay=stream.weight_decay)
+    apply_optimizer_state(optimizer, bundle.model, bundle.optimizer_state)  # the worker's learner starts from it
     try:
         guard = build_strategy(strategy.model_copy(update={"name": "guard"}), trusted=(x, y),
                                batch_size=stream.batch_size, seed=seed)
@@ -56,7 +58,8 @@ def check_bundle(path: str | Path, device: str | torch.device = "cpu", seed: int
     threshold = guard.gate.calibrate(bundle.model, optimizer)
     return CheckReport(bundle.directory, manifest, sum(p.numel() for p in bundle.model.parameters()), len(x),
                        online_accuracy, auxiliary_accuracy, threshold, strategy.gate_target_false_flag_rate,
-                       strategy.gate_calibration_updates)
+                       strategy.gate_calibration_updates,
+                       sum(len(kinds) for kinds in (bundle.optimizer_state or {}).values()))
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, file: Path) -> float:

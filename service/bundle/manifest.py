@@ -38,10 +38,16 @@ from pydantic import (
 from service.config import CalibrationConfig, StrategyConfig, StreamConfig
 from service.models import MODELS
 
-SCHEMA_VERSION = 1
+# the manifest format this dscguard writes; it reads every version in SCHEMA_VERSIONS, so the bundles written as
+# version 1 keep loading unchanged. 2 adds the optional files.optimizer (a version-1 manifest naming one is refused)
+SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)
 MANIFEST_FILE = "bundle.json"
 SCHEMA_FILE = "bundle.schema.json"
 ONLINE_FILE, AUXILIARY_FILE, TRUSTED_FILE = "online.safetensors", "auxiliary.safetensors", "trusted.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+# the stream optimizer (SGD)'s per-parameter state that a bundle may carry, as `<state>.<parameter name>` tensors
+OPTIMIZER_STATES = ("momentum_buffer",)
 # torch.save and pickle files: refused by name wherever a safetensors file is expected, never opened
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 TORCHVISION_PREFIX = "torchvision:"
@@ -162,8 +168,11 @@ class BundleFiles(_Section):
     online: str = Field(ONLINE_FILE, description="the current weights (required)")
     auxiliary: str | None = Field(None, description="an earlier checkpoint of the same architecture, or none")
     trusted: str = Field(TRUSTED_FILE, description="the trusted clean calibration set: tensors x and y (required)")
+    optimizer: str | None = Field(None, description="the stream optimizer's state to start from: "
+                                                    "momentum_buffer.<parameter name> tensors (schema version 2), "
+                                                    "or none (a fresh optimizer)")
 
-    @field_validator("online", "auxiliary", "trusted")
+    @field_validator("online", "auxiliary", "trusted", "optimizer")
     @classmethod
     def _safetensors_name(cls, value: str | None) -> str | None:
         if value is None:
@@ -177,16 +186,18 @@ class BundleFiles(_Section):
 
     @model_validator(mode="after")
     def _distinct(self):
-        names = [n for n in (self.online, self.auxiliary, self.trusted) if n is not None]
+        names = [n for n in (self.online, self.auxiliary, self.trusted, self.optimizer) if n is not None]
         if len(set(names)) != len(names):
-            raise ValueError(f"online, auxiliary and trusted must be different files, got {names}")
+            raise ValueError(f"online, auxiliary, trusted and optimizer must be different files, got {names}")
         return self
 
 
 class BundleManifest(_Section):
     """`bundle.json`: a model, its input, its files, and how the stream and the defense treat it."""
 
-    schema_version: Literal[1] = Field(description=f"the manifest format; this dscguard reads {SCHEMA_VERSION}")
+    schema_version: Literal[1, 2] = Field(description=f"the manifest format; this dscguard reads "
+                                                     f"{' and '.join(map(str, SCHEMA_VERSIONS))} and writes "
+                                                     f"{SCHEMA_VERSION} (2 adds files.optimizer)")
     description: str = ""
     model: ModelSection
     input: InputSection
@@ -194,6 +205,13 @@ class BundleManifest(_Section):
     stream: StreamConfig = StreamConfig()
     strategy: StrategyConfig = StrategyConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+
+    @model_validator(mode="after")
+    def _version_has_its_fields(self):
+        if self.files.optimizer is not None and self.schema_version < 2:
+            raise ValueError(f"files.optimizer needs schema_version 2, got {self.schema_version}: version 1 has no "
+                             f"optimizer state")
+        return self
 
     @model_validator(mode="after")
     def _model_fits_input(self):

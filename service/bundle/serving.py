@@ -138,10 +138,12 @@ def split_data(data: TensorSet, config: ExperimentConfig) -> tuple[TensorSet, Te
 
 def bundle_experiment(bundle: LoadedBundle, config: ExperimentConfig, data: TensorSet | None = None,
                       device: str | torch.device = "cpu"):
-    """An `Experiment` whose burn-in is the bundle: its models, its trusted set as the calibration part, and, with
-    `data`, the stream, attacker and test parts split from it (empty without: the worker needs none)."""
+    """An `Experiment` whose burn-in is the bundle: its models, its trusted set as the calibration part, its
+    optimizer state (the learners' stream optimizer starts from it), and, with `data`, the stream, attacker and test
+    parts split from it (empty without: the worker needs none)."""
+    # the service's experiment imports the learner, which imports this package: imported when it is needed
+    from service.bundle.experiment import BundleExperiment
     from service.burnin import BurnInResult
-    from service.experiment import Experiment  # the service's experiment imports the learner, which imports this
 
     device = torch.device(device)
     model = bundle.model.to(device)
@@ -152,7 +154,7 @@ def bundle_experiment(bundle: LoadedBundle, config: ExperimentConfig, data: Tens
     empty = TensorSet(x[:0], y[:0])
     stream, attacker, test = split_data(data, config) if data is not None else (empty, empty, empty)
     splits = Splits(burnin=empty, stream=stream, attacker_val=attacker, calibration=TensorSet(x, y), test=test)
-    return Experiment(config, splits, burnin, device)
+    return BundleExperiment(config, splits, burnin, device, optimizer_state=bundle.optimizer_state)
 
 
 def bundle_fingerprint(directory: str | Path) -> str:
@@ -170,7 +172,7 @@ def bundle_fingerprint(directory: str | Path) -> str:
     directory = Path(directory)
     files = read_manifest(directory).files
     digest = hashlib.sha256()
-    for name in (MANIFEST_FILE, files.online, files.auxiliary, files.trusted):
+    for name in (MANIFEST_FILE, files.online, files.auxiliary, files.trusted, files.optimizer):
         if name is None:
             continue
         digest.update(name.encode() + b"\0")

@@ -38,8 +38,11 @@ from service.bundle.architecture import build_network
 from service.bundle.manifest import (
     AUXILIARY_FILE,
     MANIFEST_FILE,
+    OPTIMIZER_FILE,
+    OPTIMIZER_STATES,
     PICKLE_SUFFIXES,
     SCHEMA_FILE,
+    SCHEMA_VERSION,
     BundleError,
     BundleManifest,
     InputSection,
@@ -48,6 +51,7 @@ from service.bundle.manifest import (
 from service.models import Normalized
 
 Tensors = Mapping[str, torch.Tensor]
+OptimizerState = dict[str, dict[str, torch.Tensor]]  # parameter name -> {"momentum_buffer": tensor}
 # the first bytes of what torch.save writes (a zip archive) and of a bare pickle (protocol 2 and later)
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
 _SHOWN_NAMES = 3  # tensor names listed in a mismatch message before "..."
@@ -55,13 +59,15 @@ _SHOWN_NAMES = 3  # tensor names listed in a mismatch message before "..."
 
 @dataclass
 class LoadedBundle:
-    """A bundle checked and ready: its manifest, the online model, the auxiliary (or None), the trusted set."""
+    """A bundle checked and ready: its manifest, the online model, the auxiliary (or None), the trusted set, and
+    the stream optimizer's state to start from (or None: a fresh optimizer)."""
 
     directory: Path
     manifest: BundleManifest
     model: nn.Module
     auxiliary: nn.Module | None
     trusted: tuple[torch.Tensor, torch.Tensor]  # x float32 [N, *input.shape], y int64 [N], on the CPU
+    optimizer_state: OptimizerState | None = None  # on the CPU; `apply_optimizer_state` puts it in an optimizer
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -114,12 +120,7 @@ def load_weights(model: nn.Module, tensors: Tensors, file: str | Path, manifest:
         raise BundleError(file, (missing or unexpected)[0], f"tensor names do not match {architecture}: "
                                                             f"{'; '.join(parts)}")
     for name, reference in expected.items():
-        tensor = tensors[name]
-        if tensor.shape != reference.shape:
-            raise BundleError(file, name, f"shape {list(tensor.shape)}, but {architecture} expects "
-                                          f"{list(reference.shape)}")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise BundleError(file, name, "holds NaN or infinite values")
+        _check_tensor(tensors[name], reference, file, name, architecture)
     if isinstance(model, Normalized):  # its mean and std buffers come from the manifest: the file must agree
         undeclared = " (not declared: the built-ins' default)" if manifest.model.normalization is None else ""
         for name in ("mean", "std"):
@@ -128,6 +129,62 @@ def load_weights(model: nn.Module, tensors: Tensors, file: str | Path, manifest:
                                               f"model.normalization.{name} = {_values(expected[name])}{undeclared}")
     model.load_state_dict(tensors)
     return model
+
+
+def check_optimizer_state(tensors: Tensors, model: nn.Module, file: str | Path,
+                          manifest: BundleManifest) -> OptimizerState:
+    """The stream optimizer's state from `momentum_buffer.<parameter name>` tensors, checked against `model`'s
+    parameters (every key names one, same shape, finite floating-point values; parameters left out start fresh);
+    a BundleError naming `file` and the key otherwise.
+
+    >>> from service.models import build_model
+    >>> manifest = BundleManifest(schema_version=2, model={"architecture": "digitscnn"},
+    ...                           input={"shape": [1, 8, 8], "num_classes": 10})
+    >>> net = build_model(**manifest.model_spec())
+    >>> state = check_optimizer_state({"momentum_buffer.net.0.bias": torch.zeros(16)}, net, "o.safetensors", manifest)
+    >>> {name: list(s) for name, s in state.items()}
+    {'net.0.bias': ['momentum_buffer']}
+    >>> try:
+    ...     check_optimizer_state({"momentum_buffer.net.0.bias": torch.zeros(2)}, net, "o.safetensors", manifest)
+    ... except BundleError as error:
+    ...     print(error)
+    o.safetensors: momentum_buffer.net.0.bias: shape [2], but digitscnn expects [16]
+    """
+    if not tensors:
+        raise BundleError(file, None, "holds no tensors: an optimizer state holds momentum_buffer.<parameter name> "
+                                      "tensors (leave the file out for a fresh optimizer)")
+    parameters = dict(model.named_parameters())
+    architecture = manifest.model.architecture
+    state: OptimizerState = {}
+    for key in sorted(tensors):
+        kind, _, name = key.partition(".")
+        if kind not in OPTIMIZER_STATES or not name:
+            raise BundleError(file, key, f"not a state of the stream optimizer (SGD): keys are "
+                                         f"{' or '.join(OPTIMIZER_STATES)}.<parameter name>")
+        if name not in parameters:
+            raise BundleError(file, key, f"{name!r} is not a parameter of {architecture} (its parameters: "
+                                         f"{_few(list(parameters))})")
+        tensor = tensors[key]
+        if not tensor.is_floating_point():
+            raise BundleError(file, key, f"dtype {tensor.dtype}: an optimizer state is floating point")
+        _check_tensor(tensor, parameters[name], file, key, architecture)
+        state.setdefault(name, {})[kind] = tensor.detach().to(dtype=parameters[name].dtype, device="cpu")
+    return state
+
+
+def apply_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, state: OptimizerState | None) -> None:
+    """Start `optimizer` (over `model`'s parameters) from a bundle's optimizer state: a copy of each tensor, on the
+    parameter's device, as `optimizer.state[parameter][kind]`; nothing to do without a state."""
+    if not state:
+        return
+    for name, parameter in model.named_parameters():
+        for kind, tensor in state.get(name, {}).items():
+            optimizer.state[parameter][kind] = tensor.to(device=parameter.device, dtype=parameter.dtype).clone()
+
+
+def optimizer_state_tensors(state: OptimizerState) -> dict[str, torch.Tensor]:
+    """The tensors of `optimizer.safetensors`: `<kind>.<parameter name>`, as `check_optimizer_state` reads them."""
+    return {f"{kind}.{name}": tensor for name, kinds in state.items() for kind, tensor in kinds.items()}
 
 
 def check_trusted(tensors: Tensors, spec: InputSection, file: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,21 +230,34 @@ def check_trusted(tensors: Tensors, spec: InputSection, file: str | Path) -> tup
 
 def create_bundle(out_dir: str | Path, manifest: BundleManifest, online: nn.Module | Tensors | str | Path,
                   trusted: tuple[torch.Tensor, torch.Tensor] | str | Path,
-                  auxiliary: nn.Module | Tensors | str | Path | None = None) -> Path:
+                  auxiliary: nn.Module | Tensors | str | Path | None = None,
+                  optimizer_state: Tensors | str | Path | None = None) -> Path:
     """Write a bundle into `out_dir` (new or empty) from the user's pieces, every check done before any file is
     written. The weights are a module, its state dict, or a path to a .safetensors file (of the whole model, or of
     the network inside the normalisation the manifest declares); the trusted set is (x, y) or a .safetensors/.npz
-    file. `manifest.files.auxiliary` is set by whether an auxiliary is given."""
+    file; the optimizer state is `momentum_buffer.<parameter name>` tensors or a .safetensors file of them.
+    `manifest.files.auxiliary` and `files.optimizer` are set by whether an auxiliary and an optimizer state are
+    given (with an optimizer state, the manifest is written as schema version 2)."""
     out = empty_output(out_dir)
     auxiliary_file = (manifest.files.auxiliary or AUXILIARY_FILE) if auxiliary is not None else None
+    optimizer_file = (manifest.files.optimizer or OPTIMIZER_FILE) if optimizer_state is not None else None
+    version = SCHEMA_VERSION if optimizer_state is not None else manifest.schema_version
     manifest = BundleManifest.model_validate(
-        {**manifest.model_dump(), "files": {**manifest.files.model_dump(), "auxiliary": auxiliary_file}})
+        {**manifest.model_dump(), "schema_version": version,
+         "files": {**manifest.files.model_dump(), "auxiliary": auxiliary_file, "optimizer": optimizer_file}})
     files = manifest.files
     network = build_network(manifest, out / MANIFEST_FILE)
     contents = {files.online: _checked_weights(online, copy.deepcopy(network), out / files.online, manifest)}
     if auxiliary is not None:
         contents[files.auxiliary] = _checked_weights(auxiliary, copy.deepcopy(network), out / files.auxiliary,
                                                      manifest)
+    if optimizer_state is not None:
+        if isinstance(optimizer_state, str | Path):
+            file, given = Path(optimizer_state), read_tensors(optimizer_state)
+        else:
+            file, given = out / files.optimizer, dict(optimizer_state)
+        state = check_optimizer_state(given, network, file, manifest)
+        contents[files.optimizer] = optimizer_state_tensors(state)
     source = trusted if isinstance(trusted, str | Path) else out / files.trusted
     given = read_trusted(trusted) if isinstance(trusted, str | Path) else {"x": trusted[0], "y": trusted[1]}
     x, y = check_trusted(given, manifest.input, source)
@@ -214,7 +284,11 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> LoadedB
                                  directory / files.auxiliary, manifest).to(device)
     model = load_weights(network, read_tensors(directory / files.online), directory / files.online, manifest)
     trusted = check_trusted(read_tensors(directory / files.trusted), manifest.input, directory / files.trusted)
-    return LoadedBundle(directory, manifest, model.to(device), auxiliary, trusted)
+    optimizer_state = None
+    if files.optimizer is not None:
+        optimizer_state = check_optimizer_state(read_tensors(directory / files.optimizer), model,
+                                                directory / files.optimizer, manifest)
+    return LoadedBundle(directory, manifest, model.to(device), auxiliary, trusted, optimizer_state)
 
 
 def empty_output(out_dir: str | Path) -> Path:
@@ -239,6 +313,16 @@ def _checked_weights(source: nn.Module | Tensors | str | Path, network: nn.Modul
         # the weights of the network inside the normalisation: the buffers come from the manifest
         tensors = {**{f"net.{k}": v for k, v in tensors.items()}, "mean": network.mean, "std": network.std}
     return load_weights(network, tensors, file, manifest).state_dict()
+
+
+def _check_tensor(tensor: torch.Tensor, reference: torch.Tensor, file: str | Path, name: str,
+                  architecture: str) -> None:
+    """A BundleError naming `file` and tensor `name` when its shape is not `reference`'s or its values not finite."""
+    if tensor.shape != reference.shape:
+        raise BundleError(file, name, f"shape {list(tensor.shape)}, but {architecture} expects "
+                                      f"{list(reference.shape)}")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise BundleError(file, name, "holds NaN or infinite values")
 
 
 def _values(tensor: torch.Tensor) -> str:

@@ -25,8 +25,8 @@ from service.cli.options import (
 )
 from service.config import PROFILES
 
-_PIECES = ("weights", "trusted", "auxiliary", "classes", "class_names", "input_shape", "model_kwargs", "mean", "std",
-           "value_range", "feature_bounds", "description")
+_PIECES = ("weights", "trusted", "auxiliary", "optimizer_state", "classes", "class_names", "input_shape",
+           "model_kwargs", "mean", "std", "value_range", "feature_bounds", "description")
 _REQUIRED_PIECES = ("weights", "trusted", "classes")
 # manifest fields as the options that set them, for the errors of `bundle create --model`
 _FLAGS = {("model", "architecture"): "--model", ("model", "kwargs"): "--model-kwargs",
@@ -87,7 +87,7 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
         from service.bundle.serving import read_data
 
         trusted = read_data(args.trusted, manifest)  # a file of x and y, or an image-folder tree
-        create_bundle(out, manifest, args.weights, (trusted.x, trusted.y), args.auxiliary)
+        create_bundle(out, manifest, args.weights, (trusted.x, trusted.y), args.auxiliary, args.optimizer_state)
     print(f"wrote bundle {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     print(f"check it with: dscguard bundle check {out}")
     return 0
@@ -173,6 +173,10 @@ def cmd_bundle_check(args: argparse.Namespace) -> int:
     print(f"  guard's gate: threshold {report.gate_threshold:.6g} for a target false-flag rate of "
           f"{report.target_false_flag_rate:.0%} (from {report.gate_updates} clean trusted updates of "
           f"{manifest.stream.batch_size} samples)")
+    if manifest.files.optimizer is not None:
+        unused = " (unused while stream.momentum is 0)" if not manifest.stream.momentum else ""
+        print(f"  stream optimizer: starts from {manifest.files.optimizer} ({report.optimizer_tensors} momentum "
+              f"buffers){unused}")
     print(f"  strategy: {manifest.strategy.name}")
     return 0
 
@@ -188,7 +192,8 @@ def cmd_bundle_show(args: argparse.Namespace) -> int:
     section = manifest.model
     normalization = ("" if section.normalization is None else
                      f"; normalisation mean {section.normalization.mean} std {section.normalization.std}")
-    files = [name for name in (manifest.files.online, manifest.files.auxiliary, manifest.files.trusted) if name]
+    files = [name for name in (manifest.files.online, manifest.files.auxiliary, manifest.files.trusted,
+                               manifest.files.optimizer) if name]
     changed = manifest.strategy.model_dump(exclude_defaults=True, exclude={"name"})
     print(f"bundle {directory} (schema version {manifest.schema_version})")
     if manifest.description:
@@ -244,6 +249,9 @@ def add_bundle_commands(sub) -> None:
                                                           "0, 1, ...)")
     pieces.add_argument("--auxiliary", metavar="FILE", help="an earlier checkpoint of the same model (.safetensors; "
                                                             "default: none)")
+    pieces.add_argument("--optimizer-state", metavar="FILE",
+                        help="the stream optimizer's state to start from (.safetensors of momentum_buffer.<parameter "
+                             "name> tensors; default: none, a fresh optimizer)")
     pieces.add_argument("--classes", type=int, help="the number of classes")
     pieces.add_argument("--class-names", metavar="A,B,...", help="class names, comma-separated, in label order")
     pieces.add_argument("--input-shape", type=int, nargs="+", metavar="N",
