@@ -146,31 +146,27 @@ class UpdateGate:
                 for p, value in zip(params, saved, strict=True):
                     p.copy_(value)
 
-    def _clean_gradient(self, model: nn.Module, params, pick: torch.Tensor):
-        """The gradient of a clean trusted batch as the stream's update computes it (dropout on, BatchNorm on batch
-        statistics: eval mode gave a gentler gradient, and the 3x-target clean flag rate of SmallCNN's dropout),
-        recording nothing: a simulation, not an update."""
+    def calibrate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """Set the threshold (and the cap) from updates on clean trusted batches, taken from the current model."""
+        params = [p for p in model.parameters() if p.requires_grad]
         x_ref, y_ref = self.trusted
         device = _device(model)
-        with training_mode_frozen_stats(model):
-            loss = F.cross_entropy(model(x_ref[pick].to(device)), y_ref[pick].to(device))
-        return torch.autograd.grad(loss, params)
-
-    def calibrate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
-        """Set the cap and the threshold from updates on clean trusted batches, taken from the current model."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        # with replacement: a batch of the stream is drawn from a far larger population than the trusted split;
-        # drawing without replacement from a few hundred samples would shrink the spread of updates
-        picks = [torch.randint(len(self.trusted[0]), (self.batch_size,), generator=self.generator)
-                 for _ in range(self.calibration_updates)]
         # the step without any batch is the same for every calibration update: its probe losses are measured once
         base = self._losses_after_step(model, optimizer, params, [torch.zeros_like(p) for p in params], 0.0)
         increases, norms = [], []
-        for pick in picks:
-            keep = torch.ones(len(self.trusted[0]), dtype=torch.bool)
+        for _ in range(self.calibration_updates):
+            # with replacement: a batch of the stream is drawn from a far larger population than the trusted
+            # split; drawing without replacement from a few hundred samples would shrink the spread of updates
+            pick = torch.randint(len(x_ref), (self.batch_size,), generator=self.generator)
+            keep = torch.ones(len(x_ref), dtype=torch.bool)
             keep[pick] = False
             keep = keep[self.probe]  # cross-fitting: judged on the probe samples that are not in the batch
-            grads = self._clean_gradient(model, params, pick)
+            # the gradient as the stream's update computes it (dropout on, BatchNorm on batch statistics: eval
+            # mode gave a gentler gradient, and the 3x-target clean flag rate of SmallCNN's dropout), recording
+            # nothing: a simulation, not an update
+            with training_mode_frozen_stats(model):
+                loss = F.cross_entropy(model(x_ref[pick].to(device)), y_ref[pick].to(device))
+            grads = torch.autograd.grad(loss, params)
             after = self._losses_after_step(model, optimizer, params, grads, 1.0)
             increases.append(float((after - base)[keep].mean()))
             if self.norm_cap:
