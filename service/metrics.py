@@ -179,15 +179,15 @@ class WorkerMetrics:
         self.batches.inc()
         self.samples.inc(report.samples)
         self.model_version.set(report.model_version)
-        if report.gate is not None:
+        if report.gate is not None:  # only the update gate scales an update
             self.gate_increase.set(report.gate.increase)
             self.gate_threshold.set(report.gate.threshold)
-        if report.gate is not None and report.gate.flagged:
-            self.updates_shrunk.inc()
-        elif report.update_scale < 1.0:
-            self.updates_capped.inc()
-        if report.gate is not None and report.gate.cap is not None:
-            self.gate_cap.set(report.gate.cap)
+            if report.gate.cap is not None:
+                self.gate_cap.set(report.gate.cap)
+            if report.gate.flagged:
+                self.updates_shrunk.inc()
+            elif report.update_scale < 1.0:
+                self.updates_capped.inc()
         if report.promotion is not None:
             self.promotions.labels(decision=report.promotion.reason).inc()
         if defense.get("auxiliary_age") is not None:

@@ -91,6 +91,26 @@ def test_an_update_larger_than_clean_ones_is_capped_at_the_calibrated_norm(norm_
     assert verdict.scale <= verdict.cap / verdict.norm + 1e-6
 
 
+def test_metrics_count_the_gate_flagging_apart_from_the_cap():
+    from prometheus_client import generate_latest
+
+    from service.defense.update_gate import GateVerdict
+    from service.learner import StepReport
+    from service.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    verdicts = [GateVerdict(0.5, 0.1, True, 0.2, 3.0, 1.0),  # flagged and shrunk
+                GateVerdict(0.05, 0.1, False, 0.5, 2.0, 1.0),  # not flagged, capped
+                GateVerdict(0.05, 0.1, False, 1.0, 0.5, 1.0)]  # applied whole
+    for i, verdict in enumerate(verdicts):
+        report = StepReport(batch_index=i, samples=4, strategy="guard", loss=0.1, grad_norm=1.0, gate=verdict,
+                            update_scale=verdict.scale)
+        metrics.observe_step(report, verdict.threshold, {})
+    text = generate_latest(metrics.registry).decode()
+    assert "dscguard_updates_shrunk_total 1.0" in text and "dscguard_updates_capped_total 1.0" in text
+    assert "dscguard_gate_cap 1.0" in text
+
+
 def test_a_trigger_update_is_flagged_and_shrunk_while_the_model_keeps_learning(digits_experiment):
     learner = _guard_learner(digits_experiment)
     campaign = build_campaign(digits_experiment)
