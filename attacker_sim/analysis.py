@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from attacker_sim.campaign import AccumulativeCampaign
-from service.config import ExperimentConfig
-from service.defense.discrepancy import memorization_discrepancy
-from service.experiment import Experiment
+from service.core.config import ExperimentConfig
+from service.core.defense.discrepancy import memorization_discrepancy
+from service.core.experiment import Experiment
 
 
 def backtracking_rows(config: ExperimentConfig, ks: Sequence[int] = (1, 2, 5, 10, 20),

@@ -10,7 +10,7 @@ campaign.max_batches triggers, each blended to stay under its own copy of the ga
 and `at` are tuned first by `attacker_sim.tuning`'s rule on the tuning seeds and the trusted split; the
 research code's constants stay as `gc-paper` and `at-paper`.
 
->>> from service.config import ExperimentConfig
+>>> from service.core.config import ExperimentConfig
 >>> resolve_strategies(ExperimentConfig(), ["st", "gc-paper", "guard"], None)["gc-paper"].clip_value
 0.01
 """
@@ -30,10 +30,10 @@ from attacker_sim.campaign import AccumulativeCampaign
 from attacker_sim.evaluation import build_campaign
 from attacker_sim.leaderboard import Leaderboard, build_rows, markdown
 from attacker_sim.tuning import TUNED, TuningResult, tune_baselines
-from service.atomic import atomic_write_text
-from service.config import ExperimentConfig, StrategyConfig
-from service.environment import environment
-from service.experiment import Experiment
+from service.core.atomic import atomic_write_text
+from service.core.config import ExperimentConfig, StrategyConfig
+from service.core.environment import environment
+from service.core.experiment import Experiment
 
 # label -> settings over the config's strategy section; "gc" and "at" get the tuned settings on top
 VARIANTS: dict[str, dict] = {

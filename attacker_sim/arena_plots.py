@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from attacker_sim.leaderboard import Leaderboard  # noqa: E402
-from service.atomic import atomic_write_bytes  # noqa: E402
-from service.strategy_registry import REGISTRY  # noqa: E402
+from service.core.atomic import atomic_write_bytes  # noqa: E402
+from service.core.strategy_registry import REGISTRY  # noqa: E402
 
 # a strategy's own colour (the registry's), a lighter shade of it for its arena variants
 COLORS = {**{name: info.colour for name, info in REGISTRY.items()}, "gc-paper": "navajowhite", "at-paper": "plum",

@@ -21,7 +21,7 @@ from torch import nn
 from attacker_sim.attacks import AccumulativePoison, Budget, TriggerCrafter, build_attack
 from attacker_sim.attacks.gate_evasion import GateEvasion
 from attacker_sim.targets import StepOutcome, Target
-from service.config import AttackConfig, CampaignConfig
+from service.core.config import AttackConfig, CampaignConfig
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 

@@ -4,7 +4,7 @@ For each seed the data is split and the model burnt in with that seed (cached); 
 starts from the same burn-in state and sees the same clean batches and the same trigger base.
 Thresholds are calibrated on the trusted clean split only; the test split is only ever measured.
 With a model bundle (`dscguard eval --bundle DIR --data FILE`), `prepare` gives each seed's experiment instead:
-the bundle's models and trusted set, and the user's data split with the seed (`service.bundle.serving`).
+the bundle's models and trusted set, and the user's data split with the seed (`service.core.bundle.serving`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 from attacker_sim.campaign import AccumulativeCampaign, RunResult, run_clean_oracle
 from attacker_sim.surrogate import train_surrogate
 from attacker_sim.targets import InProcessTarget
-from service.bundle.architecture import input_box
-from service.burnin import load_checkpoint_epoch
-from service.config import ExperimentConfig
-from service.experiment import Experiment
+from service.core.bundle.architecture import input_box
+from service.core.burnin import load_checkpoint_epoch
+from service.core.config import ExperimentConfig
+from service.core.experiment import Experiment
 
 SCENARIOS = ("clean", "poison")
 STRATEGY_ORDER = ("st", "gc", "at", "dsc")  # the paper's Table 1 rows; `dscguard arena` compares guard too

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from attacker_sim.targets import StepOutcome, Target
-from service.codec import encode_safetensors_batch
-from service.config import ExperimentConfig
-from service.model_store import model_from_bytes
+from service.core.config import ExperimentConfig
+from service.deployment.codec import encode_safetensors_batch
+from service.deployment.model_store import model_from_bytes
 
 SAFETENSORS = "application/vnd.safetensors"
 BATCH_ID_PREFIX = "attack-"  # every batch the attacker submits: its id is this and a fresh uuid
@@ -144,12 +144,12 @@ def evaluate_target(config: ExperimentConfig, target: Target, strategy: str,
     experiment as the service (same profile and seed: the same data splits and burn-in) for its
     batches, its validation split, its black-box surrogate, and the test split the harness measures.
     In-process (`InProcessTarget`) and over HTTP, the same seeds give the same runs. A service that serves a
-    bundle is attacked from `experiment` (`service.bundle.serving.bundle_experiment`: the bundle and the data), and
+    bundle is attacked from `experiment` (`service.core.bundle.serving.bundle_experiment`: the bundle and the data), and
     `subject` names them in the reports.
     """
     from attacker_sim.campaign import run_clean_oracle
     from attacker_sim.evaluation import SCENARIOS, Evaluation, build_campaign, campaign_stream
-    from service.experiment import Experiment
+    from service.core.experiment import Experiment
 
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:

@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from service.atomic import atomic_write_bytes  # noqa: E402
-from service.strategy_registry import REGISTRY  # noqa: E402
+from service.core.atomic import atomic_write_bytes  # noqa: E402
+from service.core.strategy_registry import REGISTRY  # noqa: E402
 
 COLORS = {name: info.colour for name, info in REGISTRY.items()}
 SEED_LINE = {"linewidth": 0.8, "alpha": 0.35}

@@ -16,9 +16,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from attacker_sim.evaluation import Evaluation
-from service.atomic import atomic_write_text
-from service.environment import environment
-from service.strategy_registry import StrategyName
+from service.core.atomic import atomic_write_text
+from service.core.environment import environment
+from service.core.strategy_registry import StrategyName
 
 METRICS = ("start_acc", "batches", "poison_acc", "trigger_acc", "delta", "final_acc", "flagged_rate",
            "corrected_rate", "attack_success_rate", "trigger_flagged_rate", "seconds_per_step")

@@ -23,8 +23,8 @@ import torch
 from attacker_sim.campaign import AccumulativeCampaign, RunResult, accuracy
 from attacker_sim.drift import build_drift
 from attacker_sim.targets import InProcessTarget
-from service.experiment import Experiment
-from service.learner import OnlineLearner
+from service.core.experiment import Experiment
+from service.core.learner import OnlineLearner
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 

@@ -3,7 +3,7 @@
 A black-box attacker (Zhu et al., Table 11) cannot see the victim's weights, so it crafts against
 a surrogate of its own. Only a trained surrogate makes that row meaningful: an untrained network's
 gradients say nothing about the victim. The surrogate here knows the architecture (a `model_spec`
-as `service.models.build_model` takes it) and nothing else: it starts from its own seeded
+as `service.core.models.build_model` takes it) and nothing else: it starts from its own seeded
 initialisation and learns from the attacker's samples only.
 
 >>> import torch
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from service.bundle.architecture import build_model_from_spec
-from service.defense.eval_mode import eval_mode
+from service.core.bundle.architecture import build_model_from_spec
+from service.core.defense.eval_mode import eval_mode
 
 SGD_MOMENTUM = 0.9
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from attacker_sim.evaluation import evaluate
 from attacker_sim.report import plus_minus, rows
-from service.config import ExperimentConfig, parse_setting, parse_value
+from service.core.config import ExperimentConfig, parse_setting, parse_value
 
 
 def parse_vary(spec: str) -> tuple[str, str, list]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.learner import OnlineLearner
+from service.core.learner import OnlineLearner
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ class InProcessTarget:
     """A learner in this process: the fast way to fill tables.
 
     >>> import torch
-    >>> from service.defense import build_strategy
-    >>> from service.models import build_model
+    >>> from service.core.defense import build_strategy
+    >>> from service.core.models import build_model
     >>> spec = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}
     >>> target = InProcessTarget(OnlineLearner(build_model(**spec), None, build_strategy("st"), model_spec=spec))
     >>> target.step(torch.rand(5, 1, 8, 8), torch.zeros(5, dtype=torch.long)).samples

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from attacker_sim import scenarios
 from attacker_sim.campaign import AccumulativeCampaign
 from attacker_sim.evaluation import build_campaign
-from service.config import ExperimentConfig, StrategyConfig
-from service.experiment import Experiment
+from service.core.config import ExperimentConfig, StrategyConfig
+from service.core.experiment import Experiment
 
 TUNED = ("gc", "at")
 RULE = __doc__.split("by this rule:")[1].strip()

@@ -35,10 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the process helpers of the test harness, when run as a script
 
-from service.codec import encode_json_batch  # noqa: E402
-from service.environment import environment  # noqa: E402
-from service.redis_queue import RedisQueue, connect  # noqa: E402
-from service.settings import ServiceSettings  # noqa: E402
+from service.core.environment import environment  # noqa: E402
+from service.deployment.codec import encode_json_batch  # noqa: E402
+from service.deployment.redis_queue import RedisQueue, connect  # noqa: E402
+from service.deployment.settings import ServiceSettings  # noqa: E402
 from tests.service_harness import ApiProcess, WorkerProcess, rss_megabytes, wait_until  # noqa: E402
 
 API_KEY = f"load-{uuid.uuid4().hex}"
@@ -222,7 +222,7 @@ def emit(result: dict, path: str | None) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if path:
-        from service.atomic import atomic_write_text
+        from service.core.atomic import atomic_write_text
 
         atomic_write_text(path, text + "\n")
 

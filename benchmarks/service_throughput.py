@@ -46,12 +46,12 @@ import psutil
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
-from service.codec import encode_json_batch
-from service.config import ExperimentConfig
-from service.data import DatasetNotFoundError
-from service.environment import environment
-from service.experiment import Experiment
-from service.redis_queue import RedisQueue, connect
+from service.core.config import ExperimentConfig
+from service.core.data import DatasetNotFoundError
+from service.core.environment import environment
+from service.core.experiment import Experiment
+from service.deployment.codec import encode_json_batch
+from service.deployment.redis_queue import RedisQueue, connect
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = f"bench-{uuid.uuid4().hex}"

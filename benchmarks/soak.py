@@ -69,10 +69,10 @@ from load_test import Sampler, _applied, add_run_options, emit  # noqa: E402
 
 from attacker_sim.http_target import BATCH_ID_PREFIX as ATTACK_PREFIX  # noqa: E402
 from attacker_sim.http_target import HttpTarget, evaluate_target  # noqa: E402
-from service.codec import encode_json_batch  # noqa: E402
-from service.environment import environment  # noqa: E402
-from service.redis_queue import RedisQueue, connect  # noqa: E402
-from service.settings import ServiceSettings  # noqa: E402
+from service.core.environment import environment  # noqa: E402
+from service.deployment.codec import encode_json_batch  # noqa: E402
+from service.deployment.redis_queue import RedisQueue, connect  # noqa: E402
+from service.deployment.settings import ServiceSettings  # noqa: E402
 from tests.service_harness import ApiProcess, RedisServer, WorkerProcess, wait_until  # noqa: E402
 
 API_KEY, ADMIN_TOKEN = f"soak-{uuid.uuid4().hex}", f"soak-admin-{uuid.uuid4().hex}"
@@ -458,7 +458,7 @@ def _clean_batches(settings: ServiceSettings, seed: int):
     """A factory of endless clean digits stream batches (uint8 on the wire), one stream per client."""
     import torch
 
-    from service.experiment import Experiment
+    from service.core.experiment import Experiment
 
     experiment = Experiment.prepare(settings.experiment_config(), cache_dir=settings.cache_dir, progress=False)
 

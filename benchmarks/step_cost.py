@@ -23,10 +23,10 @@ import torch
 
 from attacker_sim.arena import VARIANTS
 from attacker_sim.attacks import Budget, PGDDelusive
-from service.config import ExperimentConfig
-from service.data import DatasetNotFoundError
-from service.environment import environment
-from service.experiment import Experiment
+from service.core.config import ExperimentConfig
+from service.core.data import DatasetNotFoundError
+from service.core.environment import environment
+from service.core.experiment import Experiment
 
 STRATEGIES = ("st", "gc", "at", "dsc", "dsc-rolling", "dsc-gate", "guard")
 BOUNDS = (("dsc", "clean", 2.5), ("dsc-rolling", "clean", 1.5), ("dsc-gate", "clean", 1.5),

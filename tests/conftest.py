@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.config import ExperimentConfig
+from service.core.config import ExperimentConfig
 from tests.profiles import DIGITS_OVERRIDES
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -30,7 +30,7 @@ def digits_config() -> ExperimentConfig:
 
 @pytest.fixture(scope="session")
 def digits_experiment(digits_config, cache_dir):
-    from service.experiment import Experiment
+    from service.core.experiment import Experiment
 
     return Experiment.prepare(digits_config, cache_dir=cache_dir, progress=False)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
-from service.metrics import ApiMetrics, WorkerMetrics
+from service.deployment.metrics import ApiMetrics, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

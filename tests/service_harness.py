@@ -27,12 +27,12 @@ import redis
 import torch
 import uvicorn
 
-from service.api import create_app
-from service.api.server import ServeConfig
-from service.model_store import weights_to_bytes
-from service.models import build_model
-from service.redis_queue import GROUP, RedisQueue, connect
-from service.settings import ServiceSettings
+from service.core.models import build_model
+from service.deployment.api import create_app
+from service.deployment.api.server import ServeConfig
+from service.deployment.model_store import weights_to_bytes
+from service.deployment.redis_queue import GROUP, RedisQueue, connect
+from service.deployment.settings import ServiceSettings
 from tests.profiles import DIGITS_OVERRIDES  # the session's burn-in (tests/conftest.py), shared through the cache
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -12,8 +12,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from service.api import create_app
-from service.redis_queue import RedisQueue
+from service.deployment.api import create_app
+from service.deployment.redis_queue import RedisQueue
 from tests.service_harness import ADMIN_TOKEN, API_KEY, make_settings, needs_redis, publish_model, redis_namespace
 
 pytestmark = needs_redis

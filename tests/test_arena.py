@@ -12,7 +12,7 @@ from attacker_sim.arena import VARIANTS, resolve_strategies, run_arena, write_le
 from attacker_sim.evaluation import build_campaign
 from attacker_sim.leaderboard import Leaderboard
 from attacker_sim.tuning import tune_baselines
-from service.config import StrategyConfig
+from service.core.config import StrategyConfig
 from tests.profiles import DIGITS_OVERRIDES
 
 TINY_ARENA = {"launch_after": [0, 12], "clean_batches": 4, "fresh_batches": 3, "slow_poison_every": 3,

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from service.atomic import atomic_write_bytes, atomic_write_text, atomic_writer
+from service.core.atomic import atomic_write_bytes, atomic_write_text, atomic_writer
 
 
 @pytest.fixture

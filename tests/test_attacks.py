@@ -16,9 +16,9 @@ from attacker_sim.attacks import (
     build_attack,
 )
 from attacker_sim.attacks.carlini_wagner import cw_margin
-from service.data import load_dataset
-from service.defense.discrepancy import memorization_discrepancy
-from service.models import build_model
+from service.core.data import load_dataset
+from service.core.defense.discrepancy import memorization_discrepancy
+from service.core.models import build_model
 
 # name -> factory(budget, **adaptive options); covers every generator and every accumulative ablation
 FACTORIES = {

@@ -1,4 +1,4 @@
-"""Model bundles (service/bundle/, issue 14): a profile's burn-in, a user factory and a torchvision network each go
+"""Model bundles (service/core/bundle/, issue 14): a profile's burn-in, a user factory and a torchvision network each go
 create -> load -> check, and every bad input of the issue is refused with one line naming the file and the field."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.bundle import (
+from service.cli import main
+from service.core.bundle import (
     MANIFEST_FILE,
     SCHEMA_FILE,
     SCHEMA_VERSION,
@@ -24,10 +25,9 @@ from service.bundle import (
     create_bundle_from_profile,
     load_bundle,
 )
-from service.bundle.serving import bundle_config, bundle_experiment, bundle_fingerprint
-from service.cli import main
-from service.config import ExperimentConfig
-from service.models import Normalized, build_model
+from service.core.bundle.serving import bundle_config, bundle_experiment, bundle_fingerprint
+from service.core.config import ExperimentConfig
+from service.core.models import Normalized, build_model
 from tests.bundle_factory import tiny_mlp
 from tests.profiles import DIGITS_OVERRIDES
 
@@ -600,12 +600,12 @@ def test_bundle_create_names_the_users_file_when_its_weights_do_not_fit(tmp_path
 
 
 def test_bundle_create_refuses_a_non_empty_directory_before_the_burn_in(tmp_path, monkeypatch, capsys):
-    import service.experiment
+    import service.core.experiment
 
     def never(*args, **kwargs):
         raise AssertionError("the burn-in started although the bundle cannot be written")
 
-    monkeypatch.setattr(service.experiment.Experiment, "prepare", never)
+    monkeypatch.setattr(service.core.experiment.Experiment, "prepare", never)
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["bundle", "create", "--profile", "digits", "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err == (f"dscguard: error: {tmp_path}: not empty; a bundle is written into a new or "

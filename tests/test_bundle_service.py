@@ -19,16 +19,16 @@ from torch.nn import functional as F
 from attacker_sim.http_target import evaluate_target
 from attacker_sim.report import table_markdown
 from attacker_sim.targets import InProcessTarget
-from service.bundle import BundleError, BundleManifest, create_bundle, load_bundle
-from service.bundle.architecture import bundle_model_spec
-from service.bundle.serving import bundle_config, bundle_experiment, bundle_fingerprint, read_data
-from service.checkpoint_store import WorkerError, checkpoints
 from service.cli import main
-from service.config import ExperimentConfig
-from service.data.digits import load_sklearn_digits
-from service.defense import build_strategy
-from service.learner import OnlineLearner
-from service.worker import Worker
+from service.core.bundle import BundleError, BundleManifest, create_bundle, load_bundle
+from service.core.bundle.architecture import bundle_model_spec
+from service.core.bundle.serving import bundle_config, bundle_experiment, bundle_fingerprint, read_data
+from service.core.config import ExperimentConfig
+from service.core.data.digits import load_sklearn_digits
+from service.core.defense import build_strategy
+from service.core.learner import OnlineLearner
+from service.deployment.checkpoint_store import WorkerError, checkpoints
+from service.deployment.worker import Worker
 from tests.bundle_factory import tiny_cnn, tiny_mlp
 from tests.service_harness import ADMIN_TOKEN, API_KEY, ApiServer, WorkerProcess, make_settings, needs_redis, wait_until
 from tests.test_bundle import BAD_BUNDLES, small_bundle  # noqa: F401  (small_bundle: a fixture)
@@ -153,7 +153,7 @@ def test_a_bundle_is_checked_served_and_attacked_over_http(kind, namespace, tmp_
 
 
 def _safetensors(x, y, batch_id):
-    from service.codec import encode_safetensors_batch
+    from service.deployment.codec import encode_safetensors_batch
 
     return encode_safetensors_batch(x, y, batch_id=batch_id)
 
@@ -191,7 +191,7 @@ def test_a_checkpoint_of_another_bundle_is_refused_naming_both(small_bundle, nam
 
 
 def _digits_net(manifest: BundleManifest) -> torch.nn.Module:
-    from service.models import build_model
+    from service.core.models import build_model
 
     return build_model(**manifest.model_spec())
 
@@ -253,7 +253,7 @@ def test_correction_keeps_feature_vectors_inside_their_bounds():
 
 
 def test_a_feature_bound_holds_in_float32_as_inputs_are_sent():
-    from service.codec import InputSpec, check_values
+    from service.deployment.codec import InputSpec, check_values
 
     bound = 0.512725  # not a float32: the float32 nearest to it lies below it
     assert float(np.float32(bound)) < bound

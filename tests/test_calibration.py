@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import stats
 
-from service.defense.calibration import calibrate
-from service.defense.discrepancy import memorization_discrepancy
+from service.core.defense.calibration import calibrate
+from service.core.defense.discrepancy import memorization_discrepancy
 
 
 @pytest.mark.parametrize("target", [0.1, 0.25])

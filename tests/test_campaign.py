@@ -5,8 +5,8 @@ import torch
 
 from attacker_sim.campaign import AccumulativeCampaign, run_clean_oracle
 from attacker_sim.targets import StepOutcome
-from service.config import AttackConfig, CampaignConfig
-from service.models import build_model
+from service.core.config import AttackConfig, CampaignConfig
+from service.core.models import build_model
 
 
 def _labelled(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 
 import service.cli as cli
 import service.cli.experiments as experiments
-import service.data.locations as locations
+import service.core.data.locations as locations
 from service.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.codec import (
+from service.deployment.codec import (
     BatchRejected,
     InputSpec,
     decode_json_batch,

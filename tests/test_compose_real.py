@@ -36,7 +36,7 @@ import pytest
 import yaml
 from sklearn.datasets import load_digits
 
-from service.codec import encode_safetensors_batch
+from service.deployment.codec import encode_safetensors_batch
 from tests.monitoring_queries import alert_rules, dashboard, dashboard_queries, queryable
 from tests.service_harness import ROOT, free_port, wait_until
 

@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 
-from service.config import StrategyConfig
-from service.defense.correction import ReversePGD
-from service.defense.discrepancy import memorization_discrepancy
-from service.defense.strategies import build_strategy
-from service.models import build_model
+from service.core.config import StrategyConfig
+from service.core.defense.correction import ReversePGD
+from service.core.defense.discrepancy import memorization_discrepancy
+from service.core.defense.strategies import build_strategy
+from service.core.models import build_model
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""Tests for service.data: loading, caching and seeded disjoint splits."""
+"""Tests for service.core.data: loading, caching and seeded disjoint splits."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-import service.data.loading as loading
-from service.data import (
+import service.core.data.loading as loading
+from service.core.data import (
     DATASETS,
     ArrayDataset,
     DatasetNotFoundError,
@@ -248,7 +248,7 @@ def test_missing_files_name_what_to_put_where(tmp_path, name, expected):
 
 
 def test_find_data_dir_order(tmp_path, monkeypatch):
-    import service.data.locations as locations
+    import service.core.data.locations as locations
 
     monkeypatch.setattr(locations, "_REPO_ROOT", tmp_path / "nowhere" / "repo")
     monkeypatch.chdir(tmp_path)

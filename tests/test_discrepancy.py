@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from service.defense.discrepancy import DIVERGENCES, divergence_from_logits, memorization_discrepancy
-from service.models import build_model
+from service.core.defense.discrepancy import DIVERGENCES, divergence_from_logits, memorization_discrepancy
+from service.core.models import build_model
 
 
 def _model(seed=0):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from attacker_sim.drift import DRIFTS, BrightnessContrast, LabelPrior, PixelShift, Rotation, build_drift
-from service.data import load_dataset
+from service.core.data import load_dataset
 
 KINDS = {
     "pixel_shift": {"pixels": 1, "height": False},

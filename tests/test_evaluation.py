@@ -69,7 +69,7 @@ def test_schema_rejects_accuracies_out_of_range(demo_dir):
 
 def test_unknown_scenario_is_rejected():
     from attacker_sim.evaluation import evaluate
-    from service.config import ExperimentConfig
+    from service.core.config import ExperimentConfig
 
     with pytest.raises(ValueError, match="unknown scenario"):
         evaluate(ExperimentConfig(), scenarios=["sideways"])
@@ -77,7 +77,7 @@ def test_unknown_scenario_is_rejected():
 
 def test_sweep_runs_one_variant_per_value(cache_dir, monkeypatch):
     from attacker_sim.sweep import parse_vary, sweep, sweep_markdown
-    from service.config import ExperimentConfig
+    from service.core.config import ExperimentConfig
 
     monkeypatch.setenv("DSCGUARD_CACHE_DIR", str(cache_dir))
     config = ExperimentConfig.from_profile("digits", campaign={"max_batches": 2},
@@ -93,7 +93,7 @@ def test_sweep_runs_one_variant_per_value(cache_dir, monkeypatch):
 
 def test_backtracking_rows_compare_clean_and_poisoned(cache_dir, monkeypatch):
     from attacker_sim.analysis import backtracking_rows
-    from service.config import ExperimentConfig
+    from service.core.config import ExperimentConfig
 
     monkeypatch.setenv("DSCGUARD_CACHE_DIR", str(cache_dir))
     config = ExperimentConfig.from_profile("digits", burnin={"epochs": 10, "auxiliary_epoch": 5})

@@ -32,13 +32,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from service.checkpoint import load_meta
-from service.checkpoint_store import checkpoints
-from service.codec import Batch, encode_json_batch, to_stream_fields
-from service.metrics import WorkerMetrics, render
-from service.redis_queue import RedisQueue
-from service.settings import ServiceSettings
-from service.worker import Worker
+from service.core.checkpoint import load_meta
+from service.deployment.checkpoint_store import checkpoints
+from service.deployment.codec import Batch, encode_json_batch, to_stream_fields
+from service.deployment.metrics import WorkerMetrics, render
+from service.deployment.redis_queue import RedisQueue
+from service.deployment.settings import ServiceSettings
+from service.deployment.worker import Worker
 from tests.service_harness import (
     API_KEY,
     ROOT,

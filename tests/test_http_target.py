@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attacker_sim.http_target import BATCH_ID_PREFIX, HttpTarget, TargetError
-from service.codec import InputSpec, decode_safetensors_batch
+from service.deployment.codec import InputSpec, decode_safetensors_batch
 
 SPEC = InputSpec((1, 8, 8), num_classes=10, max_samples=64)
 

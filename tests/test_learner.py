@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from service.checkpoint import CheckpointError
-from service.config import StrategyConfig
-from service.defense.calibration import Calibration
-from service.defense.strategies import build_strategy
-from service.learner import OnlineLearner
-from service.models import build_model
+from service.core.checkpoint import CheckpointError
+from service.core.config import StrategyConfig
+from service.core.defense.calibration import Calibration
+from service.core.defense.strategies import build_strategy
+from service.core.learner import OnlineLearner
+from service.core.models import build_model
 
 SPEC = {"name": "smallcnn", "num_classes": 10, "input_shape": [1, 16, 16]}
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import torch
 
-from service.codec import encode_json_batch
-from service.redis_queue import RedisQueue
+from service.deployment.codec import encode_json_batch
+from service.deployment.redis_queue import RedisQueue
 from tests.monitoring_queries import (
     ALERTS,
     alert_rules,

@@ -22,12 +22,12 @@ import pytest
 import redis
 import torch
 
-from service.checkpoint import load_checkpoint
-from service.checkpoint_store import checkpoints
-from service.codec import Batch, encode_safetensors_batch, to_stream_fields
-from service.model_store import model_from_bytes
-from service.redis_queue import GROUP, RedisQueue, entry_id_key
-from service.worker import Worker, WorkerError
+from service.core.checkpoint import load_checkpoint
+from service.deployment.checkpoint_store import checkpoints
+from service.deployment.codec import Batch, encode_safetensors_batch, to_stream_fields
+from service.deployment.model_store import model_from_bytes
+from service.deployment.redis_queue import GROUP, RedisQueue, entry_id_key
+from service.deployment.worker import Worker, WorkerError
 from tests.service_harness import (
     ADMIN_TOKEN,
     DIGITS_OVERRIDES,

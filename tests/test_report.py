@@ -14,7 +14,7 @@ from attacker_sim.plots import (
     plot_accuracy_traces,
 )
 from attacker_sim.report import report_markdown, table_legend, table_markdown
-from service.config import ExperimentConfig
+from service.core.config import ExperimentConfig
 
 SEEDS = (0, 1, 2)
 CALIBRATION = {0: {"mu": 0.5, "tau": 0.01, "unit": "sample"}, 1: {"mu": 0.4, "tau": 0.0, "unit": "sample"},

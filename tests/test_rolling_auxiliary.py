@@ -11,12 +11,12 @@ import torch
 
 from attacker_sim import scenarios
 from attacker_sim.evaluation import build_campaign
-from service.config import StrategyConfig
-from service.defense.calibration import Calibration, threshold_statistic
-from service.defense.discrepancy import divergence_from_logits
-from service.defense.rolling_auxiliary import RollingAuxiliary
-from service.defense.strategies import build_strategy
-from service.learner import OnlineLearner
+from service.core.config import StrategyConfig
+from service.core.defense.calibration import Calibration, threshold_statistic
+from service.core.defense.discrepancy import divergence_from_logits
+from service.core.defense.rolling_auxiliary import RollingAuxiliary
+from service.core.defense.strategies import build_strategy
+from service.core.learner import OnlineLearner
 
 SPEC = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}
 CENTERS = torch.rand(3, 4, generator=torch.Generator().manual_seed(5)) * 4
@@ -148,7 +148,7 @@ def test_the_threshold_stays_bounded_over_thousands_of_clean_steps():
 def test_state_round_trips_through_a_checkpoint_and_the_next_decision_is_the_same(tmp_path):
     generator = torch.Generator().manual_seed(4)
     torch.manual_seed(4)
-    from service.models import build_model
+    from service.core.models import build_model
 
     model = build_model(**SPEC)
     trusted = (torch.rand(60, 1, 8, 8, generator=generator), torch.randint(0, 10, (60,), generator=generator))
@@ -212,9 +212,9 @@ def test_rolling_needs_the_trusted_split_and_the_calibration():
 def test_a_refusal_reaches_the_metrics_by_its_reason_and_the_audit_summary():
     from prometheus_client import generate_latest
 
-    from service.defense.rolling_auxiliary import PromotionDecision
-    from service.learner import StepReport
-    from service.metrics import WorkerMetrics
+    from service.core.defense.rolling_auxiliary import PromotionDecision
+    from service.core.learner import StepReport
+    from service.deployment.metrics import WorkerMetrics
 
     metrics = WorkerMetrics()
     refusal = PromotionDecision(batch=60, candidate=10, promoted=False, reason="canary", canary=0.7, canary_best=0.95,

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-import service.api.deps
-from service.atomic import atomic_write_bytes
-from service.checkpoint import load_checkpoint, save_checkpoint
-from service.codec import encode_json_batch
-from service.redis_queue import RedisQueue
-from service.settings import ServiceSettings
+import service.deployment.api.deps
+from service.core.atomic import atomic_write_bytes
+from service.core.checkpoint import load_checkpoint, save_checkpoint
+from service.deployment.codec import encode_json_batch
+from service.deployment.redis_queue import RedisQueue
+from service.deployment.settings import ServiceSettings
 from tests.service_harness import (
     ADMIN_TOKEN,
     API_KEY,
@@ -72,7 +72,7 @@ def test_keys_are_compared_in_constant_time(namespace, tmp_path, monkeypatch):
         compared.append((given, secret))
         return original(given, secret)
 
-    monkeypatch.setattr(service.api.deps.hmac, "compare_digest", compare_digest)
+    monkeypatch.setattr(service.deployment.api.deps.hmac, "compare_digest", compare_digest)
     settings = make_settings(namespace, tmp_path)
     with ApiServer(settings) as api:
         assert api.client.get("/v1/status", headers={"X-API-Key": "guess"}).status_code == 401
@@ -183,7 +183,7 @@ def test_a_failed_checkpoint_write_leaves_the_old_checkpoint_and_no_litter(tmp_p
         Path(path).write_bytes(b"\x10\x00\x00\x00half a file")
         raise OSError("killed mid-write")
 
-    monkeypatch.setattr("service.checkpoint.save_file", crash_mid_write)
+    monkeypatch.setattr("service.core.checkpoint.save_file", crash_mid_write)
     with pytest.raises(OSError, match="killed mid-write"):
         save_checkpoint(directory, {"w": torch.zeros(3)}, {"batches_applied": 2})
     tensors, meta = load_checkpoint(directory)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.codec import InputSpec, encode_json_batch, encode_safetensors_batch, from_stream_fields
-from service.model_store import model_from_bytes
-from service.redis_queue import RedisQueue, connect
+from service.deployment.codec import InputSpec, encode_json_batch, encode_safetensors_batch, from_stream_fields
+from service.deployment.model_store import model_from_bytes
+from service.deployment.redis_queue import RedisQueue, connect
 from tests.service_harness import (
     ADMIN_TOKEN,
     API_KEY,

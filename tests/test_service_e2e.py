@@ -17,13 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from attacker_sim.http_target import HttpTarget, evaluate_target
 from attacker_sim.report import table_markdown
 from attacker_sim.targets import InProcessTarget
-from service.checkpoint import load_checkpoint
 from service.cli import main
-from service.codec import encode_json_batch, encode_safetensors_batch
-from service.config import ExperimentConfig, StrategyConfig
-from service.model_store import model_from_bytes
-from service.redis_queue import RedisQueue
-from service.worker import Worker, WorkerError
+from service.core.checkpoint import load_checkpoint
+from service.core.config import ExperimentConfig, StrategyConfig
+from service.deployment.codec import encode_json_batch, encode_safetensors_batch
+from service.deployment.model_store import model_from_bytes
+from service.deployment.redis_queue import RedisQueue
+from service.deployment.worker import Worker, WorkerError
 from tests.service_harness import (
     ADMIN_TOKEN,
     API_KEY,

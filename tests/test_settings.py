@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import ServiceSettings
+from service.deployment.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_a_checkpoints_folder_in_the_checkout_is_ignored_by_git():
 
 
 def test_the_client_key_is_asked_for_in_one_place_with_what_needs_it():
-    from service.settings import MissingSecretError, ServiceSettings
+    from service.deployment.settings import MissingSecretError, ServiceSettings
 
     with pytest.raises(MissingSecretError, match=r"set DSCGUARD_API_KEY \(the client key\) before starting the stack"):
         ServiceSettings(api_key=None).client_key("the stack")

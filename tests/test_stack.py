@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from service.cli import main
-from service.redis_queue import connect
-from service.stack import PROMETHEUS_DIR, prometheus_config, redis_answers, start_redis
+from service.deployment.redis_queue import connect
+from service.deployment.stack import PROMETHEUS_DIR, prometheus_config, redis_answers, start_redis
 from tests.service_harness import REDIS_URL, free_port, needs_redis
 
 

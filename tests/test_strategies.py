@@ -4,12 +4,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from service.config import ExperimentConfig, StrategyConfig
-from service.defense.calibration import Calibration
-from service.defense.discrepancy import memorization_discrepancy
-from service.defense.strategies import build_strategy
-from service.learner import OnlineLearner
-from service.models import build_model
+from service.core.config import ExperimentConfig, StrategyConfig
+from service.core.defense.calibration import Calibration
+from service.core.defense.discrepancy import memorization_discrepancy
+from service.core.defense.strategies import build_strategy
+from service.core.learner import OnlineLearner
+from service.core.models import build_model
 
 SPEC = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}
 

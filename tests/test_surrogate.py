@@ -3,7 +3,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from attacker_sim.surrogate import surrogate_accuracy, train_surrogate
-from service.models import build_model
+from service.core.models import build_model
 
 SPEC = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}
 TRAINING = {"epochs": 10, "lr": 0.05, "batch_size": 32}

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from attacker_sim.evaluation import build_campaign
-from service.config import StrategyConfig
-from service.defense.calibration import conformal_quantile
-from service.defense.strategies import build_strategy
-from service.defense.update_gate import UpdateGate
-from service.learner import OnlineLearner
+from service.core.config import StrategyConfig
+from service.core.defense.calibration import conformal_quantile
+from service.core.defense.strategies import build_strategy
+from service.core.defense.update_gate import UpdateGate
+from service.core.learner import OnlineLearner
 
 
 def _guard_learner(experiment, **fields):
@@ -94,9 +94,9 @@ def test_an_update_larger_than_clean_ones_is_capped_at_the_calibrated_norm(norm_
 def test_metrics_count_the_gate_flagging_apart_from_the_cap():
     from prometheus_client import generate_latest
 
-    from service.defense.update_gate import GateVerdict
-    from service.learner import StepReport
-    from service.metrics import WorkerMetrics
+    from service.core.defense.update_gate import GateVerdict
+    from service.core.learner import StepReport
+    from service.deployment.metrics import WorkerMetrics
 
     metrics = WorkerMetrics()
     verdicts = [GateVerdict(0.5, 0.1, True, 0.2, 3.0, 1.0),  # flagged and shrunk

@@ -4,10 +4,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.checkpoint_store import checkpoints
-from service.codec import InputSpec, decode_safetensors_batch, encode_safetensors_batch, to_stream_fields
-from service.redis_queue import RedisQueue
-from service.worker import Worker, WorkerError
+from service.deployment.checkpoint_store import checkpoints
+from service.deployment.codec import InputSpec, decode_safetensors_batch, encode_safetensors_batch, to_stream_fields
+from service.deployment.redis_queue import RedisQueue
+from service.deployment.worker import Worker, WorkerError
 from tests.service_harness import assert_settled, make_settings, needs_redis
 
 pytestmark = needs_redis
@@ -112,7 +112,7 @@ def test_a_record_sent_again_after_a_lost_reply_is_audited_once(namespace, tmp_p
     audit stream takes each ingest entry once (its id is the entry's), the rest of the retry still lands."""
     import json
 
-    from service.redis_queue import AppliedBatch
+    from service.deployment.redis_queue import AppliedBatch
 
     queue = RedisQueue.from_settings(make_settings(namespace, tmp_path))
     first = AppliedBatch("a", {"entry_id": "1000-0", "batch_index": 0}, None)

@@ -18,7 +18,7 @@ from attacker_sim.attacks.carlini_wagner import CarliniWagnerInf
 from attacker_sim.attacks.pgd import PGDDelusive
 from attacker_sim.attacks.trades import TradesKL
 from attacker_sim.attacks.trigger import TriggerCrafter
-from service.defense.projection import Budget
+from service.core.defense.projection import Budget
 
 ATTACKS: dict[str, type[ErrorMaximizingAttack]] = {
     "pgd": PGDDelusive,

@@ -18,7 +18,7 @@ from torch import nn
 
 from attacker_sim.attacks.base import Objective, SignedGradientAttack
 from attacker_sim.attacks.gradients import alignment, cosine_sum, loss_gradients, normalized, trainable_parameters
-from service.defense.projection import Budget
+from service.core.defense.projection import Budget
 
 AccumulativeObjective = Literal["full", "second_order_only", "clean_only"]
 OBJECTIVES = ("full", "second_order_only", "clean_only")

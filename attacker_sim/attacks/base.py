@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from service.defense.discrepancy import divergence_from_logits
-from service.defense.eval_mode import eval_mode
-from service.defense.projection import Budget
+from service.core.defense.discrepancy import divergence_from_logits
+from service.core.defense.eval_mode import eval_mode
+from service.core.defense.projection import Budget
 
 ModelMode = Literal["eval", "train"]
 MODEL_MODES = ("eval", "train")
@@ -92,7 +92,7 @@ class SignedGradientAttack(ABC):
 
     >>> import torch
     >>> from attacker_sim.attacks import Budget, PGDDelusive
-    >>> from service.defense.discrepancy import memorization_discrepancy
+    >>> from service.core.defense.discrepancy import memorization_discrepancy
     >>> _ = torch.manual_seed(0)
     >>> net, aux = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     >>> x, y = torch.rand(64, 4), torch.randint(0, 3, (64,))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attacker_sim.attacks.base import ErrorMaximizingAttack, Objective
-from service.defense.projection import Budget
+from service.core.defense.projection import Budget
 
 
 def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """An attacker that knows guard's update gate and keeps every batch it sends under the gate's threshold.
 
-Kerckhoffs: it knows the algorithm (`service/defense/update_gate.py`), its false-flag target and the
+Kerckhoffs: it knows the algorithm (`service/core/defense/update_gate.py`), its false-flag target and the
 stream's learning rate, not the defender's trusted split. So it runs the same gate on its own validation
 split: calibrates a threshold there, and before sending a trigger batch it blends the trigger with the clean
 batch it came from, x = x_clean + alpha * (x_trigger - x_clean), taking the largest alpha (by bisection)
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from service.defense.update_gate import UpdateGate
+from service.core.defense.update_gate import UpdateGate
 
 
 class GateEvasion:

@@ -11,7 +11,7 @@ from torch import nn
 
 from attacker_sim.attacks.base import Objective, SignedGradientAttack
 from attacker_sim.attacks.gradients import cosine_sum, loss_gradients, trainable_parameters
-from service.defense.projection import Budget
+from service.core.defense.projection import Budget
 
 
 class TriggerCrafter(SignedGradientAttack):

@@ -1,6 +1,6 @@
 """The `dscguard bundle` subcommands: create (from a profile's burn-in or from the user's pieces), check, show.
 
-A bundle (`service/bundle/`, docs/bundles.md) is a directory with a manifest and safetensors files: the user's
+A bundle (`service/core/bundle/`, docs/bundles.md) is a directory with a manifest and safetensors files: the user's
 model, its earlier checkpoint and its trusted data. A problem with a bundle or a file given is one line naming the
 file and the field (exit status 1); a problem with the command line itself, exit status 2.
 """
@@ -23,7 +23,7 @@ from service.cli.options import (
     validation_lines,
     writable_output,
 )
-from service.config import PROFILES
+from service.core.config import PROFILES
 
 _PIECES = ("weights", "trusted", "auxiliary", "optimizer_state", "classes", "class_names", "input_shape",
            "model_kwargs", "mean", "std", "value_range", "feature_bounds", "description")
@@ -46,9 +46,9 @@ def bundle_experiments(args: argparse.Namespace, config):
     if args.data is None:
         raise CommandLineError("--bundle needs --data: the samples the stream, the attacker and the test draw from "
                                "(the bundle's trusted set is for calibration only)")
-    from service.bundle import load_bundle
-    from service.bundle.serving import bundle_config, bundle_experiment, read_data
-    from service.device import resolve_device
+    from service.core.bundle import load_bundle
+    from service.core.bundle.serving import bundle_config, bundle_experiment, read_data
+    from service.core.device import resolve_device
 
     bundle = load_bundle(args.bundle)
     data = read_data(args.data, bundle.manifest)
@@ -71,7 +71,7 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
                                    f"profile's burn-in")
         config = build_config(args)
         out = writable_output(args.out)
-        from service.bundle import create_bundle_from_profile
+        from service.core.bundle import create_bundle_from_profile
 
         create_bundle_from_profile(config, out, progress=not args.no_progress)
     else:
@@ -83,8 +83,8 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
         overrides, kwargs = _piece_settings(args)
         out = writable_output(args.out)
         manifest = _manifest_from_pieces(args, overrides, kwargs)
-        from service.bundle import create_bundle
-        from service.bundle.serving import read_data
+        from service.core.bundle import create_bundle
+        from service.core.bundle.serving import read_data
 
         trusted = read_data(args.trusted, manifest)  # a file of x and y, or an image-folder tree
         create_bundle(out, manifest, args.weights, (trusted.x, trusted.y), args.auxiliary, args.optimizer_state)
@@ -95,7 +95,7 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
 
 def _piece_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     """The --set overrides (stream, strategy and calibration only) and the --model-kwargs of `bundle create --model`."""
-    from service.bundle.serving import BUNDLE_SECTIONS  # what --set may change in a bundle made from pieces
+    from service.core.bundle.serving import BUNDLE_SECTIONS  # what --set may change in a bundle made from pieces
 
     overrides = parse_overrides(args.set)
     other = [section for section in overrides if section not in BUNDLE_SECTIONS]
@@ -122,8 +122,8 @@ def _json_option(value: str, flag: str):
 def _manifest_from_pieces(args: argparse.Namespace, overrides: dict, kwargs: dict):
     """The manifest of `bundle create --model`: the input shape from --input-shape or else the trusted set's x, the
     rest from options."""
-    from service.bundle import SCHEMA_VERSION, BundleError, BundleManifest, read_trusted
-    from service.bundle.serving import is_image_tree
+    from service.core.bundle import SCHEMA_VERSION, BundleError, BundleManifest, read_trusted
+    from service.core.bundle.serving import is_image_tree
 
     if args.input_shape is not None:
         shape = args.input_shape
@@ -160,7 +160,7 @@ def _manifest_from_pieces(args: argparse.Namespace, overrides: dict, kwargs: dic
 
 
 def cmd_bundle_check(args: argparse.Namespace) -> int:
-    from service.bundle import check_bundle
+    from service.core.bundle import check_bundle
 
     report = check_bundle(args.directory, device=check_device(args.device))
     manifest = report.manifest
@@ -182,7 +182,7 @@ def cmd_bundle_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_show(args: argparse.Namespace) -> int:
-    from service.bundle import read_manifest
+    from service.core.bundle import read_manifest
 
     manifest = read_manifest(args.directory)
     if args.json:

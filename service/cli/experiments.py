@@ -23,12 +23,12 @@ from service.cli.options import (
     validation_lines,
     writable_output,
 )
-from service.config import ExperimentConfig, StrategyConfig
-from service.strategy_registry import STRATEGY_NAMES
+from service.core.config import ExperimentConfig, StrategyConfig
+from service.core.strategy_registry import STRATEGY_NAMES
 
 
 def cmd_burn_in(args: argparse.Namespace) -> int:
-    from service.experiment import Experiment
+    from service.core.experiment import Experiment
 
     experiment = Experiment.prepare(build_config(args), progress=not args.no_progress)
     result = experiment.burnin
@@ -42,7 +42,7 @@ def cmd_burn_in(args: argparse.Namespace) -> int:
 def cmd_stream(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from service.experiment import Experiment
+    from service.core.experiment import Experiment
 
     extra = {"strategy": {"name": args.strategy}}
     if args.dataset:
@@ -124,7 +124,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_analyze_md(args: argparse.Namespace) -> int:
     from attacker_sim.analysis import backtracking_rows, poisoned_ratio, suggested_window
     from attacker_sim.plots import plot_backtracking
-    from service.atomic import atomic_write_text
+    from service.core.atomic import atomic_write_text
 
     config = build_config(args)
     out = writable_output(args.out)
@@ -161,7 +161,7 @@ def _check_varies(config: ExperimentConfig, varies: Sequence[str]) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from attacker_sim.sweep import sweep, sweep_markdown
-    from service.atomic import atomic_write_text
+    from service.core.atomic import atomic_write_text
 
     config = build_config(args)
     _check_varies(config, args.vary)

@@ -89,7 +89,7 @@ def _dataset_message(exc, args: argparse.Namespace) -> str:
         label = "--data-dir" if label == "data_dir" else label
         return f"{label} = {path}{'' if path.is_dir() else ' (missing)'}"
 
-    from service.data.loading import default_search_places
+    from service.core.data.loading import default_search_places
 
     lines = [f"dataset {exc.dataset!r} not found.", "  searched: " + ", ".join(place(*p) for p in exc.searched)]
     fixes = list(exc.remedies)
@@ -109,7 +109,7 @@ def _dataset_message(exc, args: argparse.Namespace) -> str:
 
 
 def _message(exc: BaseException, args: argparse.Namespace) -> str:
-    from service.data.errors import DatasetNotFoundError
+    from service.core.data.errors import DatasetNotFoundError
 
     if isinstance(exc, DatasetNotFoundError) and exc.dataset:
         return _dataset_message(exc, args)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from service.config import PROFILES, ExperimentConfig, parse_setting, parse_value
-from service.strategy_registry import REGISTRY
+from service.core.config import PROFILES, ExperimentConfig, parse_setting, parse_value
+from service.core.strategy_registry import REGISTRY
 
 STRATEGY_HELP = "; ".join(f"{name}: {info.summary}" for name, info in REGISTRY.items())
 
@@ -87,7 +87,7 @@ def invalid_message(what: str, lines: list[str]) -> str:
 
 def check_device(name: str):
     """The torch device `--device name` resolves to (auto: CUDA when present); a CommandLineError if none."""
-    from service.device import resolve_device
+    from service.core.device import resolve_device
 
     try:
         return resolve_device(name)

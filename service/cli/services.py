@@ -1,7 +1,7 @@
 """The service's subcommands of `dscguard`: serve (the API), worker (the defense), attack (over HTTP), and
 stack up (all of it with Redis and Prometheus on loopback, without Docker).
 
-Settings come from `DSCGUARD_*` environment variables (`service/settings.py`), keys included: they
+Settings come from `DSCGUARD_*` environment variables (`service/deployment/settings.py`), keys included: they
 are never taken on the command line, where other users of the machine could read them.
 """
 
@@ -23,7 +23,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def _settings(**updates):
-    from service.settings import ServiceSettings
+    from service.deployment.settings import ServiceSettings
 
     try:
         settings = ServiceSettings()
@@ -57,8 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.client_key("the API")
 
     # torch comes after OMP_WAIT_POLICY: service.cli.main.main sets it first
-    from service.api.server import serve
-    from service.metrics import MULTIPROCESS_ENV
+    from service.deployment.api.server import serve
+    from service.deployment.metrics import MULTIPROCESS_ENV
 
     if args.workers > 1 and not os.environ.get(MULTIPROCESS_ENV):
         # several processes: prometheus_client's multiprocess mode, set before any worker imports it
@@ -74,8 +74,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # before torch loads: a wrong setting fails fast
     settings = _settings(worker_metrics_port=args.metrics_port, bundle=Path(args.bundle) if args.bundle else None)
 
-    from service.bundle import BundleError
-    from service.worker import WorkerError, run_worker
+    from service.core.bundle import BundleError
+    from service.deployment.worker import WorkerError, run_worker
 
     _logging(args.log_level)
     try:
@@ -118,7 +118,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_stack_up(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from service.stack import stack_up
+    from service.deployment.stack import stack_up
 
     run_dir = Path(args.run_dir)
     # like the compose file's volumes: the stack's state lives in one place unless told otherwise
