@@ -1,10 +1,12 @@
 """The discrepancy detector: DSC's verdict, apart from what is done about it.
 
 `score` is the per-sample Memorization Discrepancy of a batch between the auxiliary and the current model;
-`predict` judges it against a threshold, per sample or on the batch mean (the research code's rule, where
-every sample of a batch whose mean is above the threshold is flagged), and returns the score, the threshold,
-the verdict and its unit, as drift and outlier detectors do (alibi-detect's `predict`). The correction
-(`ReversePGD`), the strategy, the learner's report and the metrics all read the same verdict.
+`threshold` sets the bar for a false-flag target from clean scores, for the detector's unit (the rolling
+auxiliary's promotion recalibrates through it); `predict` judges a batch against a threshold, per sample or on
+the batch mean (the research code's rule, where every sample of a batch whose mean is above the threshold is
+flagged), and returns the score, the threshold, the verdict and its unit, as drift and outlier detectors do
+(alibi-detect's `predict`). The correction (`ReversePGD`), the strategy, the learner's report and the metrics
+all read the same verdict.
 
 >>> import torch
 >>> detector = DiscrepancyDetector(unit="batch")
@@ -12,6 +14,8 @@ the verdict and its unit, as drift and outlier detectors do (alibi-detect's `pre
 [True, True]
 >>> DiscrepancyDetector(unit="sample").flags(torch.tensor([0.1, 0.5]), threshold=0.2).tolist()
 [False, True]
+>>> DiscrepancyDetector(unit="sample").threshold(torch.arange(1.0, 101.0), target_false_flag_rate=0.1, batch_size=10)
+91.0
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from service.core.defense.calibration import threshold_statistic
 from service.core.defense.discrepancy import divergence_from_logits
 from service.core.defense.eval_mode import eval_mode
 
@@ -50,6 +55,16 @@ class DiscrepancyDetector:
         with eval_mode(auxiliary, model):
             current = model(x) if current_logits is None else current_logits.detach()
             return divergence_from_logits(auxiliary(x), current, self.divergence)
+
+    def score_logits(self, auxiliary_logits: torch.Tensor, current_logits: torch.Tensor) -> torch.Tensor:
+        """Per-sample discrepancy from logits already computed (the rolling auxiliary keeps its candidates')."""
+        return divergence_from_logits(auxiliary_logits, current_logits, self.divergence)
+
+    def threshold(self, clean_scores: torch.Tensor, target_false_flag_rate: float, batch_size: int,
+                  seed: int = 0) -> float:
+        """The threshold that flags `target_false_flag_rate` of clean data: the conformal quantile of what the
+        verdict judges (each score, or the mean of clean batches of `batch_size`)."""
+        return threshold_statistic(clean_scores, 1.0 - target_false_flag_rate, self.unit, batch_size, seed)
 
     def flags(self, score: torch.Tensor, threshold: float) -> torch.Tensor:
         """The verdict per sample: above the threshold, or (batch unit) all of a batch whose mean is."""

@@ -47,8 +47,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from service.core.defense.calibration import threshold_statistic
-from service.core.defense.discrepancy import divergence_from_logits
+from service.core.defense.detector import DiscrepancyDetector
 from service.core.defense.eval_mode import eval_mode
 
 REASONS = ("healthy", "max_age", "canary", "flag_rate")  # the first two promote
@@ -97,7 +96,8 @@ class RollingAuxiliary:
         self.trusted = (trusted_x.detach().cpu().float()[keep], trusted_y.detach().cpu().long()[keep])
         self.window, self.every, self.ring_size, self.max_age = window, every, ring, max_age
         self.target, self.canary_drop, self.z = target_false_flag_rate, canary_drop, z
-        self.divergence, self.unit, self.batch_size, self.seed = divergence, unit, batch_size, seed
+        self.detector = DiscrepancyDetector(divergence, unit)  # its threshold is recalibrated at each promotion
+        self.batch_size, self.seed = batch_size, seed
         self.mu: float | None = None  # recalibrated at each promotion (None: the first calibration still holds)
         self.promoted_at = 0  # applied batches when the current auxiliary was promoted (0: the given checkpoint)
         self.canary_best: float | None = None  # best trusted accuracy of the auxiliary and the candidates since
@@ -166,8 +166,8 @@ class RollingAuxiliary:
             reason = "max_age" if applied - self.promoted_at >= self.max_age else "flag_rate"
         promoted = reason in ("healthy", "max_age")
         if promoted:
-            scores = divergence_from_logits(candidate["logits"], current_logits, self.divergence)
-            self.mu = threshold_statistic(scores, 1 - self.target, self.unit, self.batch_size, self.seed + applied)
+            scores = self.detector.score_logits(candidate["logits"], current_logits)
+            self.mu = self.detector.threshold(scores, self.target, self.batch_size, self.seed + applied)
         return PromotionDecision(batch=applied, candidate=candidate["batch"], promoted=promoted,
                                  reason=reason, canary=candidate["canary"], canary_best=best,
                                  canary_bound=canary_bound, flag_rate=flag_rate,
