@@ -111,6 +111,8 @@ class StrategyConfig(_Section):
                                                description="guard: share of clean updates the threshold flags")
     gate_calibration_updates: int = Field(32, ge=1, description="guard: clean trusted updates per calibration")
     gate_recalibrate_every: int = Field(100, ge=1, description="guard: updates between recalibrations")
+    gate_probe_samples: int = Field(256, ge=4, description="guard: trusted samples the lookahead measures each "
+                                    "update on (its cost per update is two forwards of them)")
     gate_norm_cap: Literal["none", "2", "inf"] = Field(
         "inf", description="guard: cap every update's gradient norm at the gate_cap_level quantile of the norms of "
                            "clean trusted updates, calibrated with the threshold ('none': no cap)")

@@ -322,6 +322,7 @@ def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed
                       target_false_flag_rate=config.gate_target_false_flag_rate,
                       calibration_updates=config.gate_calibration_updates,
                       recalibrate_every=config.gate_recalibrate_every, action=config.gate_action,
+                      probe_samples=config.gate_probe_samples,
                       norm_cap=None if config.gate_norm_cap == "none" else config.gate_norm_cap,
                       cap_level=config.gate_cap_level, seed=seed)
 
