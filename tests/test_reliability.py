@@ -236,8 +236,23 @@ def test_redis_crash_during_ingestion_answers_503_and_loses_nothing_acknowledged
           f"503s while it was gone, worker waits {waits}, all 60 applied once")
 
 
+class _FailsOnceWhileRecording(RedisQueue):
+    """A queue whose first record of applied batches fails as if Redis went away (nothing of it is written)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failures: list[int] = []
+
+    def record_steps(self, steps, **kwargs) -> None:
+        steps = list(steps)
+        if steps and not self.failures:
+            self.failures.append(len(steps))
+            raise redis.ConnectionError("Redis went away")
+        super().record_steps(steps, **kwargs)
+
+
 def test_entries_handed_out_before_a_redis_error_are_applied_once_it_answers(digits_experiment, cache_dir, namespace,
-                                                                             tmp_path, monkeypatch):
+                                                                             tmp_path):
     # one read hands the worker 4 entries; Redis fails while it records the second (a checkpoint is due):
     # the other two stay pending in the group, where a new read (">") never looks
     settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=2)
@@ -245,18 +260,10 @@ def test_entries_handed_out_before_a_redis_error_are_applied_once_it_answers(dig
     batches = list(digits_experiment.stream_batches(4, seed=25))
     for index, (x, y) in enumerate(batches):
         queue.enqueue(f"e{index}", to_stream_fields(Batch(f"e{index}", x.numpy(), y.numpy())))
-    worker = Worker(settings)
-    record_steps, failures = worker.queue.record_steps, []
-
-    def fail_once(steps, **kwargs):
-        if steps and not failures:  # the first record of applied batches
-            failures.append(len(steps))
-            raise redis.ConnectionError("Redis went away")
-        return record_steps(steps, **kwargs)
-
-    monkeypatch.setattr(worker.queue, "record_steps", fail_once)
+    flaky = _FailsOnceWhileRecording.from_settings(settings)
+    worker = Worker(settings, queue=flaky)  # the worker's Redis: its first record of applied batches fails
     worker.run(idle_timeout=1.0)
-    assert failures == [2]
+    assert flaky.failures == [2]
     assert worker.learner.batches_applied == 4
     assert_settled(queue)
     assert [queue.batch_state(f"e{i}")["state"] for i in range(4)] == ["applied"] * 4
