@@ -113,6 +113,25 @@ def test_an_expired_lease_is_taken_back_only_if_no_other_worker_served(digits_ex
     assert queue.worker_status() == {"consumer": "another-worker"}  # the stale worker published nothing
 
 
+def test_the_lease_names_its_holder_and_a_late_release_leaves_another_workers_lease(namespace, tmp_path):
+    import threading
+
+    from service.deployment.worker.lease import Lease
+
+    queue = RedisQueue.from_settings(make_settings(namespace, tmp_path))
+    first, second = Lease(queue, "first", 0.3), Lease(queue, "second", 30)
+    assert first.acquire(wait_seconds=0) and queue.lease_holder() == "first" and queue.worker_alive()
+    assert not second.acquire(wait_seconds=0)
+    assert second.acquire(wait_seconds=2)  # the first one's expired (no heartbeat)
+    first.release()  # token-checked: the first worker, late, cannot give back the second one's lease
+    assert queue.lease_holder() == "second"
+    stop = threading.Event()
+    second.beat_until(stop)
+    stop.set()
+    second.release()
+    assert queue.lease_holder() is None and not queue.worker_alive()
+
+
 def test_a_record_sent_again_after_a_lost_reply_is_audited_once(namespace, tmp_path):
     """Redis applied the transaction and died before answering: the worker sends the same records again. The
     audit stream takes each ingest entry once (its id is the entry's), the rest of the retry still lands."""

@@ -12,6 +12,8 @@ Keys, all under `<namespace>:`:
 | `worker` | string | the worker's status (JSON); `worker:heartbeat` its lease, refreshed while alive |
 | `batch-events` | pub/sub channel | the ids of batches whose state changed (space-separated): wakes long-poll waits |
 
+The lease is a redis-py `Lock` on `worker:heartbeat` whose token is the worker's name (`lease_lock`).
+
 An entry is XACKed only once a checkpoint holds its update, and deleted only once the oldest kept
 checkpoint holds it, so the stream length bounds everything not yet durable, a crashed worker's
 entries are reclaimed on restart, and a fallback to an older checkpoint can replay what followed it.
@@ -20,7 +22,6 @@ entries are reclaimed on restart, and a fallback to an older checkpoint can repl
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -42,21 +43,12 @@ redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
 return {'queued', id}
 """
 
-# The heartbeat is also the worker's lease on the namespace: only its holder may refresh it.
-_REFRESH_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
 # A checkpoint holds these batches: say so on those the published model holds (state applied); the others
 # (queued: applied by a worker that replays and does not publish yet) get it when their record is published.
 _MARK_COMMITTED = """
 for _, key in ipairs(KEYS) do
   if redis.call('HGET', key, 'state') == 'applied' then redis.call('HSET', key, 'committed', '1') end
 end
-return 0
-"""
-_RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
@@ -130,8 +122,6 @@ class RedisQueue:
         self.status_key, self.heartbeat_key = self.key("worker"), self.key("worker:heartbeat")
         self.events_channel = self.key("batch-events")
         self._enqueue = client.register_script(_ENQUEUE)
-        self._refresh = client.register_script(_REFRESH_LEASE)
-        self._release = client.register_script(_RELEASE_LEASE)
         self._mark_committed = client.register_script(_MARK_COMMITTED)
 
     @classmethod
@@ -334,21 +324,18 @@ class RedisQueue:
     def publish_status(self, status: dict) -> None:
         self.client.set(self.status_key, json.dumps(status))
 
-    def acquire_lease(self, owner: str, ttl_seconds: float, wait_seconds: float) -> bool:
-        """Become the namespace's only worker; wait (bounded) for a dead holder's lease to expire."""
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            if self.client.set(self.heartbeat_key, owner, nx=True, px=int(ttl_seconds * 1000)):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(min(0.2, ttl_seconds / 4))
+    def lease_lock(self, ttl_seconds: float) -> redis.lock.Lock:
+        """The namespace's lease, `worker:heartbeat`: a redis-py `Lock` (SET NX PX to take it; token-checked
+        scripts to refresh and release it) whose token is the holder's name, so `lease_holder` names it and
+        `worker_alive` sees it. Not thread-local: the worker takes it and its heartbeat thread refreshes it."""
+        return self.client.lock(self.heartbeat_key, timeout=ttl_seconds, sleep=min(0.2, ttl_seconds / 4),
+                                thread_local=False)
 
-    def refresh_lease(self, owner: str, ttl_seconds: float) -> bool:
-        return bool(self._refresh(keys=[self.heartbeat_key], args=[owner, int(ttl_seconds * 1000)]))
-
-    def release_lease(self, owner: str) -> None:
-        self._release(keys=[self.heartbeat_key], args=[owner])
+    def acquire_lease(self, owner: str, ttl_seconds: float, wait_seconds: float) -> redis.lock.Lock | None:
+        """Become the namespace's only worker, waiting (bounded) for a dead holder's lease to expire; the
+        lock held, or None."""
+        lock = self.lease_lock(ttl_seconds)
+        return lock if lock.acquire(blocking_timeout=wait_seconds, token=owner) else None
 
     def lease_holder(self) -> str | None:
         holder = self.client.get(self.heartbeat_key)
