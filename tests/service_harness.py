@@ -10,20 +10,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
 import httpx
 import pytest
-import redis
 import torch
 import uvicorn
 
@@ -31,6 +28,8 @@ from service.core.models import build_model
 from service.deployment.api import create_app
 from service.deployment.api.server import ServeConfig
 from service.deployment.model_store import weights_to_bytes
+from service.deployment.processes import ProcessFailed, free_port, redis_answers, spawn, stop, wait_for
+from service.deployment.processes import RedisServer as RedisServer  # a private redis-server to kill and restart
 from service.deployment.redis_queue import GROUP, RedisQueue, connect
 from service.deployment.settings import ServiceSettings
 from tests.profiles import DIGITS_OVERRIDES  # the session's burn-in (tests/conftest.py), shared through the cache
@@ -40,21 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 API_KEY, ADMIN_TOKEN = "test-client-key", "test-admin-token"
 MODEL_SPEC = {"name": "digitscnn", "num_classes": 10, "input_shape": [1, 8, 8]}  # the digits profile's model
 
-
-def redis_reachable() -> bool:
-    try:
-        return bool(connect(REDIS_URL, 1.0).ping())
-    except redis.RedisError:
-        return False
-
-
-needs_redis = pytest.mark.skipif(not redis_reachable(), reason="needs Redis at 127.0.0.1:6379 (.ci/run starts one)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+needs_redis = pytest.mark.skipif(not redis_answers(REDIS_URL),
+                                 reason="needs Redis at 127.0.0.1:6379 (.ci/run starts one)")
 
 
 def make_settings(namespace: str, tmp_path: Path, cache_dir: Path | None = None, **fields) -> ServiceSettings:
@@ -138,10 +124,9 @@ class ServiceProcess:
         if settings.cache_dir is not None:
             env["DSCGUARD_CACHE_DIR"] = str(settings.cache_dir)
         self.log = Path(settings.checkpoint_dir).parent / f"{self.command}-{uuid.uuid4().hex[:6]}.log"
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "service.cli", self.command, *args], env=env,
-                                            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        # in pytest's session: a Ctrl-C reaches the service too
+        self.process = spawn([sys.executable, "-m", "service.cli", self.command, *args], self.log, env=env, cwd=ROOT,
+                             new_session=False)
 
     @property
     def pid(self) -> int:
@@ -173,12 +158,7 @@ class ServiceProcess:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop(self.process, timeout=30)
 
 
 class WorkerProcess(ServiceProcess):
@@ -200,82 +180,19 @@ class ApiProcess(ServiceProcess):
 
     def wait_live(self, timeout: float = 60) -> None:
         def live() -> bool:
-            assert self.process.poll() is None, f"the API exited early:\n{self.output()}"
             try:
                 return httpx.get(f"{self.url}/health/live", timeout=2).status_code == 200
             except httpx.TransportError:
                 return False
 
-        wait_until(live, timeout, "the API to answer", interval=0.1, diagnostics=self.output)
-
-
-class RedisServer:
-    """A private `redis-server` on a free loopback port that a test may stop and restart (never the shared one).
-
-    Persistence as recommended for production: the append-only file, fsynced before each reply
-    (`appendfsync always`), so every write Redis acknowledged survives a crash of the server.
-    """
-
-    def __init__(self, directory: Path, appendfsync: str = "always"):
-        self.directory, self.appendfsync = Path(directory), appendfsync
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 20) -> None:
-        command = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
-                   "--save", "", "--appendonly", "yes", "--appendfsync", self.appendfsync,
-                   "--logfile", str(self.directory / "redis.log")]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_until(self._answers, timeout, f"redis-server on port {self.port}", interval=0.05,
-                   diagnostics=lambda: (self.directory / "redis.log").read_text(errors="replace"))
-
-    def _answers(self) -> bool:
-        assert self.process.poll() is None, "redis-server exited: " + (self.directory / "redis.log").read_text()
-        try:
-            return bool(connect(self.url, 0.5).ping())
-        except redis.RedisError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: Redis crashes; only what its append-only file holds comes back."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def rss_megabytes(pid: int) -> float | None:
-    """Resident memory of a process (VmRSS in /proc/<pid>/status), None once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return None
+        wait_until(live, timeout, "the API to answer", interval=0.1, diagnostics=self.output, watch=[self.process])
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.02,
-               diagnostics: Callable[[], str] = lambda: ""):
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{diagnostics()}")
-        time.sleep(interval)
+               diagnostics: Callable[[], str] = lambda: "", watch: Iterable[subprocess.Popen] = ()):
+    """Poll `condition` until it returns something truthy, and return that; fail (AssertionError, quoting
+    `diagnostics()`) after `timeout` seconds, or as soon as a process in `watch` has exited."""
+    try:
+        return wait_for(condition, timeout, what, watch=watch, log=diagnostics, interval=interval)
+    except ProcessFailed as exc:
+        raise AssertionError(str(exc)) from None

@@ -1,17 +1,30 @@
-"""`dscguard stack up`'s parts: the loopback Prometheus config, a local Redis, refusing to start without a key.
+"""`dscguard stack up`'s parts: the loopback Prometheus config, a local Redis, refusing to start without a key; and
+the process harness it shares with the tests and benchmarks (service/deployment/processes.py).
 
 The whole stack, scraped by a real Prometheus, runs in tests/test_monitoring.py.
 """
 
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
 import yaml
 
 from service.cli import main
+from service.deployment.processes import (
+    ProcessFailed,
+    RedisServer,
+    cpu_seconds,
+    redis_answers,
+    resident_megabytes,
+    spawn,
+    stop,
+    wait_for,
+)
 from service.deployment.redis_queue import connect
-from service.deployment.stack import PROMETHEUS_DIR, prometheus_config, redis_answers, start_redis
+from service.deployment.stack import PROMETHEUS_DIR, prometheus_config, start_redis
 from tests.service_harness import REDIS_URL, free_port, needs_redis
 
 
@@ -58,3 +71,35 @@ def test_stack_up_refuses_to_start_without_an_api_key(monkeypatch, tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("dscguard: error: set DSCGUARD_API_KEY") and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_wait_for_fails_as_soon_as_a_watched_child_exits_quoting_its_log(tmp_path):
+    log = tmp_path / "child.log"
+    child = spawn([sys.executable, "-c", "print('bad config'); raise SystemExit(3)"], log)
+    started = time.monotonic()
+    with pytest.raises(ProcessFailed, match=r"exited with status 3 while waiting for the child to answer:\nbad config"):
+        wait_for(lambda: False, 60, "the child to answer", watch=[child], log=log, interval=0.05)
+    assert time.monotonic() - started < 30  # not the whole timeout
+    assert wait_for(lambda: "value", 1, "nothing") == "value"  # the condition's value comes back
+
+
+def test_stop_kills_a_child_that_ignores_sigterm_and_reports_its_status(tmp_path):
+    log = tmp_path / "stubborn.log"
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    child = spawn([sys.executable, "-c", code], log)
+    wait_for(lambda: "up" in log.read_text(), 30, "the child to start", watch=[child], log=log, interval=0.05)
+    assert resident_megabytes(child.pid) > 1 and cpu_seconds(child.pid) >= 0
+    assert stop(child, timeout=0.5) == -9
+    assert resident_megabytes(child.pid) is None and cpu_seconds(child.pid) is None
+    assert stop(child) == -9  # already stopped: nothing to do
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_redis_server_comes_back_after_a_kill_with_what_it_acknowledged(tmp_path):
+    with RedisServer(tmp_path / "redis") as server:
+        connect(server.url).set("kept", "1")
+        server.kill()
+        assert not redis_answers(server.url)
+        server.start()
+        assert connect(server.url).get("kept") == b"1"
+    assert not redis_answers(server.url) and server.process.returncode is not None

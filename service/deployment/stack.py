@@ -22,10 +22,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-import redis
 import yaml
 
-from service.deployment.redis_queue import connect
+from service.deployment.processes import RedisServer, log_tail, redis_answers, spawn, stop, wait_for
 from service.deployment.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,35 +44,6 @@ def prometheus_config(api_target: str, worker_target: str, interval: str | None 
     return config
 
 
-def redis_answers(url: str) -> bool:
-    try:
-        return bool(connect(url, 1.0).ping())
-    except redis.RedisError:
-        return False
-
-
-def spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`command` in a session of its own (Ctrl-C reaches the stack only, which stops the processes in order)."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-
-
-def log_tail(log: Path, lines: int = 20) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
-
-
-def wait_for(condition, process: subprocess.Popen, name: str, log: Path, timeout: float) -> None:
-    """Poll `condition` until true; SystemExit with the log's tail when `process` exits or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise SystemExit(f"{name} exited with status {process.returncode}:\n{log_tail(log)}")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{name} did not answer within {timeout:.0f} s:\n{log_tail(log)}")
-        time.sleep(0.2)
-
-
 def start_redis(url: str, log: Path, timeout: float = 30.0) -> subprocess.Popen | None:
     """A `redis-server` for `url` when nothing answers there; None when Redis already answers.
 
@@ -86,15 +56,9 @@ def start_redis(url: str, log: Path, timeout: float = 30.0) -> subprocess.Popen 
     if parts.hostname not in ("127.0.0.1", "localhost") or shutil.which("redis-server") is None:
         raise SystemExit(f"Redis does not answer at {url}, and no local redis-server can be started there "
                          "(install Redis 7, or point DSCGUARD_REDIS_URL at a running one)")
-    process = spawn(["redis-server", "--bind", "127.0.0.1", "--port", str(parts.port or 6379), "--save", "",
-                     "--appendonly", "yes", "--appendfsync", "always", "--dir", str(log.parent.resolve())], log)
-    try:
-        wait_for(lambda: redis_answers(url), process, "redis", log, timeout)
-    except SystemExit:
-        process.kill()
-        process.wait(timeout=10)
-        raise
-    return process
+    server = RedisServer(log.parent, port=parts.port or 6379, log=log)
+    server.start(timeout)
+    return server.process
 
 
 class Stack:
@@ -147,15 +111,8 @@ class Stack:
     def stop(self) -> None:
         """SIGTERM each process (API, worker, Prometheus, Redis), wait (bounded), SIGKILL what is left."""
         for name in ("api", "worker", "prometheus", "redis"):
-            process = self.processes.pop(name, None)
-            if process is None or process.poll() is not None:
-                continue
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT_SECONDS[name])
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            if (process := self.processes.pop(name, None)) is not None:
+                stop(process, STOP_TIMEOUT_SECONDS[name])
 
     def _spawn(self, name: str, command: list[str]) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -180,7 +137,8 @@ class Stack:
             except httpx.HTTPError:
                 return False
 
-        wait_for(answers, self.processes[name], name, self.run_dir / f"{name}.log", timeout)
+        wait_for(answers, timeout, f"{name} to answer at {url}", watch=[self.processes[name]],
+                 log=self.run_dir / f"{name}.log")
 
 
 def stack_up(settings: ServiceSettings, run_dir: Path, api_port: int, prometheus_port: int,
