@@ -277,7 +277,7 @@ def test_dockerignore_keeps_data_and_history_out_of_the_build_context():
                 if p.strip() and not p.startswith("#")]
     for path in (".git", ".env", "data", "reports", "runs", "checkpoints", "service/__pycache__"):
         assert _dockerignored(path, patterns), path
-    assert not _dockerignored("service/deployment/worker.py", patterns)
+    assert not _dockerignored("service/deployment/worker/__init__.py", patterns)
 
 
 def _env_example() -> dict[str, str]:

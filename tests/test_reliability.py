@@ -11,6 +11,7 @@ each batch once, in order (a lost or a doubled update would change them).
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -269,6 +270,54 @@ def test_entries_handed_out_before_a_redis_error_are_applied_once_it_answers(dig
     assert [queue.batch_state(f"e{i}")["state"] for i in range(4)] == ["applied"] * 4
     assert [json.loads(f[b"record"])["batch_id"] for _, f in queue.client.xrange(queue.audit_stream)] == [
         f"e{i}" for i in range(4)]
+
+
+class _FailsOnceWhileReplaying(RedisQueue):
+    """A queue whose status publication fails once, as if Redis went away, when the replaying worker has reached
+    `at` batches applied."""
+
+    def __init__(self, *args, at: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.failed = at, False
+
+    def publish_status(self, status: dict) -> None:
+        replaying = status.get("replaying") or {}
+        if not self.failed and replaying.get("batches_applied") == self.at:
+            self.failed = True
+            raise redis.ConnectionError("Redis went away")
+        super().publish_status(status)
+
+
+def test_an_outage_mid_replay_after_a_fallback_skips_no_acknowledged_entry(digits_experiment, cache_dir, namespace,
+                                                                          tmp_path):
+    """A worker replays from an older checkpoint the entries that the group handed out and a newer checkpoint
+    acknowledged; Redis fails in the middle of that replay. Once it answers, the entries still to replay are
+    neither pending (they were acknowledged) nor new (">" never hands them out again): the consumer must take back
+    those after the last applied entry, not only the pending ones (the bug: they were skipped for good)."""
+    settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=2, checkpoints_kept=3)
+    queue = RedisQueue.from_settings(settings)
+    batches = list(digits_experiment.stream_batches(8, seed=26))
+    for index, (x, y) in enumerate(batches):
+        queue.enqueue(f"r{index}", to_stream_fields(Batch(f"r{index}", x.numpy(), y.numpy())))
+    assert Worker(settings).run(idle_timeout=0.5) == 8
+    directory = Path(settings.checkpoint_dir)
+    assert [p.name for p in checkpoints(directory)] == ["step-000000000008", "step-000000000006", "step-000000000004"]
+    for name in ("step-000000000008", "step-000000000006"):  # lost with a disk: the fallback is to step 4
+        shutil.rmtree(directory / name)
+    assert queue.client.xpending(queue.stream, GROUP)["pending"] == 0  # entries 5-8 acknowledged, kept
+
+    flaky = _FailsOnceWhileReplaying.from_settings(settings)
+    flaky.at = 6  # after 2 of the 4 replayed entries: the commit's status publication fails
+    resumed = Worker(settings, queue=flaky)
+    resumed.run(idle_timeout=1.0)
+    assert flaky.failed
+    assert resumed.learner.batches_applied == 8, "acknowledged entries after the outage were skipped"
+    assert_settled(queue)
+    reference = digits_experiment.new_learner()
+    for x, y in batches:
+        reference.step(x, y)
+    for name, tensor in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.learner.model.state_dict()[name], tensor, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("damaged", ["tensors.safetensors", "meta.json"])

@@ -175,7 +175,8 @@ class Worker:
                     remaining = self.settings.read_count if max_batches is None else max_batches - applied
                     # with applied batches not yet published, only look (no wait) for more work
                     entries = self.stream.next(min(self.settings.read_count, remaining),
-                                               wait=not self.publisher.unpublished, applied=self.uncommitted)
+                                               wait=not self.publisher.unpublished, applied=self.uncommitted,
+                                               last_applied_id=self.last_applied_id)
                     for entry_id, fields in entries:
                         if self._stop.is_set() or (max_batches is not None and applied >= max_batches):
                             break  # entries left pending are reclaimed by the next start

@@ -7,7 +7,9 @@ second audit record. Then new entries (XREADGROUP `>`), waiting up to `read_bloc
 
 Redis going away is waited out with capped exponential backoff (redis-py's `ExponentialBackoff`: 0.2 s doubling
 to 5 s); once it answers again, the consumer first takes back what Redis handed out and the worker never
-applied (a new read would never look at those pending entries again before a restart). The waiting is not
+applied (a new read would never look at those pending entries again before a restart), and the entries after the
+last applied one that the group handed out before (a replay after a fallback to an older checkpoint reads entries
+acknowledged for the newer one: they are not pending, and a new read never hands them out again). The waiting is not
 redis-py's `Retry.call_with_retry`: that sleeps in `time.sleep`, which `request_stop` (SIGTERM) could not cut
 short, and it repeats the failed call, while what must follow an outage is the reclaim, then reads.
 """
@@ -64,14 +66,23 @@ class StreamConsumer:
         self._pending = entries
         return Backlog(entries, recorded)
 
-    def next(self, count: int, *, wait: bool, applied: Container[bytes]) -> list[Entry]:
+    def next(self, count: int, *, wait: bool, applied: Container[bytes], last_applied_id: str = "0-0") -> list[Entry]:
         """The next entries: the backlog, or (after an outage) those handed out and not in `applied`, or up to
         `count` new ones, waiting for them up to `read_block_ms` when `wait`."""
         if self.failures:  # Redis is back: take back what it handed out and this worker never applied
-            self._pending = [e for e in self.queue.reclaim(self.name) if e[0] not in applied]
+            self._pending = self.taken_back(applied, last_applied_id)
         entries = self._pending or self.queue.read(self.name, count, self.read_block_ms if wait else None)
         self._pending = []
         return entries
+
+    def taken_back(self, applied: Container[bytes], last_applied_id: str) -> list[Entry]:
+        """After an outage, oldest first: the group's pending entries, and the entries after `last_applied_id`
+        that the group handed out before (acknowledged ones that a replay from an older checkpoint still has to
+        apply), less those in `applied`."""
+        entries = dict(self.queue.reclaim(self.name))
+        entries.update(self.queue.delivered_after(last_applied_id))
+        return sorted(((i, f) for i, f in entries.items() if i not in applied),
+                      key=lambda item: entry_id_key(item[0]))
 
     def answered(self) -> None:
         """A whole pass went through: Redis is back (or never left)."""
