@@ -3,7 +3,7 @@
 C concurrent clients (asyncio + httpx) POST digits-shaped batches for D seconds, each with a fresh
 batch_id, as fast as the service lets them. A small queue bound (DSCGUARD_QUEUE_MAX_LENGTH) makes
 the API answer 429 with Retry-After once the worker falls behind; the clients honour it and retry
-the same batch. Meanwhile the resident memory (VmRSS) of the API and the worker and the stream length
+the same batch. Meanwhile the resident memory (RSS) of the API and the worker and the stream length
 are sampled. At the end the worker drains the queue, and every accepted batch_id is checked: its
 state is `applied`, the batches-applied counter equals the number accepted, and the audit stream
 holds one record per batch (none lost, none doubled).
@@ -33,19 +33,20 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the process helpers of the test harness, when run as a script
+sys.path.insert(0, str(ROOT))  # the service and its test harness, when run as a script
 
 from service.core.environment import environment  # noqa: E402
 from service.deployment.codec import encode_json_batch  # noqa: E402
+from service.deployment.processes import resident_megabytes  # noqa: E402
 from service.deployment.redis_queue import RedisQueue, connect  # noqa: E402
 from service.deployment.settings import ServiceSettings  # noqa: E402
-from tests.service_harness import ApiProcess, WorkerProcess, rss_megabytes, wait_until  # noqa: E402
+from tests.service_harness import ApiProcess, WorkerProcess, wait_until  # noqa: E402
 
 API_KEY = f"load-{uuid.uuid4().hex}"
 
 
 class Sampler(threading.Thread):
-    """Every `interval` seconds: VmRSS of each process (MB) and the stream length."""
+    """Every `interval` seconds: the resident memory of each process (MiB) and the stream length."""
 
     def __init__(self, pids: dict[str, int], queue: RedisQueue, interval: float = 0.5):
         super().__init__(name="sampler", daemon=True)
@@ -56,7 +57,7 @@ class Sampler(threading.Thread):
 
     def sample(self) -> None:
         for name, pid in self.pids.items():
-            value = rss_megabytes(pid)
+            value = resident_megabytes(pid)
             if value is not None:
                 self.rss[name].append(value)
         self.depths.append(int(self.queue.client.xlen(self.queue.stream)))
@@ -160,7 +161,8 @@ def run(args) -> dict:
                 api.wait_live()
                 wait_until(lambda: httpx.get(f"{api.url}/health/ready").status_code == 200, args.ready_timeout,
                            "the service to be ready (the worker burns in on a cold cache)", interval=0.2,
-                           diagnostics=lambda: worker.output()[-3000:] + api.output()[-3000:])
+                           diagnostics=lambda: worker.output()[-3000:] + api.output()[-3000:],
+                           watch=[worker.process, api.process])
                 sampler = Sampler({"api": api.pid, "worker": worker.pid}, queue, args.sample_interval)
                 sampler.sample()
                 sampler.start()
@@ -170,7 +172,7 @@ def run(args) -> dict:
                 status = lambda: httpx.get(f"{api.url}/v1/status", headers={"X-API-Key": API_KEY}).json()  # noqa: E731
                 wait_until(lambda: status()["batches_applied"] >= len(clients.accepted), args.drain_timeout,
                            "the worker to apply every accepted batch", interval=0.2,
-                           diagnostics=lambda: worker.output()[-3000:])
+                           diagnostics=lambda: worker.output()[-3000:], watch=[worker.process])
                 drain_seconds = time.monotonic() - drain_started
                 sampler.stop.set()
                 sampler.join()

@@ -28,8 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +37,6 @@ import uuid
 from pathlib import Path
 
 import httpx
-import psutil
 
 # as the service's processes do (`dscguard serve/worker`): idle OpenMP threads sleep rather than spin, or
 # the in-process learner on every core collapses whenever another process takes a core
@@ -51,6 +48,7 @@ from service.core.data import DatasetNotFoundError
 from service.core.environment import environment
 from service.core.experiment import Experiment
 from service.deployment.codec import encode_json_batch
+from service.deployment.processes import cpu_seconds, free_port, log_tail, spawn, stop, wait_for
 from service.deployment.redis_queue import RedisQueue, connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,19 +61,13 @@ WORKLOADS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Service:
     """`dscguard serve` and `dscguard worker` as subprocesses on one fresh namespace; stopped on exit."""
 
     def __init__(self, args, workload: dict, workdir: Path):
         self.namespace = f"bench-{uuid.uuid4().hex[:10]}"
         self.pin = args.pin
-        self.port = _free_port()
+        self.port = free_port()
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "DSCGUARD_REDIS_URL": args.redis_url,
                     "DSCGUARD_NAMESPACE": self.namespace, "DSCGUARD_API_KEY": API_KEY,
                     "DSCGUARD_PROFILE": workload["profile"], "DSCGUARD_SEED": str(args.seed),
@@ -88,50 +80,41 @@ class Service:
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self) -> Service:
-        with open(self.logs, "wb") as log:
-            for command in (["worker", "--log-level", "warning"],
-                            ["serve", "--port", str(self.port), "--log-level", "warning"]):
-                self.processes.append(subprocess.Popen([sys.executable, "-m", "service.cli", *command], env=self.env,
-                                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-        if self.pin:  # the worker alone on core 0; the API (and this client, see _throughput) on the others
-            worker, api = self.processes
-            os.sched_setaffinity(worker.pid, {0})
-            os.sched_setaffinity(api.pid, _other_cores())
+        for command in (["worker", "--log-level", "warning"],
+                        ["serve", "--port", str(self.port), "--log-level", "warning"]):
+            self.processes.append(spawn([sys.executable, "-m", "service.cli", *command], self.logs, env=self.env,
+                                        cwd=ROOT, new_session=False))
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers={"X-API-Key": API_KEY},
                                    timeout=60)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.processes):
-                raise SystemExit(f"the service exited early:\n{self.logs.read_text()}")
-            try:
-                if self.client.get("/health/ready").status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"the service was not ready within 600 s:\n{self.logs.read_text()}")
+        try:
+            if self.pin:  # the worker alone on core 0; the API (and this client, see _throughput) on the others
+                worker, api = self.processes
+                os.sched_setaffinity(worker.pid, {0})
+                os.sched_setaffinity(api.pid, _other_cores())
+            wait_for(self._ready, 600, "the service to be ready", watch=self.processes, log=self.logs)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            return self.client.get("/health/ready").status_code == 200
+        except httpx.TransportError:
+            return False
 
     def __exit__(self, *exc) -> None:
         self.client.close()
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        for process in self.processes:  # the worker first: its final checkpoint
+            stop(process, timeout=60)
         RedisQueue(connect(self.env["DSCGUARD_REDIS_URL"]), self.namespace).purge()
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system) so far of the worker, the API and this client."""
-        def of(process: subprocess.Popen) -> float:
-            times = psutil.Process(process.pid).cpu_times()
-            return times.user + times.system
-
-        worker, api = self.processes
-        return {"worker": of(worker), "api": of(api), "client": time.process_time()}
+        worker, api = (cpu_seconds(process.pid) for process in self.processes)
+        if worker is None or api is None:
+            raise SystemExit(f"the service exited:\n{log_tail(self.logs)}")
+        return {"worker": worker, "api": api, "client": time.process_time()}
 
     def post(self, body: bytes) -> float:
         """POST one encoded batch (`encode`); returns the client-side latency in seconds."""

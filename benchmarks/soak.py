@@ -63,7 +63,7 @@ import httpx
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the process helpers of the test harness, when run as a script
+sys.path.insert(0, str(ROOT))  # the service and its test harness, when run as a script
 
 from load_test import Sampler, _applied, add_run_options, emit  # noqa: E402
 
@@ -71,9 +71,10 @@ from attacker_sim.http_target import BATCH_ID_PREFIX as ATTACK_PREFIX  # noqa: E
 from attacker_sim.http_target import HttpTarget, evaluate_target  # noqa: E402
 from service.core.environment import environment  # noqa: E402
 from service.deployment.codec import encode_json_batch  # noqa: E402
+from service.deployment.processes import RedisServer  # noqa: E402
 from service.deployment.redis_queue import RedisQueue, connect  # noqa: E402
 from service.deployment.settings import ServiceSettings  # noqa: E402
-from tests.service_harness import ApiProcess, RedisServer, WorkerProcess, wait_until  # noqa: E402
+from tests.service_harness import ApiProcess, WorkerProcess, wait_until  # noqa: E402
 
 API_KEY, ADMIN_TOKEN = f"soak-{uuid.uuid4().hex}", f"soak-admin-{uuid.uuid4().hex}"
 HEADERS = {"X-API-Key": API_KEY}
@@ -204,7 +205,7 @@ class Soak:
                         and worker.get("replaying") is None)
 
         wait_until(serving, 300, "the worker to serve and catch up", interval=0.2,
-                   diagnostics=lambda: self.worker.output()[-3000:])
+                   diagnostics=lambda: self.worker.output()[-3000:], watch=[self.worker.process])
 
     # -- the late attack (in the faults' thread, after them) -----------------------------------------------
     def late_attack(self) -> None:
@@ -353,7 +354,8 @@ class Soak:
         try:
             self.api.wait_live(self.args.ready_timeout)
             wait_until(lambda: httpx.get(f"{self.api.url}/health/ready").status_code == 200, self.args.ready_timeout,
-                       "the service to be ready", interval=0.2, diagnostics=lambda: self.worker.output()[-3000:])
+                       "the service to be ready", interval=0.2, diagnostics=lambda: self.worker.output()[-3000:],
+                       watch=[self.worker.process, self.api.process])
             self.sampler.sample()
             self.sampler.start()
             self.timeline.started = time.monotonic()
@@ -373,7 +375,7 @@ class Soak:
                     status["batches_applied"] >= len(self.accepted) + self.attack_ingested())
 
             wait_until(drained, self.args.drain_timeout, "the worker to apply every accepted batch", interval=0.5,
-                       diagnostics=lambda: self.worker.output()[-3000:])
+                       diagnostics=lambda: self.worker.output()[-3000:], watch=[self.worker.process])
             drain_seconds = time.monotonic() - drain_started
             self.sampler.stop.set()
             self.sampler.join()
