@@ -122,13 +122,9 @@ def build_rows(outcomes: list[Outcome]) -> list[Row]:
     return rows
 
 
-def _pm(stat: Stat | None, scale: float = 100.0, digits: int = 1) -> str:
-    return plus_minus(stat.model_dump() if stat else None, scale, digits)
-
-
 def _early_late(early: Stat | None, late: Stat | None) -> str:
     """'early / late' rates in percent, or '–' where they were not measured."""
-    return f"{_pm(early, digits=0)} / {_pm(late, digits=0)}" if early is not None else "–"
+    return f"{plus_minus(early, digits=0)} / {plus_minus(late, digits=0)}" if early is not None else "–"
 
 
 def summary_columns(board: Leaderboard) -> list[tuple[str, str]]:
@@ -158,7 +154,7 @@ def markdown(board: Leaderboard) -> str:
         cells = []
         for scenario, _ in columns:
             row = board.row(scenario, strategy)
-            cells.append(_pm(row.drift_gain if scenario.startswith("drift:") else row.final_acc) if row else "–")
+            cells.append(plus_minus(row.drift_gain if scenario.startswith("drift:") else row.final_acc) if row else "–")
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     lines += ["", "## Every row", "",
               "| scenario | strategy | start | final | batch | recovery of ST's loss | drift gain share | "
@@ -167,13 +163,13 @@ def markdown(board: Leaderboard) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in board.rows:
         target = f" ({row.target_flag_rate:.0%})" if row.target_flag_rate is not None else ""
-        lines.append(
-            f"| {row.scenario} | {row.strategy} | {_pm(row.start_acc)} | {_pm(row.final_acc)} | "
-            f"{_pm(row.batches, 1.0)} | {_pm(row.recovery, 100, 0)} | {_pm(row.drift_gain_share, 100, 0)} | "
-            f"{_pm(row.poisons_flagged, 100, 0)} | {_pm(row.clean_flag_rate, 100, 0)}{target} | "
-            f"{_early_late(row.clean_flag_rate_early, row.clean_flag_rate_late)} | "
-            f"{_early_late(row.fresh_flag_rate_early, row.fresh_flag_rate_late)} | "
-            f"{_pm(row.promotions_refused, 1.0, 1)} | {_pm(row.seconds_per_step, 1000, 1)} |")
+        lines.append("| " + " | ".join([
+            row.scenario, row.strategy, plus_minus(row.start_acc), plus_minus(row.final_acc),
+            plus_minus(row.batches, 1.0), plus_minus(row.recovery, 100, 0), plus_minus(row.drift_gain_share, 100, 0),
+            plus_minus(row.poisons_flagged, 100, 0), plus_minus(row.clean_flag_rate, 100, 0) + target,
+            _early_late(row.clean_flag_rate_early, row.clean_flag_rate_late),
+            _early_late(row.fresh_flag_rate_early, row.fresh_flag_rate_late),
+            plus_minus(row.promotions_refused, 1.0, 1), plus_minus(row.seconds_per_step, 1000, 1)]) + " |")
     lines += ["", "## Strategies", ""]
     for label, settings in board.strategies.items():
         lines.append(f"- **{label}**: " + ", ".join(f"{k}={v}" for k, v in settings.items()))

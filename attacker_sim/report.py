@@ -114,11 +114,16 @@ def results_document(evaluation: Evaluation) -> EvalResults:
     })
 
 
-def plus_minus(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
-    """'mean ± std' of a `summarize` result, scaled (100: fractions as percent); '–' where not measured."""
+def plus_minus(stat: Stat | dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    """'mean ± std' of a `summarize` result or a `Stat`, scaled (100: fractions as percent); '–' where not measured.
+
+    >>> plus_minus({"mean": 0.5, "std": 0.01}), plus_minus(Stat(mean=2.0, std=1.0, values=[1.0, 3.0]), 1.0, 0)
+    ('50.0 ± 1.0', '2 ± 1')
+    """
     if stat is None:
         return "–"
-    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+    mean, std = (stat.mean, stat.std) if isinstance(stat, Stat) else (stat["mean"], stat["std"])
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
 def table_markdown(evaluation: Evaluation) -> str:
