@@ -55,8 +55,7 @@ def test_start_redis_starts_one_only_where_none_answers(tmp_path):
         assert (tmp_path / "appendonlydir").is_dir()
         assert start_redis(url, tmp_path / "again.log") is None  # answers now: reused, nothing started
     finally:
-        process.terminate()
-        process.wait(timeout=20)
+        stop(process, timeout=20)
     assert not redis_answers(url)
 
 
