@@ -1,9 +1,11 @@
 """The worker's checkpoints on disk: written with rotation, read back newest first with fallback, and the
 trusted canary beside them.
 
-A checkpoint is a directory `step-<batches applied>` (safetensors + JSON, `service/core/checkpoint.py`); the
-newest `kept` stay. On start the newest loadable one wins: an unreadable one is moved aside as
-`refused-step-...` (kept for inspection) and the next older one is tried, while one written for another
+A checkpoint is a directory `step-<model version>` (safetensors + JSON, `service/core/checkpoint.py`); the
+newest `kept` stay. The model version counts the batches applied and the resets (`POST /v1/admin/reset`), so it
+only grows, where the batches applied start again from 0 at a reset. On start the newest loadable one wins: an
+unreadable one is moved aside as `refused-step-...` (kept for inspection) and the next older one is tried, while
+one written for another
 configuration (its deployment fingerprint differs), or of another bundle (its bundle fingerprint differs), stops
 the worker before anything is loaded or written: resuming it would mix deployments.
 """
@@ -57,13 +59,22 @@ class CheckpointStore:
 
     def __init__(self, directory: Path, kept: int, config: ExperimentConfig, bundle: str | None = None):
         self.directory, self.kept = Path(directory), kept
-        self.bundle = bundle
+        self.bundle, self.config = bundle, config
         self.fingerprint = deployment_fingerprint(config, bundle)
 
+    def fingerprint_for(self, seed: int | None) -> str:
+        """The deployment's fingerprint once reset to `seed`'s starting state (None, or the configured seed: as
+        configured)."""
+        if seed is None or seed == self.config.seed:
+            return self.fingerprint
+        return deployment_fingerprint(self.config.model_copy(update={"seed": seed}), self.bundle)
+
     def write(self, learner: OnlineLearner, extra: dict) -> Path:
-        """Save `learner` (with `extra`, the deployment and bundle fingerprints) and drop checkpoints beyond `kept`."""
-        path = self.directory / f"{CHECKPOINT_PREFIX}{learner.batches_applied:012d}"
-        learner.save(path, extra_meta={**extra, "deployment": self.fingerprint, "bundle": self.bundle})
+        """Save `learner` (with `extra`, the deployment and bundle fingerprints) and drop checkpoints beyond `kept`;
+        `extra["seed"]` names the starting state when a reset changed it."""
+        path = self.directory / f"{CHECKPOINT_PREFIX}{learner.model_version:012d}"
+        learner.save(path, extra_meta={**extra, "deployment": self.fingerprint_for(extra.get("seed")),
+                                       "bundle": self.bundle})
         for old in checkpoints(self.directory)[self.kept :]:
             shutil.rmtree(old, ignore_errors=True)
         return path
@@ -94,7 +105,7 @@ class CheckpointStore:
                 continue
             log.info("resumed from checkpoint %s", path)
             if refused:
-                lost = int(refused[0].name.rsplit("-", 1)[-1]) - learner.batches_applied
+                lost = int(refused[0].name.rsplit("-", 1)[-1]) - learner.model_version
                 log.error("fell back to checkpoint %s: the %d updates after it that the refused %s held are "
                           "replayed from the stream (kept there until the oldest kept checkpoint holds them)",
                           path.name, lost, refused[0].name)
@@ -115,10 +126,10 @@ class CheckpointStore:
             raise WorkerError(f"checkpoint {path} was written for {name(found)}, but this worker serves "
                               f"{name(self.bundle)}; serve the bundle it was written for, or use an empty "
                               "DSCGUARD_CHECKPOINT_DIR for a new deployment")
-        found = extra.get("deployment")
-        if found != self.fingerprint:
+        found, expected = extra.get("deployment"), self.fingerprint_for(extra.get("seed"))
+        if found != expected:
             raise WorkerError(f"checkpoint {path} was written for another configuration (fingerprint "
-                              f"{found}, these settings give {self.fingerprint}); use an empty "
+                              f"{found}, these settings give {expected}); use an empty "
                               "DSCGUARD_CHECKPOINT_DIR for a new deployment")
 
     def _refuse(self, path: Path, exc: Exception) -> Path:

@@ -4,9 +4,10 @@ Keys, all under `<namespace>:`:
 
 | key | type | what |
 |---|---|---|
-| `ingest` | stream, group `workers` | batches waiting, in flight, or applied and kept for a fallback |
+| `ingest` | stream, group `workers` | batches (and control entries: a reset) waiting, in flight, or applied and kept |
 | `batch:<batch_id>` | hash, expires | idempotency key; then the batch's state, audit record, `committed` |
-| `audit` | stream, capped | one record per applied batch |
+| `audit` | stream, capped | one record per applied batch (and per applied reset) |
+| `admin-audit` | stream, capped | one record per admin request accepted by the API (a reset: who, when, which seed) |
 | `deadletter` | stream, capped | entries the worker could not decode, with the reason |
 | `model` | hash | model spec, version and current weights (safetensors), published by the worker |
 | `worker` | string | the worker's status (JSON); `worker:heartbeat` its lease, refreshed while alive |
@@ -17,6 +18,10 @@ The lease is a redis-py `Lock` on `worker:heartbeat` whose token is the worker's
 An entry is XACKed only once a checkpoint holds its update, and deleted only once the oldest kept
 checkpoint holds it, so the stream length bounds everything not yet durable, a crashed worker's
 entries are reclaimed on restart, and a fallback to an older checkpoint can replay what followed it.
+
+A control entry (`control=reset`, `POST /v1/admin/reset`) travels in the same stream as the batches, under its own
+`batch_id` (the reset's id): the worker meets it in stream order, so the batches before it are applied to the old
+model and those after it to the new one, and a replay meets it again at the same place.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from dataclasses import dataclass
 import redis
 
 GROUP = "workers"
+CONTROL_FIELD = "control"  # present on control entries of the ingest stream (its value: "reset")
+RESET = "reset"
 # Redis's answer to an XADD whose explicit id is not above the stream's top: the record is already there
 AUDIT_ALREADY_RECORDED = "equal or smaller than the target stream top item"
 
@@ -121,6 +128,7 @@ class RedisQueue:
         self.dead_letters, self.model_key = self.key("deadletter"), self.key("model")
         self.status_key, self.heartbeat_key = self.key("worker"), self.key("worker:heartbeat")
         self.events_channel = self.key("batch-events")
+        self.admin_audit_stream = self.key("admin-audit")
         self._enqueue = client.register_script(_ENQUEUE)
         self._mark_committed = client.register_script(_MARK_COMMITTED)
 
@@ -148,6 +156,21 @@ class RedisQueue:
             args += [name, value]
         state, entry_id = self._enqueue(keys=[self.stream, self.batch_key(batch_id)], args=args)
         return EnqueueResult(state.decode(), entry_id.decode() or None)
+
+    def enqueue_reset(self, reset_id: str, seed: int) -> EnqueueResult:
+        """Append a reset to `seed`'s starting state in stream order (the worker rebuilds its learner when it gets
+        there); idempotent by `reset_id` like a batch, and refused like one when the stream is full."""
+        return self.enqueue(reset_id, {CONTROL_FIELD: RESET, "batch_id": reset_id, "seed": str(seed)})
+
+    def record_admin(self, record: dict) -> None:
+        """One admin request, for the record (`admin-audit`, capped like the audit stream)."""
+        self.client.xadd(self.admin_audit_stream, {"record": json.dumps(record)}, maxlen=self.audit_max_length,
+                         approximate=True)
+
+    def admin_audit_tail(self, count: int) -> list[dict]:
+        """The newest admin records, newest first."""
+        return [json.loads(fields[b"record"])
+                for _, fields in self.client.xrevrange(self.admin_audit_stream, count=count)]
 
     def batch_state(self, batch_id: str) -> dict | None:
         """What became of a batch: queued, applied (with its audit record), dead_letter or skipped (with the reason)."""

@@ -17,6 +17,8 @@ from service.deployment.api.schemas import (
     IngestResponse,
     PredictResponse,
     Readiness,
+    ResetRequest,
+    ResetResponse,
     StatusResponse,
 )
 from service.deployment.metrics import render
@@ -87,6 +89,21 @@ def model(state: State):
     published = state.current_model()
     return Response(published.weights, media_type="application/vnd.safetensors",
                     headers={"X-Model-Version": str(published.version)})
+
+
+@router.post("/v1/admin/reset", status_code=202, response_model=ResetResponse, tags=["admin"],
+             dependencies=[Depends(require_admin)],
+             responses={200: {"model": ResetResponse, "description": "a repeated reset_id: not enqueued again"},
+                        **_ERRORS})
+def reset(body: ResetRequest, request: Request, state: State):
+    """Reset the learner to its starting state for `seed` (admin token only; recorded in the admin audit trail).
+
+    Queued in the batches' stream: those queued before it are applied to the old model, those after it to the
+    new one (published under a new model version). Its state is GET /v1/batches/{reset_id}.
+    """
+    outcome, reset_id, entry_id = state.reset(body, request.client.host if request.client else None)
+    return JSONResponse(ResetResponse(reset_id=reset_id, entry_id=entry_id, seed=body.seed, state=outcome).model_dump(),
+                        status_code=202 if outcome == "queued" else 200)
 
 
 @router.get("/health/live", tags=["health"])

@@ -35,6 +35,23 @@ class PredictRequest(_Strict):
     x: TensorPayload
 
 
+class ResetRequest(_Strict):
+    """Rebuild the worker's learner from its starting state (the profile's burn-in for `seed`, or the served
+    bundle with `seed`) once the entries queued before this one are applied."""
+
+    seed: StrictInt = Field(ge=0, le=2**31 - 1, description="the experiment seed of the starting state")
+    reset_id: str | None = Field(None, pattern=BATCH_ID_PATTERN,
+                                 description="idempotency key (default: a fresh reset-<uuid>); its state is "
+                                             "GET /v1/batches/{reset_id}")
+
+
+class ResetResponse(BaseModel):
+    reset_id: str
+    entry_id: str = Field(description="the Redis stream entry id: batches before it meet the old model")
+    seed: int
+    state: Literal["queued", "duplicate"]
+
+
 class IngestResponse(BaseModel):
     batch_id: str
     entry_id: str = Field(description="the Redis stream entry id")

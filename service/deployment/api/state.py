@@ -7,13 +7,16 @@ never blocks the event loop. Long-poll waits on a batch are the exception: they 
 
 from __future__ import annotations
 
+import logging
+import time
+import uuid
 from dataclasses import dataclass
 
 import redis
 from pydantic import ValidationError
 
 from service.deployment.api.errors import ApiError
-from service.deployment.api.schemas import SAFETENSORS_MEDIA_TYPES, IngestRequest, PredictRequest
+from service.deployment.api.schemas import SAFETENSORS_MEDIA_TYPES, IngestRequest, PredictRequest, ResetRequest
 from service.deployment.api.waits import BatchWaits
 from service.deployment.codec import (
     Batch,
@@ -27,6 +30,8 @@ from service.deployment.metrics import ApiMetrics
 from service.deployment.model_store import ModelStore, PublishedModel
 from service.deployment.redis_queue import RedisQueue
 from service.deployment.settings import ServiceSettings
+
+log = logging.getLogger("dscguard.api")
 
 # what /v1/status shows at the top level; the rest of the worker's status is under "worker"
 MODEL_STATUS_FIELDS = ("model_version", "batches_applied", "strategy", "threshold", "calibration", "canary_accuracy",
@@ -78,6 +83,22 @@ class ApiState:
             self.metrics.ingested_samples.inc(len(batch))
             self.metrics.ingested_batches.inc()
         return result.state, batch.batch_id, result.entry_id
+
+    def reset(self, request: ResetRequest, client: str | None) -> tuple[str, str, str]:
+        """Queue a reset of the worker's learner to `request.seed`'s starting state, in stream order, and record
+        who asked (`admin-audit`): (state, reset_id, entry_id); 429 when the queue is full."""
+        reset_id = request.reset_id or f"reset-{uuid.uuid4().hex}"
+        result = self.queue.enqueue_reset(reset_id, request.seed)
+        if result.state == "full":
+            raise ApiError(429, "queue_full", f"the queue holds its maximum of {self.settings.queue_max_length} "
+                                              "entries; retry later",
+                           {"Retry-After": str(self.settings.retry_after_seconds)})
+        self.queue.record_admin({"action": "reset", "reset_id": reset_id, "seed": request.seed,
+                                 "entry_id": result.entry_id, "state": result.state, "client": client,
+                                 "at": time.time()})
+        log.warning("admin reset %s to seed %d from %s: %s (entry %s)", reset_id, request.seed, client, result.state,
+                    result.entry_id)
+        return result.state, reset_id, result.entry_id
 
     def current_model(self) -> PublishedModel:
         published = self.models.current()

@@ -17,6 +17,13 @@ A checkpoint that cannot be loaded (truncated, corrupt) is refused with an error
 `refused-step-...`, and the next older one is loaded; the updates between the two are replayed
 from the entries kept in the stream.
 
+A reset (`POST /v1/admin/reset`: a control entry in the same stream) is applied in stream order: what was applied
+before it is published with the old model, then the learner is rebuilt from its starting state for the seed the
+reset names (`Bootstrap.fresh`: the burn-in of that seed, or the bundle), under the next model version, and
+checkpointed at once (the checkpoint records the seed). A crash before that checkpoint replays the reset from the
+stream at the same place, so the rebuilt model and its version come out the same. The batch ids remembered
+against re-sent batches are kept across a reset, as the API's idempotency keys are.
+
 What readers see never goes backwards. A batch is `applied` once the published model holds it, and
 `committed` once a checkpoint does too (a crash costs only its replay).
 
@@ -50,7 +57,7 @@ from service.core.learner import OnlineLearner, StepReport
 from service.deployment.checkpoint_store import WorkerError
 from service.deployment.codec import BatchRejected, InputSpec, from_stream_fields
 from service.deployment.metrics import WorkerMetrics
-from service.deployment.redis_queue import AppliedBatch, RedisQueue, entry_id_key
+from service.deployment.redis_queue import CONTROL_FIELD, RESET, AppliedBatch, RedisQueue, entry_id_key
 from service.deployment.settings import ServiceSettings
 from service.deployment.worker.bootstrap import Bootstrap
 from service.deployment.worker.consumer import StreamConsumer
@@ -94,6 +101,8 @@ class Worker:
         self.canary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.canary_accuracy: float | None = None
         self._checkpointed_batches = -1
+        self._checkpointed_version = -1
+        self.seed = settings.seed  # the starting state's seed: the configured one, or the last reset's
         self._metrics_server = None
         self._started = False
 
@@ -142,7 +151,7 @@ class Worker:
     def _resume(self) -> None:
         """The learner from the newest checkpoint (or a new one, checkpointed at once), and what it holds."""
         start = self.bootstrap.load_or_create()
-        self.learner, self.canary = start.learner, start.canary
+        self.learner, self.canary, self.seed = start.learner, start.canary, start.seed
         if start.created:
             self.commit()
         else:
@@ -150,6 +159,7 @@ class Worker:
             for batch_id in start.recent_batch_ids:
                 self._remember(batch_id)
             self._checkpointed_batches = self.learner.batches_applied
+            self._checkpointed_version = self.learner.model_version
             self.keep_after = self.store.oldest_kept_id()
         self.publisher.hold_back(self.learner)
 
@@ -232,6 +242,8 @@ class Worker:
         The batch's record waits in the publisher for the next `flush`.
         """
         started = time.perf_counter()
+        if CONTROL_FIELD.encode() in fields:
+            return self.control(entry_id, fields)
         try:
             batch = from_stream_fields(fields, self.spec)
         except BatchRejected as exc:
@@ -273,6 +285,54 @@ class Worker:
             self.commit()
         return 1
 
+    def control(self, entry_id: bytes, fields: dict) -> int:
+        """Apply a control entry (a reset); returns 0: no batch was applied."""
+        reset_id = fields.get(b"batch_id", b"").decode(errors="replace")
+        try:
+            if fields[CONTROL_FIELD.encode()] != RESET.encode():
+                raise ValueError(f"unknown control {fields[CONTROL_FIELD.encode()].decode(errors='replace')!r}")
+            seed = int(fields[b"seed"])
+            if seed < 0 or not reset_id:
+                raise ValueError("a reset needs a batch_id and a seed >= 0")
+        except (KeyError, ValueError) as exc:
+            log.warning("control entry %s dead-lettered: %s", entry_id.decode(), exc)
+            self.queue.dead_letter(entry_id, fields, "control", str(exc))
+            self.metrics.dead_letters.labels(reason="control").inc()
+            return 0
+        if entry_id_key(entry_id) <= entry_id_key(self.last_applied_id):  # replayed, and a checkpoint holds it
+            self.queue.settle([entry_id], self.keep_after, committed_batch_ids=[reset_id])
+            return 0
+        self.reset(entry_id, reset_id, seed)
+        return 0
+
+    def reset(self, entry_id: bytes, reset_id: str, seed: int) -> None:
+        """Rebuild the learner from `seed`'s starting state at this point of the stream, publish it under the next
+        model version and checkpoint it."""
+        self.flush()  # the batches before the reset go out with the model that applied them
+        previous = self.learner
+        started = time.perf_counter()
+        learner = self.bootstrap.fresh(seed)
+        learner.model_version = previous.model_version + 1  # readers see a new model, never a mix
+        self.learner, self.seed = learner, seed
+        self.last_applied_id = entry_id.decode()
+        self.uncommitted[entry_id] = reset_id
+        record = {"batch_id": reset_id, "entry_id": entry_id.decode(), "control": RESET, "seed": seed,
+                  "strategy": learner.strategy.name, "model_version": learner.model_version,
+                  "previous_model_version": previous.model_version,
+                  "previous_batches_applied": previous.batches_applied, "threshold": learner.threshold(),
+                  "calibration": learner.calibration.to_dict() if learner.calibration else None,
+                  "batch_index": None, "samples": 0, "flagged": 0, "corrected": 0,
+                  "step_seconds": time.perf_counter() - started, "applied_at": time.time()}
+        self.publisher.add(AppliedBatch(reset_id, record, None, in_audit=entry_id in self.recorded))
+        self.recorded.discard(entry_id)
+        log.info("reset %s: learner rebuilt from the starting state of seed %d at model version %d (was %d batches "
+                 "applied)", reset_id, seed, learner.model_version, previous.batches_applied)
+        self.metrics.model_version.set(learner.model_version)
+        threshold = learner.threshold()
+        if threshold is not None:
+            self.metrics.threshold.set(threshold)
+        self.commit()
+
     def audit_record(self, batch_id: str, entry_id: bytes, report: StepReport) -> dict:
         summary = report.summary()
         return {"batch_id": batch_id, "entry_id": entry_id.decode(), "batch_index": report.batch_index,
@@ -294,7 +354,7 @@ class Worker:
         learner = self.learner
         bundle = None if self.bundle is None else {"directory": str(self.bundle.directory),
                                                    "fingerprint": self.bundle_fingerprint}
-        status = {"consumer": self.consumer, "bundle": bundle, "strategy": learner.strategy.name,
+        status = {"consumer": self.consumer, "bundle": bundle, "seed": self.seed, "strategy": learner.strategy.name,
                   "device": str(learner.device),
                   "model_version": learner.model_version, "batches_applied": learner.batches_applied,
                   "threshold": learner.threshold(),
@@ -326,10 +386,11 @@ class Worker:
         self.flush()
         started = time.perf_counter()
         learner = self.learner
-        if learner.batches_applied != self._checkpointed_batches:
-            self.store.write(learner, {"last_applied_id": self.last_applied_id,
+        if learner.model_version != self._checkpointed_version:
+            self.store.write(learner, {"last_applied_id": self.last_applied_id, "seed": self.seed,
                                        "recent_batch_ids": list(self.recent_ids), "namespace": self.queue.namespace})
             self._checkpointed_batches = learner.batches_applied
+            self._checkpointed_version = learner.model_version
             self.committed_id = self.last_applied_id
             self.keep_after = self.store.oldest_kept_id()
             self.metrics.checkpoints.inc()

@@ -9,6 +9,11 @@ bundle when it starts, before anything is written to the checkpoint directory.
 On start the newest valid checkpoint wins (`CheckpointStore.load_newest`: rotation, fallback, refusal); with none,
 a new learner is calibrated from the burn-in (cached) or the bundle, and the trusted canary saved beside the
 checkpoints. The caller writes the new learner's first checkpoint.
+
+A reset (`POST /v1/admin/reset`) asks for `fresh(seed)`: the learner a new deployment with that seed would start
+from (the profile's burn-in for that seed, cached on disk and deterministic, or the bundle with that seed), built
+as `dscguard eval` builds each run's learner (`Experiment.new_learner`). The last seed's experiment is kept, so
+resets to the same seed do not split the data and calibrate again.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Start:
     last_applied_id: str = "0-0"
     recent_batch_ids: list[str] = field(default_factory=list)
     canary: tuple[torch.Tensor, torch.Tensor] | None = None
+    seed: int = 0  # the starting state's seed: the configured one, or the last reset's
 
 
 class Bootstrap:
@@ -56,6 +62,7 @@ class Bootstrap:
             self.bundle_fingerprint = bundle_fingerprint(self.bundle.directory)
         self.store = CheckpointStore(Path(settings.checkpoint_dir), settings.checkpoints_kept, self.config,
                                      self.bundle_fingerprint)
+        self._experiment: tuple[int, object] | None = None  # (seed, Experiment) of the last learner built
 
     def profile(self) -> str:
         """What the metrics call the model's origin: the profile, or `bundle:<directory name>`."""
@@ -68,16 +75,34 @@ class Bootstrap:
             return self._create(device)
         extra = learner.extra_meta
         return Start(learner, created=False, last_applied_id=extra.get("last_applied_id", "0-0"),
-                     recent_batch_ids=list(extra.get("recent_batch_ids", [])), canary=self.store.load_canary())
+                     recent_batch_ids=list(extra.get("recent_batch_ids", [])), canary=self.store.load_canary(),
+                     seed=int(extra.get("seed", self.config.seed)))
 
-    def _create(self, device: torch.device) -> Start:
+    def fresh(self, seed: int) -> OnlineLearner:
+        """A new learner at `seed`'s starting state (a reset): what a deployment with that seed starts from."""
+        return self._experiment_for(seed, resolve_device(self.config.device)).new_learner()
+
+    def _experiment_for(self, seed: int, device: torch.device):
+        """The experiment of `seed` (data splits, burn-in or bundle, calibrations), the last one kept."""
         from service.core.experiment import Experiment
 
+        if self._experiment is not None and self._experiment[0] == seed:
+            return self._experiment[1]
+        self._experiment = None  # one at a time: a large model's burn-in and splits are not kept twice
+        config = self.config.model_copy(update={"device": str(device), "seed": seed})
+        if self.bundle is not None:
+            experiment = bundle_experiment(self.bundle, config, device=device)
+        else:
+            experiment = Experiment.prepare(config, cache_dir=self.settings.cache_dir, progress=False)
+        self._experiment = (seed, experiment)
+        return experiment
+
+    def _create(self, device: torch.device) -> Start:
         config = self.config.model_copy(update={"device": str(device)})
         if self.bundle is not None:
             log.info("no checkpoint in %s: calibrating a new learner from bundle %s", self.store.directory,
                      self.bundle.directory)
-            experiment = bundle_experiment(self.bundle, config, device=device)
+            experiment = self._experiment_for(config.seed, device)
             strategy = config.strategy
             if self.bundle.auxiliary is None and strategy.name == "dsc" and strategy.auxiliary == "frozen":
                 log.warning("bundle %s has no auxiliary: dsc's frozen auxiliary is the online model as it starts, so "
@@ -89,11 +114,11 @@ class Bootstrap:
                 raise BundleError(self.bundle.directory / self.bundle.manifest.files.trusted, "x", str(exc)) from exc
         else:
             log.info("no checkpoint in %s: burning in (cached) and calibrating a new learner", self.store.directory)
-            experiment = Experiment.prepare(config, cache_dir=self.settings.cache_dir, progress=False)
+            experiment = self._experiment_for(config.seed, device)
             learner = experiment.new_learner()
         calibration = experiment.splits.calibration.subset(list(range(min(self.settings.canary_samples,
                                                                           len(experiment.splits.calibration)))))
         x, y = calibration.tensors()
         # a profile's images stay uint8 on disk (4x smaller); a bundle's inputs are float already
         self.store.save_canary(x if self.bundle is not None else torch.from_numpy(calibration.x), y)
-        return Start(learner, created=True, canary=(x, y))
+        return Start(learner, created=True, canary=(x, y), seed=config.seed)
