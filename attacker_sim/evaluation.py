@@ -5,6 +5,11 @@ starts from the same burn-in state and sees the same clean batches and the same 
 Thresholds are calibrated on the trusted clean split only; the test split is only ever measured.
 With a model bundle (`dscguard eval --bundle DIR --data FILE`), `prepare` gives each seed's experiment instead:
 the bundle's models and trusted set, and the user's data split with the seed (`service.core.bundle.serving`).
+
+Where each run's learner lives is the one thing `targets` changes: in this process by default (a fresh
+`Experiment.new_learner` per run), or a running service per strategy, reset to the same starting state before each
+run (`attacker_sim.http_target.reset_targets`: `dscguard attack --targets`, the compose eval profile). The loop, the
+campaigns, their order and their seeds are the same code either way.
 """
 
 from __future__ import annotations
@@ -19,14 +24,24 @@ from tqdm.auto import tqdm
 
 from attacker_sim.campaign import AccumulativeCampaign, RunResult, run_clean_oracle
 from attacker_sim.surrogate import train_surrogate
-from attacker_sim.targets import InProcessTarget
+from attacker_sim.targets import InProcessTarget, Target
 from service.core.bundle.architecture import input_box
 from service.core.burnin import load_checkpoint_epoch
-from service.core.config import ExperimentConfig
+from service.core.config import ExperimentConfig, StrategyConfig
 from service.core.experiment import Experiment
 
 SCENARIOS = ("clean", "poison")
 STRATEGY_ORDER = ("st", "gc", "at", "dsc")  # the paper's Table 1 rows; `dscguard arena` compares guard too
+
+# a run's target and the calibration its defense uses (None without one), from the seed's experiment and the
+# strategy's config
+TargetFactory = Callable[[Experiment, StrategyConfig], tuple[Target, dict | None]]
+
+
+def in_process(experiment: Experiment, strategy: StrategyConfig) -> tuple[Target, dict | None]:
+    """A fresh learner at the end of the seed's burn-in, in this process."""
+    learner = experiment.new_learner(strategy)
+    return InProcessTarget(learner), learner.calibration.to_dict() if learner.calibration is not None else None
 
 
 @dataclass
@@ -54,10 +69,10 @@ class Evaluation:
 def evaluate(config: ExperimentConfig, strategies: Sequence[str] = STRATEGY_ORDER,
              scenarios: Sequence[str] = SCENARIOS, seeds: Sequence[int] | None = None, cache_dir=None,
              progress: bool = True, prepare: Callable[[ExperimentConfig], Experiment] | None = None,
-             subject: dict[str, str] | None = None) -> Evaluation:
-    """Run `scenarios` x `strategies` x `seeds` in process and collect the results; `prepare` builds a seed's
-    experiment from its config (default: `Experiment.prepare`, the profile's data and burn-in), and `subject` says
-    what it measures then (`Evaluation.subject`)."""
+             subject: dict[str, str] | None = None, targets: TargetFactory = in_process) -> Evaluation:
+    """Run `scenarios` x `strategies` x `seeds` and collect the results; `prepare` builds a seed's experiment from
+    its config (default: `Experiment.prepare`, the profile's data and burn-in), `subject` says what it measures then
+    (`Evaluation.subject`), and `targets` gives each run its target at the starting state (default: in process)."""
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenario(s) {sorted(unknown)}; expected {', '.join(SCENARIOS)}")
@@ -81,10 +96,9 @@ def evaluate(config: ExperimentConfig, strategies: Sequence[str] = STRATEGY_ORDE
             strategy_config = config.strategy.model_copy(update={"name": strategy})
             for scenario in scenarios:
                 bar.set_postfix(seed=seed, strategy=strategy, scenario=scenario)
-                learner = experiment.new_learner(strategy_config)
-                if learner.calibration is not None:
-                    evaluation.calibration[seed] = learner.calibration.to_dict()
-                target = InProcessTarget(learner)
+                target, calibration = targets(experiment, strategy_config)
+                if calibration is not None:
+                    evaluation.calibration[seed] = calibration
                 # the same stream seed for every strategy: identical clean batches and trigger base
                 batches = campaign_stream(experiment, seed)
                 if scenario == "clean":

@@ -33,10 +33,12 @@ from tests.monitoring_queries import (
 
 COMPOSE, GPU_OVERRIDE, ENV_EXAMPLE = ROOT / "docker-compose.yml", ROOT / "docker-compose.gpu.yml", ROOT / ".env.example"
 BUNDLE_OVERRIDE = ROOT / "docker-compose.bundle.yml"
-SERVICES = {"redis", "api", "worker", "prometheus", "grafana", "reports-dir", "attacker"}
+EVAL_STRATEGIES = ("st", "gc", "at", "dsc", "guard")  # the eval profile: one worker and one api per strategy
+EVAL_SERVICES = {f"eval-{part}-{s}" for s in EVAL_STRATEGIES for part in ("worker", "api")}
+SERVICES = {"redis", "api", "worker", "prometheus", "grafana", "reports-dir", "attacker"} | EVAL_SERVICES
 ONE_SHOT = {"reports-dir"}  # runs to completion before the attacker: no healthcheck, waited for by exit status
 OUTPUT_DIRS = {"./reports"}  # bind mounts the stack writes to: created on first run, ignored by git
-DSCGUARD_IMAGES = {"api", "worker", "attacker", "reports-dir"}
+DSCGUARD_IMAGES = {"api", "worker", "attacker", "reports-dir"} | EVAL_SERVICES
 
 
 def _has_compose_v2() -> bool:
@@ -79,10 +81,20 @@ def test_compose_file_validates_with_the_eval_profile(tool):
         for dependency, condition in service.get("depends_on", {}).items():
             expected = "service_completed_successfully" if dependency in ONE_SHOT else "service_healthy"
             assert condition["condition"] == expected, (name, dependency)
-    assert set(services["attacker"]["depends_on"]) == {"reports-dir", "api", "worker"}
-    assert services["attacker"]["profiles"] == ["eval"]
+    assert set(services["attacker"]["depends_on"]) == {"reports-dir"} | EVAL_SERVICES
+    assert all(services[name]["profiles"] == ["eval"] for name in EVAL_SERVICES | {"attacker"})
     attack = services["attacker"]["command"]
-    assert attack[:3] == ["attack", "--target", "http://api:8000"] and attack[attack.index("--out") + 1] == "/reports"
+    assert attack[attack.index("--out") + 1] == "/reports" and attack[attack.index("--seeds") + 1] == "0,1,2"
+    # each strategy's api and worker share a namespace of their own, and the attacker targets that api for it
+    targets = attack[attack.index("--targets") + 1 : attack.index("--out")]
+    assert targets == [f"{s}=http://eval-api-{s}:8000" for s in EVAL_STRATEGIES]
+    for strategy in EVAL_STRATEGIES:
+        worker = services[f"eval-worker-{strategy}"]["environment"]
+        api = services[f"eval-api-{strategy}"]["environment"]
+        assert worker["DSCGUARD_NAMESPACE"] == api["DSCGUARD_NAMESPACE"] == f"eval-{strategy}"
+        assert worker["DSCGUARD_STRATEGY"] == strategy
+        assert worker["DSCGUARD_CHECKPOINT_DIR"].endswith(f"/eval-{strategy}")
+        assert api["DSCGUARD_ADMIN_TOKEN"] == worker["DSCGUARD_API_KEY"].replace("client-key", "admin-token")
     assert "deploy" not in services["worker"]  # the default asks for no GPU: it starts on any host
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.cli.options import build_config, bundle_options, experiment_options, writable_output
+from service.cli.options import CommandLineError, build_config, bundle_options, experiment_options, writable_output
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -85,17 +85,47 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _endpoints(pairs: list[str]) -> dict[str, str]:
+    """`--targets st=http://a:8000 gc=http://b:8000` -> {"st": ..., "gc": ...}, in the order given."""
+    from service.core.strategy_registry import STRATEGY_NAMES
+
+    endpoints: dict[str, str] = {}
+    for pair in pairs:
+        strategy, _, url = pair.partition("=")
+        if strategy not in STRATEGY_NAMES or not url:
+            raise CommandLineError(f"--targets {pair}: expected STRATEGY=URL with STRATEGY one of "
+                                   f"{', '.join(STRATEGY_NAMES)}")
+        if strategy in endpoints:
+            raise CommandLineError(f"--targets: {strategy} is given twice")
+        endpoints[strategy] = url
+    return endpoints
+
+
+def _seeds(values: list[str] | None) -> list[int] | None:
+    """--seeds 0 1 2, or 0,1,2 (one word: what a compose file's variable can hold)."""
+    if values is None:
+        return None
+    try:
+        return [int(part) for value in values for part in value.split(",") if part.strip()]
+    except ValueError as exc:
+        raise CommandLineError(f"--seeds {' '.join(values)}: expected integers") from exc
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     from attacker_sim.http_target import HttpTarget, TargetError, evaluate_target
     from attacker_sim.report import table_markdown, write_reports
     from service.cli.bundles import bundle_experiments
 
     config, prepare, subject = bundle_experiments(args, build_config(args))
+    endpoints = _endpoints(args.targets) if args.targets else None
+    seeds = _seeds(args.seeds)
     if args.out:
         writable_output(args.out)
     settings = _settings()
     key = settings.client_key("an attack over HTTP (and DSCGUARD_ADMIN_TOKEN for a white-box one)")
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+    if endpoints is not None:
+        return _attack_with_resets(args, config, prepare, subject, endpoints, seeds, key, admin)
     target = HttpTarget(args.target, key, admin, timeout_seconds=args.timeout)
     try:
         strategy = target.status()["strategy"]
@@ -113,6 +143,73 @@ def cmd_attack(args: argparse.Namespace) -> int:
         written = write_reports(evaluation, args.out, plots=not args.no_plots)
         print(f"wrote {', '.join(str(p) for p in written.values())}")
     return 0
+
+
+def _attack_with_resets(args, config, prepare, subject, endpoints: dict[str, str], seeds, key: str,
+                        admin: str | None) -> int:
+    """`dscguard eval`'s runs, each against its strategy's service reset to the seed's starting state."""
+    from attacker_sim.evaluation import evaluate
+    from attacker_sim.http_target import HttpTarget, TargetError, compare_results, reset_targets
+    from attacker_sim.report import table_markdown, write_reports
+
+    if admin is None:
+        raise SystemExit("--targets resets each service before each run: set DSCGUARD_ADMIN_TOKEN")
+    targets = {strategy: HttpTarget(url, key, admin, timeout_seconds=args.timeout)
+               for strategy, url in endpoints.items()}
+    try:
+        evaluation = evaluate(config, strategies=list(endpoints), scenarios=args.scenarios, seeds=seeds,
+                              progress=not args.no_progress, prepare=prepare, subject=subject,
+                              targets=reset_targets(targets))
+    except TargetError as exc:
+        raise SystemExit(f"attack against {', '.join(f'{s}={u}' for s, u in endpoints.items())} failed: {exc}") \
+            from exc
+    finally:
+        for target in targets.values():
+            target.close()
+    print(table_markdown(evaluation))
+    if args.out:
+        written = write_reports(evaluation, args.out, plots=not args.no_plots)
+        print(f"wrote {', '.join(str(p) for p in written.values())} ({evaluation.seconds:.0f} s)")
+    if args.compare:
+        return _report_comparison(compare_results(Path(args.out) / "results.json" if args.out else _rows(evaluation),
+                                                  args.compare, args.tolerance, args.rate_tolerance), args.compare,
+                                  args.tolerance, args.rate_tolerance)
+    return 0
+
+
+def _rows(evaluation) -> dict:
+    from attacker_sim.report import results_document
+
+    return results_document(evaluation).model_dump(mode="json")
+
+
+def _report_comparison(differences: list[str], other: str, tolerance: float, rate_tolerance: float) -> int:
+    within = f"{tolerance:g} on accuracies, {rate_tolerance:g} on rates"
+    if differences:
+        print(f"differs from {other} beyond {within}:\n" + "\n".join(f"  {d}" for d in differences))
+        return 1
+    print(f"agrees with {other} within {within}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from attacker_sim.http_target import compare_results, max_difference
+
+    print(f"largest difference: accuracies {max_difference(args.first, args.second):.4f}, rates "
+          f"{max_difference(args.first, args.second, rates=True):.4f}")
+    return _report_comparison(compare_results(args.first, args.second, args.tolerance, args.rate_tolerance),
+                              args.second, args.tolerance, args.rate_tolerance)
+
+
+def _tolerance_options(parser: argparse.ArgumentParser, flag: str) -> None:
+    from attacker_sim.http_target import ACCURACY_TOLERANCE, RATE_TOLERANCE
+
+    parser.add_argument("--tolerance", type=float, default=ACCURACY_TOLERANCE,
+                        help=f"{flag}largest absolute difference of an accuracy, per seed and at every step of the "
+                             f"traces (default {ACCURACY_TOLERANCE:g}; docs/deployment.md)")
+    parser.add_argument("--rate-tolerance", type=float, default=RATE_TOLERANCE,
+                        help=f"{flag}largest absolute difference of a flag or correction rate (default "
+                             f"{RATE_TOLERANCE:g})")
 
 
 def cmd_stack_up(args: argparse.Namespace) -> int:
@@ -153,13 +250,31 @@ def add_service_commands(sub) -> None:
     p = sub.add_parser("attack", help="the eval campaigns against a running service over HTTP; prints the eval table")
     experiment_options(p)
     bundle_options(p)
-    p.add_argument("--target", required=True, help="the service's base URL, e.g. http://127.0.0.1:8000")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", help="one service's base URL, e.g. http://127.0.0.1:8000: its live model, never "
+                                        "reset (each scenario starts where the last one left it)")
+    where.add_argument("--targets", nargs="+", metavar="STRATEGY=URL",
+                       help="one service per strategy (e.g. st=http://eval-api-st:8000): dscguard eval's runs, in its "
+                            "order, each against its strategy's service reset (admin token) to the seed's starting "
+                            "state")
+    p.add_argument("--seeds", nargs="+", help="with --targets: seeds (default: the profile's, 0 1 2; 0,1,2 works too)")
+    p.add_argument("--compare", metavar="RESULTS_JSON",
+                   help="with --targets: compare with this results.json (e.g. dscguard eval's); exit 1 beyond "
+                        "--tolerance")
+    _tolerance_options(p, "with --compare: ")
     p.add_argument("--scenarios", nargs="+", default=["clean", "poison"], choices=("clean", "poison"),
                    help="clean: the clean oracle (no attacker); poison: the accumulative attack and its trigger")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one batch to be applied")
     p.add_argument("--out", help="also write results.json and report.md here (default: print the table only)")
     p.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG plots")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("compare", help="whether two results.json (dscguard eval, dscguard attack --targets) agree "
+                                       "within a tolerance; exit 1 when not")
+    p.add_argument("first")
+    p.add_argument("second")
+    _tolerance_options(p, "")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("stack", help="the docker-compose stack without Docker: redis, worker, api, prometheus")
     stack = p.add_subparsers(dest="stack_command", required=True)
