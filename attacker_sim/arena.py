@@ -124,7 +124,7 @@ def _settings(strategy: StrategyConfig) -> dict:
     relevant = {"st": [], "gc": ["clip_value", "clip_norm"], "at": ["epsilon", "steps", "step_size", "at_kl_weight"],
                 "dsc": ["epsilon", "steps", "step_size", "early_stop", "divergence", "mu", "tau"],
                 "guard": ["gate_action", "gate_target_false_flag_rate", "gate_calibration_updates",
-                          "gate_recalibrate_every", "gate_norm_cap", "gate_cap_level"]}
+                          "gate_recalibrate_every", "gate_norm_cap", "gate_cap_level", "gate_probe_samples"]}
     return {"name": strategy.name, **{k: getattr(strategy, k) for k in relevant[strategy.name]}}
 
 
