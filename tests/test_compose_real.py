@@ -24,7 +24,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import stat
 import subprocess
 import threading
@@ -41,6 +40,7 @@ from sklearn.datasets import load_digits
 
 from attacker_sim.http_target import compare_results, max_difference
 from service.deployment.codec import encode_safetensors_batch
+from service.deployment.processes import listening
 from tests.monitoring_queries import alert_rules, dashboard, dashboard_queries, queryable
 from tests.service_harness import ROOT, free_port, wait_until
 
@@ -330,11 +330,5 @@ def test_grafana_serves_the_provisioned_dashboard(stack):
     auth = ("admin", stack.env["GRAFANA_ADMIN_PASSWORD"])
     uid = dashboard()["uid"]
     wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/api/dashboards/uid/{uid}", auth=auth,
-                                 timeout=10).status_code == 200 if _listening(int(port)) else None,
+                                 timeout=10).status_code == 200 if listening(int(port)) else None,
                180, "Grafana to serve the dashboard", interval=2, diagnostics=lambda: stack.logs("grafana"))
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0

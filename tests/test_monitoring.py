@@ -6,9 +6,6 @@ Needs Redis (the test's own namespace) and Debian's `prometheus` package (.ci/ru
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 
 import httpx
@@ -16,6 +13,7 @@ import pytest
 import torch
 
 from service.deployment.codec import encode_json_batch
+from service.deployment.processes import listening, spawn, stop
 from service.deployment.redis_queue import RedisQueue
 from tests.monitoring_queries import (
     ALERTS,
@@ -40,12 +38,6 @@ needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None,
                                       reason="needs a prometheus binary (Debian's package; .ci/run installs it)")
 pytestmark = [needs_redis, needs_prometheus, pytest.mark.slow]
 CLEAN_BATCHES, NOISE_BATCHES = 6, 2
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _query(prometheus: str, expr: str) -> list:
@@ -92,11 +84,9 @@ def test_prometheus_scrapes_the_stack_and_every_dashboard_and_alert_query_return
         env = {**os.environ, **settings_env(settings), "DSCGUARD_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
         env.pop("DSCGUARD_CHECKPOINT_DIR")  # the stack's default: under its run directory
         log = tmp_path / "stack.out"
-        with open(log, "wb") as out:
-            stack = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "stack", "up", "--api-port", str(api_port), "--prometheus-port",
-                 str(prometheus_port), "--scrape-interval", "1s", "--run-dir", str(tmp_path / "stack"),
-                 "--duration", "240"], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+        stack = spawn([sys.executable, "-m", "service.cli", "stack", "up", "--api-port", str(api_port),
+                       "--prometheus-port", str(prometheus_port), "--scrape-interval", "1s", "--run-dir",
+                       str(tmp_path / "stack"), "--duration", "240"], log, env=env, cwd=tmp_path)
 
         def output() -> str:
             return log.read_text(errors="replace")
@@ -131,14 +121,8 @@ def test_prometheus_scrapes_the_stack_and_every_dashboard_and_alert_query_return
             for name, rule in loaded.items():
                 assert rule["health"] == "ok" and not rule.get("lastError"), (name, rule)
         finally:
-            if stack.poll() is None:
-                stack.send_signal(signal.SIGTERM)
-            try:
-                stack.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                stack.kill()
-                stack.wait(timeout=30)
+            stop(stack, timeout=120)  # SIGTERM: the stack stops its children and exits 0
         assert stack.returncode == 0, output()
         assert "stopping" in output()
         for port in (api_port, prometheus_port, settings.worker_metrics_port):
-            assert not _listening(port), f"port {port} still open after the stack stopped"
+            assert not listening(port), f"port {port} still open after the stack stopped"

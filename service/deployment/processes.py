@@ -109,6 +109,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on `host`:`port` now."""
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
     """Whether Redis at `url` answers PING within `timeout` seconds."""
     try:
