@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_result
 from torch import nn
 
 from attacker_sim.targets import StepOutcome, Target
@@ -67,17 +68,8 @@ class HttpTarget:
         batch_id = f"{BATCH_ID_PREFIX}{uuid.uuid4().hex}"
         body = encode_safetensors_batch(x, y, batch_id=batch_id)
         deadline = time.monotonic() + self.timeout_seconds
-        while True:
-            try:
-                response = self.client.post("/v1/ingest", content=body, headers={"Content-Type": SAFETENSORS})
-            except httpx.TransportError as exc:
-                if time.monotonic() >= deadline:
-                    raise TargetError(f"ingest: {type(exc).__name__}: {exc}") from exc
-                time.sleep(0.5)
-                continue
-            if response.status_code not in (429, 503) or time.monotonic() >= deadline:
-                break
-            time.sleep(min(float(response.headers.get("Retry-After", 1)), max(0.0, deadline - time.monotonic())))
+        response = self._post_retrying("/v1/ingest", deadline, "ingest", content=body,
+                                       headers={"Content-Type": SAFETENSORS})
         _check(response, "ingest")
         state = self._wait_applied(batch_id, deadline)
         record = state["record"]
@@ -85,6 +77,28 @@ class HttpTarget:
         return StepOutcome(samples=record["samples"], flagged=record["flagged"], corrected=record["corrected"],
                            threshold=record["threshold"], seconds=record["step_seconds"],
                            discrepancy=np.asarray(discrepancy, dtype=np.float32) if discrepancy is not None else None)
+
+    def _post_retrying(self, path: str, deadline: float, what: str, **request) -> httpx.Response:
+        """POST until the answer is neither 429 (queue full) nor 503 (Redis away), waiting its Retry-After, or a
+        failed connection (the API restarting), waiting 0.5 s; at `deadline` the last answer is returned, or a
+        failed connection is a `TargetError`. Waits never run past the deadline."""
+
+        def wait(state: RetryCallState) -> float:
+            remaining = max(0.0, deadline - time.monotonic())
+            if state.outcome.failed:
+                return min(0.5, remaining)
+            return min(float(state.outcome.result().headers.get("Retry-After", 1)), remaining)
+
+        def give_up(state: RetryCallState) -> httpx.Response:
+            try:
+                return state.outcome.result()
+            except httpx.TransportError as exc:
+                raise TargetError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+        retrying = Retrying(retry=retry_if_exception_type(httpx.TransportError)
+                            | retry_if_result(lambda response: response.status_code in (429, 503)),
+                            wait=wait, stop=lambda state: time.monotonic() >= deadline, retry_error_callback=give_up)
+        return retrying(self.client.post, path, **request)
 
     def _wait_applied(self, batch_id: str, deadline: float) -> dict:
         while True:  # the service holds each request until the batch leaves the queue (or 10 s pass)
@@ -113,18 +127,8 @@ class HttpTarget:
             raise TargetError("a reset needs the admin token (DSCGUARD_ADMIN_TOKEN)")
         reset_id = f"reset-{uuid.uuid4().hex}"
         deadline = time.monotonic() + self.timeout_seconds
-        while True:
-            try:
-                response = self.client.post("/v1/admin/reset", json={"seed": seed, "reset_id": reset_id},
-                                            headers={"X-API-Key": self.admin_token})
-            except httpx.TransportError as exc:
-                if time.monotonic() >= deadline:
-                    raise TargetError(f"reset: {type(exc).__name__}: {exc}") from exc
-                time.sleep(0.5)
-                continue
-            if response.status_code not in (429, 503) or time.monotonic() >= deadline:
-                break
-            time.sleep(min(float(response.headers.get("Retry-After", 1)), max(0.0, deadline - time.monotonic())))
+        response = self._post_retrying("/v1/admin/reset", deadline, "reset", json={"seed": seed, "reset_id": reset_id},
+                                       headers={"X-API-Key": self.admin_token})
         _check(response, "reset")
         return self._wait_applied(reset_id, deadline)["record"]
 

@@ -63,3 +63,20 @@ def test_a_wait_for_the_batch_that_times_out_is_asked_again_until_the_deadline()
 
     with pytest.raises(TargetError, match="batch state: ReadTimeout"):
         _step_against(never_answers, timeout_seconds=0.2)
+
+
+@pytest.mark.parametrize("answer, message", [(429, "ingest.*429"), (503, "ingest.*503"),
+                                             ("refused", "ingest: ConnectError")])
+def test_a_service_that_keeps_refusing_is_given_up_at_the_deadline_with_what_it_said(answer, message):
+    """Retry-After is honoured only up to the deadline: a 1-hour Retry-After does not hold the client an hour."""
+    posts: list[bool] = []
+
+    def service(request: httpx.Request) -> httpx.Response:
+        posts.append(request.method == "POST")
+        if answer == "refused":
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(answer, headers={"Retry-After": "3600"}, json={"detail": "busy"})
+
+    with pytest.raises(TargetError, match=message):
+        _step_against(service, timeout_seconds=0.3)
+    assert all(posts) and len(posts) >= 2  # retried, and only the ingest was asked
