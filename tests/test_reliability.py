@@ -288,6 +288,15 @@ class _FailsOnceWhileReplaying(RedisQueue):
         super().publish_status(status)
 
 
+def _applied_by_a_worker(settings, batches, prefix: str) -> RedisQueue:
+    """`batches` enqueued as `<prefix><index>` and applied by a worker that then stops (checkpointing); the queue."""
+    queue = RedisQueue.from_settings(settings)
+    for index, (x, y) in enumerate(batches):
+        queue.enqueue(f"{prefix}{index}", to_stream_fields(Batch(f"{prefix}{index}", x.numpy(), y.numpy())))
+    assert Worker(settings).run(idle_timeout=0.5) == len(batches)
+    return queue
+
+
 def test_an_outage_mid_replay_after_a_fallback_skips_no_acknowledged_entry(digits_experiment, cache_dir, namespace,
                                                                           tmp_path):
     """A worker replays from an older checkpoint the entries that the group handed out and a newer checkpoint
@@ -295,11 +304,8 @@ def test_an_outage_mid_replay_after_a_fallback_skips_no_acknowledged_entry(digit
     neither pending (they were acknowledged) nor new (">" never hands them out again): the consumer must take back
     those after the last applied entry, not only the pending ones (the bug: they were skipped for good)."""
     settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=2, checkpoints_kept=3)
-    queue = RedisQueue.from_settings(settings)
     batches = list(digits_experiment.stream_batches(8, seed=26))
-    for index, (x, y) in enumerate(batches):
-        queue.enqueue(f"r{index}", to_stream_fields(Batch(f"r{index}", x.numpy(), y.numpy())))
-    assert Worker(settings).run(idle_timeout=0.5) == 8
+    queue = _applied_by_a_worker(settings, batches, "r")
     directory = Path(settings.checkpoint_dir)
     assert [p.name for p in checkpoints(directory)] == ["step-000000000008", "step-000000000006", "step-000000000004"]
     for name in ("step-000000000008", "step-000000000006"):  # lost with a disk: the fallback is to step 4
@@ -324,11 +330,8 @@ def test_an_outage_mid_replay_after_a_fallback_skips_no_acknowledged_entry(digit
 def test_a_truncated_checkpoint_is_refused_and_the_previous_one_loaded_and_replayed(
         digits_experiment, cache_dir, namespace, tmp_path, caplog, damaged):
     settings = make_settings(namespace, tmp_path, cache_dir=cache_dir, checkpoint_every=3, checkpoints_kept=2)
-    queue = RedisQueue.from_settings(settings)
     batches = list(digits_experiment.stream_batches(6, seed=24))
-    for index, (x, y) in enumerate(batches):
-        queue.enqueue(f"k{index}", to_stream_fields(Batch(f"k{index}", x.numpy(), y.numpy())))
-    assert Worker(settings).run(idle_timeout=0.5) == 6
+    queue = _applied_by_a_worker(settings, batches, "k")
     directory = Path(settings.checkpoint_dir)
     assert [p.name for p in checkpoints(directory)] == ["step-000000000006", "step-000000000003"]
     path = directory / "step-000000000006" / damaged

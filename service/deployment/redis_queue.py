@@ -290,25 +290,25 @@ class RedisQueue:
         batch_id = fields.get(b"batch_id")
         with self.client.pipeline() as pipe:
             pipe.xadd(self.dead_letters, entry, maxlen=self.dead_letter_max_length, approximate=True)
-            if batch_id:
-                key = self.batch_key(batch_id.decode(errors="replace"))
-                pipe.hset(key, mapping={"state": "dead_letter", "reason": message})
-                pipe.expire(key, self.ttl_seconds)
-                pipe.publish(self.events_channel, batch_id)
-            pipe.xack(self.stream, GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
+            self._settle_unapplied(pipe, entry_id, batch_id.decode(errors="replace") if batch_id else None,
+                                   "dead_letter", message)
             pipe.execute()
 
     def skip(self, entry_id: bytes | str, batch_id: str, reason: str) -> None:
         """A new entry that must not be applied (its batch_id already was): say why, and acknowledge it."""
-        key = self.batch_key(batch_id)
         with self.client.pipeline() as pipe:
-            pipe.hset(key, mapping={"state": "skipped", "reason": reason})
+            self._settle_unapplied(pipe, entry_id, batch_id, "skipped", reason)
+            pipe.execute()
+
+    def _settle_unapplied(self, pipe, entry_id: bytes | str, batch_id: str | None, state: str, reason: str) -> None:
+        """Queue on `pipe`: the batch's final state and why (its waiters told), the entry acknowledged and deleted."""
+        if batch_id:
+            key = self.batch_key(batch_id)
+            pipe.hset(key, mapping={"state": state, "reason": reason})
             pipe.expire(key, self.ttl_seconds)
             pipe.publish(self.events_channel, batch_id)
-            pipe.xack(self.stream, GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
-            pipe.execute()
+        pipe.xack(self.stream, GROUP, entry_id)
+        pipe.xdel(self.stream, entry_id)
 
     def publish_spec(self, spec: dict) -> None:
         self.client.hset(self.model_key, "spec", json.dumps(spec, sort_keys=True))
