@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from service.core.atomic import atomic_write_text
+from service.core.atomic import atomic_write_bytes, atomic_write_text
 from service.core.config import ExperimentConfig
 from service.core.data import ArrayDataset
 from service.core.models import Normalized, build_model
@@ -102,10 +102,9 @@ def _accuracy(model, data: ArrayDataset, device) -> float:
 
 
 def _save(directory: Path, epoch: int, model) -> None:
-    path = directory / f"epoch_{epoch:04d}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(path)
+    """The epoch's weights, written atomically and fsynced (`service/core/atomic.py`)."""
+    atomic_write_bytes(directory / f"epoch_{epoch:04d}.safetensors",
+                       save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
 
 
 def load_checkpoint_epoch(result: BurnInResult, epoch: int) -> Normalized:
