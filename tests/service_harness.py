@@ -196,3 +196,9 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, inter
         return wait_for(condition, timeout, what, watch=watch, log=diagnostics, interval=interval)
     except ProcessFailed as exc:
         raise AssertionError(str(exc)) from None
+
+
+def wait_ready(api: ApiServer, worker: WorkerProcess, timeout: float = 90) -> None:
+    """Until the API says ready (the worker serves its namespace); fails at once if the worker exits."""
+    wait_until(lambda: api.client.get("/health/ready").status_code == 200, timeout, "the service to be ready",
+               interval=0.1, diagnostics=worker.output, watch=[worker.process])

@@ -30,7 +30,7 @@ from service.core.learner import OnlineLearner
 from service.deployment.checkpoint_store import WorkerError, checkpoints
 from service.deployment.worker import Worker
 from tests.bundle_factory import tiny_cnn, tiny_mlp
-from tests.service_harness import ADMIN_TOKEN, API_KEY, ApiServer, WorkerProcess, make_settings, needs_redis, wait_until
+from tests.service_harness import ADMIN_TOKEN, API_KEY, ApiServer, WorkerProcess, make_settings, needs_redis, wait_ready
 from tests.test_bundle import BAD_BUNDLES, small_bundle  # noqa: F401  (small_bundle: a fixture)
 
 STREAM = {"batch_size": 10}  # small batches: the campaigns below take a few seconds per bundle
@@ -122,11 +122,7 @@ def test_a_bundle_is_checked_served_and_attacked_over_http(kind, namespace, tmp_
     monkeypatch.setenv("DSCGUARD_ADMIN_TOKEN", ADMIN_TOKEN)
     report = tmp_path / "report"
     with ApiServer(settings) as api, WorkerProcess(settings) as worker:
-        def ready():
-            assert worker.process.poll() is None, f"the worker exited early:\n{worker.output()}"
-            return api.client.get("/health/ready").status_code == 200
-
-        wait_until(ready, 90, "the service to be ready", interval=0.1, diagnostics=worker.output)
+        wait_ready(api, worker)
         status = api.client.get("/v1/status").json()
         assert status["strategy"] == strategy
         served = {"directory": str(bundle_dir), "fingerprint": bundle_fingerprint(bundle_dir)}

@@ -60,11 +60,8 @@ def _wait_applied(api: ApiServer, count: int, worker: WorkerProcess, timeout: fl
 
 
 def _wait_serving(worker: WorkerProcess, timeout: float = 90) -> None:
-    def serving():
-        assert worker.process.poll() is None, f"the worker exited early:\n{worker.output()}"
-        return "serving namespace" in worker.output()
-
-    wait_until(serving, timeout, "the worker to serve", interval=0.05, diagnostics=worker.output)
+    wait_until(lambda: "serving namespace" in worker.output(), timeout, "the worker to serve", interval=0.05,
+               diagnostics=worker.output, watch=[worker.process])
 
 
 def _assert_applied_exactly_once(api: ApiServer, queue: RedisQueue, settings, batch_ids: list[str], batches,

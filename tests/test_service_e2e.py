@@ -34,20 +34,13 @@ from tests.service_harness import (
     free_port,
     make_settings,
     needs_redis,
+    wait_ready,
     wait_until,
 )
 
 pytestmark = [needs_redis, pytest.mark.slow]
 DSC = StrategyConfig(name="dsc")  # the tests that follow the discrepancy through every layer run the paper's dsc
 SAFETENSORS = {"Content-Type": "application/vnd.safetensors"}
-
-
-def _wait_ready(api: ApiServer, worker: WorkerProcess, timeout: float = 90) -> None:
-    def ready():
-        assert worker.process.poll() is None, f"the worker exited early:\n{worker.output()}"
-        return api.client.get("/health/ready").status_code == 200
-
-    wait_until(ready, timeout, "the service to be ready", interval=0.1, diagnostics=worker.output)
 
 
 def _wait_applied(api: ApiServer, count: int, worker: WorkerProcess, timeout: float = 60) -> dict:
@@ -88,7 +81,7 @@ def test_batches_are_applied_in_order_and_reported(digits_experiment, cache_dir,
                              worker_metrics_port=metrics_port, canary_every=2, strategy="dsc")
     batches = list(digits_experiment.stream_batches(6, seed=11))
     with ApiServer(settings) as api, WorkerProcess(settings) as worker:
-        _wait_ready(api, worker)
+        wait_ready(api, worker)
         for index, (x, y) in enumerate(batches):
             _post(api, f"b{index}", x, y, as_uint8=index % 2 == 0)
             if index == 2:  # an entry that bypassed the API and cannot be decoded
@@ -146,7 +139,7 @@ def test_worker_restarts_neither_lose_nor_repeat_updates(digits_experiment, cach
     reference = digits_experiment.new_learner()
     with ApiServer(settings) as api:
         with WorkerProcess(settings) as crashed:
-            _wait_ready(api, crashed)
+            wait_ready(api, crashed)
             for index in range(6):
                 _post(api, f"b{index}", *batches[index], as_uint8=False)
             _wait_applied(api, 6, crashed)
@@ -189,7 +182,7 @@ def test_campaigns_give_the_same_accuracies_in_process_and_over_http(digits_expe
     learner = digits_experiment.new_learner(DSC)
     in_process = evaluate_target(config, InProcessTarget(learner), "dsc", cache_dir=cache_dir, progress=False)
     with ApiServer(settings) as api, WorkerProcess(settings) as worker:
-        _wait_ready(api, worker)
+        wait_ready(api, worker)
         target = HttpTarget(api.url, API_KEY, ADMIN_TOKEN, timeout_seconds=60)
         try:
             over_http = evaluate_target(config, target, "dsc", cache_dir=cache_dir, progress=False)
