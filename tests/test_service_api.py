@@ -3,8 +3,6 @@
 import base64
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import httpx
@@ -15,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.deployment.codec import InputSpec, encode_json_batch, encode_safetensors_batch, from_stream_fields
 from service.deployment.model_store import model_from_bytes
+from service.deployment.processes import spawn, stop
 from service.deployment.redis_queue import RedisQueue, connect
 from tests.service_harness import (
     ADMIN_TOKEN,
@@ -269,13 +268,12 @@ def test_metrics_add_up_over_several_api_processes(namespace, tmp_path):
     env = {**os.environ, **settings_env(settings), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2",
                "--log-level", "warning"]
-    with open(log, "wb") as out:
-        server = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    server = spawn(command, log, env=env, cwd=ROOT)
     try:
         url = f"http://127.0.0.1:{port}"
         # each process writes its own metric files once its app exists: wait for both
         wait_until(lambda: _answers(url) and len(_pids(metrics_dir)) == 2, 60, "two API processes to start",
-                   interval=0.1, diagnostics=log.read_text)
+                   interval=0.1, diagnostics=log.read_text, watch=[server])
         x, y = _batch(2)
         for index in range(12):  # a new connection each time: the processes share them out
             with httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}) as client:
@@ -285,8 +283,7 @@ def test_metrics_add_up_over_several_api_processes(namespace, tmp_path):
             assert _metric(metrics, "dscguard_http_requests_total", route="/v1/ingest", status="202") == 12
             assert _metric(metrics, "dscguard_ingested_samples_total") == 24
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        stop(server)
 
 
 def _pids(metrics_dir) -> set[str]:
