@@ -8,8 +8,8 @@ uses its own surrogate instead and never calls it).
 `reset` (admin token) asks the service to rebuild its learner from the starting state of a seed, in stream order,
 and waits until the worker has done it. `reset_targets` turns one service per strategy into the targets of
 `attacker_sim.evaluation.evaluate`: each run starts from a reset, so the table is `dscguard eval`'s, measured
-through the real stack (`dscguard attack --targets`, the compose eval profile). `compare_results` says whether two
-`results.json` agree within a tolerance.
+through the real stack (`dscguard attack --targets`, the compose eval profile); `attacker_sim.agreement` says
+whether its `results.json` and the in-process one agree within a tolerance.
 
 `evaluate_target` runs the scenarios of `dscguard eval` against one running service (or any target) without
 resetting it (`dscguard attack --target`): each scenario starts where the previous one left the model.
@@ -17,12 +17,9 @@ resetting it (`dscguard attack --target`): each scenario starts where the previo
 
 from __future__ import annotations
 
-import json
-import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -181,102 +178,6 @@ def reset_targets(endpoints: Mapping[str, HttpTarget]):
         return endpoint, record.get("calibration")
 
     return target
-
-
-# What `compare_results` compares: each row's per-seed values (accuracies and rates are fractions; batches a count)
-COMPARED_FIELDS = ("start_acc", "clean_final_acc", "poison_acc", "trigger_acc", "delta", "batches", "flagged_rate",
-                   "corrected_rate", "trigger_flagged_rate")
-RATE_FIELDS = ("flagged_rate", "corrected_rate", "trigger_flagged_rate")
-# The agreement of two evaluations of the same profile and seeds in different processes (docs/deployment.md, "The
-# evaluation profile", says how they were measured): accuracies, per seed and at every step of the traces, within 2
-# points (8 of digits' 400 test images); the defense's flag and correction rates within 10 points (a verdict on 2 of
-# the 20 poisoned batches); the batch at which the attacker's monitor fires, equal.
-ACCURACY_TOLERANCE, RATE_TOLERANCE = 0.02, 0.10
-
-
-def compare_results(left: Mapping | str | Path, right: Mapping | str | Path, tolerance: float = ACCURACY_TOLERANCE,
-                    rate_tolerance: float = RATE_TOLERANCE) -> list[str]:
-    """Where two results.json (`dscguard eval --out`, `dscguard attack --targets --out`) differ by more than
-    `tolerance` on accuracies or `rate_tolerance` on flag and correction rates (absolute, per seed, on fractions;
-    `batches` must be equal); [] when they agree. Rows are matched by strategy and scenario; a row or seed that only
-    one has is a difference.
-
-    >>> row = {"strategy": "st", "scenario": "clean", "start_acc": {"values": [0.9, 0.8]}}
-    >>> compare_results({"rows": [row]}, {"rows": [{**row, "start_acc": {"values": [0.9, 0.81]}}]}, 0.02)
-    []
-    >>> compare_results({"rows": [row]}, {"rows": [{**row, "start_acc": {"values": [0.9, 0.85]}}]}, 0.02)
-    ['st/clean start_acc seed #2: 0.8000 vs 0.8500 (|diff| 0.0500 > 0.02)']
-    """
-    def rows(results) -> dict[tuple[str, str], dict]:
-        if not isinstance(results, Mapping):
-            results = json.loads(Path(results).read_text())
-        return {(row["strategy"], row["scenario"]): row for row in results["rows"]}
-
-    a, b = rows(left), rows(right)
-    differences = [f"{s}/{c}: only in {'the first' if (s, c) in a else 'the second'}"
-                   for s, c in sorted(set(a) ^ set(b))]
-    for key in sorted(set(a) & set(b), key=lambda k: list(a).index(k)):
-        name = "/".join(key)
-        for field in COMPARED_FIELDS:
-            x, y = (a[key].get(field) or {}).get("values"), (b[key].get(field) or {}).get("values")
-            if x is None and y is None:
-                continue
-            if x is None or y is None or len(x) != len(y):
-                differences.append(f"{name} {field}: {x} vs {y}")
-                continue
-            allowed = 0.0 if field == "batches" else rate_tolerance if field in RATE_FIELDS else tolerance
-            for index, (u, v) in enumerate(zip(x, y, strict=True), start=1):
-                if u is None or v is None or math.isnan(u) or math.isnan(v):
-                    if (u is None) != (v is None):
-                        differences.append(f"{name} {field} seed #{index}: {u} vs {v}")
-                elif abs(u - v) > allowed + 1e-9:
-                    differences.append(f"{name} {field} seed #{index}: {u:.4f} vs {v:.4f} "
-                                       f"(|diff| {abs(u - v):.4f} > {allowed:g})")
-    differences += _compare_traces(left, right, tolerance)
-    return differences
-
-
-def _compare_traces(left, right, tolerance: float) -> list[str]:
-    """Test accuracy after every step (results.json's traces): equal lengths, within `tolerance` at every step."""
-    def traces(results) -> dict[tuple, list[float]]:
-        if not isinstance(results, Mapping):
-            results = json.loads(Path(results).read_text())
-        return {(t["strategy"], t["scenario"], t["seed"]): t["test_acc"] for t in results.get("traces", [])}
-
-    a, b = traces(left), traces(right)
-    differences = []
-    for key in (k for k in a if k in b):
-        name = f"{key[0]}/{key[1]} seed {key[2]} trace"
-        if len(a[key]) != len(b[key]):
-            differences.append(f"{name}: {len(a[key])} vs {len(b[key])} steps")
-            continue
-        worst = max((abs(u - v), step) for step, (u, v) in enumerate(zip(a[key], b[key], strict=True)))
-        if worst[0] > tolerance + 1e-9:
-            differences.append(f"{name}: |diff| {worst[0]:.4f} at step {worst[1]} > {tolerance:g}")
-    return differences
-
-
-def max_difference(left: Mapping | str | Path, right: Mapping | str | Path, rates: bool = False) -> float:
-    """The largest absolute difference between two results.json over the accuracies (per seed, and every trace
-    step) both have, or (`rates`) over the flag and correction rates."""
-    def load(results):
-        return results if isinstance(results, Mapping) else json.loads(Path(results).read_text())
-
-    a, b = load(left), load(right)
-    worst = 0.0
-    rows_b = {(r["strategy"], r["scenario"]): r for r in b["rows"]}
-    for row in a["rows"]:
-        other = rows_b.get((row["strategy"], row["scenario"]))
-        for field in COMPARED_FIELDS:
-            if other is None or field == "batches" or (field in RATE_FIELDS) != rates:
-                continue
-            x, y = (row.get(field) or {}).get("values") or [], (other.get(field) or {}).get("values") or []
-            worst = max([worst, *(abs(u - v) for u, v in zip(x, y, strict=False) if u is not None and v is not None)])
-    traces_b = {(t["strategy"], t["scenario"], t["seed"]): t["test_acc"] for t in b.get("traces", [])}
-    for trace in [] if rates else a.get("traces", []):
-        other = traces_b.get((trace["strategy"], trace["scenario"], trace["seed"]), [])
-        worst = max([worst, *(abs(u - v) for u, v in zip(trace["test_acc"], other, strict=False))])
-    return worst
 
 
 def evaluate_target(config: ExperimentConfig, target: Target, strategy: str,

@@ -38,7 +38,7 @@ import pytest
 import yaml
 from sklearn.datasets import load_digits
 
-from attacker_sim.http_target import compare_results, max_difference
+from attacker_sim.agreement import compare_results, max_difference
 from service.deployment.codec import encode_safetensors_batch
 from service.deployment.processes import listening
 from tests.monitoring_queries import alert_rules, dashboard, dashboard_queries, queryable
@@ -262,7 +262,7 @@ def _eval_health(stack: Stack) -> dict[str, str]:
 def test_the_eval_profile_matches_the_in_process_evaluation_and_writes_readable_reports(stack):
     """The attacker resets each strategy's worker to the seed's starting state before each run (admin token) and
     drives `dscguard eval`'s campaigns; its results.json is the in-process one within the stated tolerances
-    (attacker_sim.http_target.ACCURACY_TOLERANCE, RATE_TOLERANCE)."""
+    (attacker_sim.agreement.ACCURACY_TOLERANCE, RATE_TOLERANCE)."""
     assert not stack.reports.exists()  # the case of issue 15: the daemon creates it, as root
     started = time.monotonic()
     # the reduced run: only its strategies' services (the attacker's depends_on would start all five pairs), and

@@ -10,8 +10,9 @@ from contextlib import ExitStack
 
 import pytest
 
+from attacker_sim.agreement import compare_results, max_difference
 from attacker_sim.evaluation import evaluate
-from attacker_sim.http_target import HttpTarget, TargetError, compare_results, max_difference, reset_targets
+from attacker_sim.http_target import HttpTarget, TargetError, reset_targets
 from attacker_sim.report import results_document
 from service.cli import main
 from service.core.config import ExperimentConfig

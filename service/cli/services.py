@@ -113,7 +113,6 @@ def _seeds(values: list[str] | None) -> list[int] | None:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from attacker_sim.http_target import HttpTarget, TargetError, evaluate_target
-    from attacker_sim.report import table_markdown, write_reports
     from service.cli.bundles import bundle_experiments
 
     config, prepare, subject = bundle_experiments(args, build_config(args))
@@ -138,19 +137,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise SystemExit(f"attack against {args.target} failed: {exc}") from exc
     finally:
         target.close()
-    print(table_markdown(evaluation))
-    if args.out:
-        written = write_reports(evaluation, args.out, plots=not args.no_plots)
-        print(f"wrote {', '.join(str(p) for p in written.values())}")
+    _print_and_write(evaluation, args)
     return 0
 
 
 def _attack_with_resets(args, config, prepare, subject, endpoints: dict[str, str], seeds, key: str,
                         admin: str | None) -> int:
     """`dscguard eval`'s runs, each against its strategy's service reset to the seed's starting state."""
+    from attacker_sim.agreement import compare_results
     from attacker_sim.evaluation import evaluate
-    from attacker_sim.http_target import HttpTarget, TargetError, compare_results, reset_targets
-    from attacker_sim.report import table_markdown, write_reports
+    from attacker_sim.http_target import HttpTarget, TargetError, reset_targets
 
     if admin is None:
         raise SystemExit("--targets resets each service before each run: set DSCGUARD_ADMIN_TOKEN")
@@ -166,15 +162,22 @@ def _attack_with_resets(args, config, prepare, subject, endpoints: dict[str, str
     finally:
         for target in targets.values():
             target.close()
-    print(table_markdown(evaluation))
-    if args.out:
-        written = write_reports(evaluation, args.out, plots=not args.no_plots)
-        print(f"wrote {', '.join(str(p) for p in written.values())} ({evaluation.seconds:.0f} s)")
+    _print_and_write(evaluation, args)
     if args.compare:
         return _report_comparison(compare_results(Path(args.out) / "results.json" if args.out else _rows(evaluation),
                                                   args.compare, args.tolerance, args.rate_tolerance), args.compare,
                                   args.tolerance, args.rate_tolerance)
     return 0
+
+
+def _print_and_write(evaluation, args: argparse.Namespace) -> None:
+    """The eval table on stdout, and the reports under --out when given."""
+    from attacker_sim.report import table_markdown, write_reports
+
+    print(table_markdown(evaluation))
+    if args.out:
+        written = write_reports(evaluation, args.out, plots=not args.no_plots)
+        print(f"wrote {', '.join(str(p) for p in written.values())} ({evaluation.seconds:.0f} s)")
 
 
 def _rows(evaluation) -> dict:
@@ -193,7 +196,7 @@ def _report_comparison(differences: list[str], other: str, tolerance: float, rat
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from attacker_sim.http_target import compare_results, max_difference
+    from attacker_sim.agreement import compare_results, max_difference
 
     print(f"largest difference: accuracies {max_difference(args.first, args.second):.4f}, rates "
           f"{max_difference(args.first, args.second, rates=True):.4f}")
@@ -202,7 +205,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _tolerance_options(parser: argparse.ArgumentParser, flag: str) -> None:
-    from attacker_sim.http_target import ACCURACY_TOLERANCE, RATE_TOLERANCE
+    from attacker_sim.agreement import ACCURACY_TOLERANCE, RATE_TOLERANCE
 
     parser.add_argument("--tolerance", type=float, default=ACCURACY_TOLERANCE,
                         help=f"{flag}largest absolute difference of an accuracy, per seed and at every step of the "
