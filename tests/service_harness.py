@@ -32,6 +32,7 @@ from service.deployment.processes import ProcessFailed, free_port, redis_answers
 from service.deployment.processes import RedisServer as RedisServer  # a private redis-server to kill and restart
 from service.deployment.redis_queue import GROUP, RedisQueue, connect
 from service.deployment.settings import ServiceSettings
+from service.deployment.worker.lease import Lease
 from tests.profiles import DIGITS_OVERRIDES  # the session's burn-in (tests/conftest.py), shared through the cache
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -87,7 +88,7 @@ def publish_model(queue: RedisQueue, version: int = 1, seed: int = 0, alive: boo
     queue.record_steps([], version=version, weights=weights_to_bytes(model, version, MODEL_SPEC),
                        status={"model_version": version, "batches_applied": version, "strategy": "dsc"})
     if alive:
-        queue.acquire_lease("test-worker", ttl_seconds=30, wait_seconds=0)
+        Lease(queue, "test-worker", ttl_seconds=30).acquire(wait_seconds=0)
     return model.eval()
 
 

@@ -15,6 +15,7 @@ from service.deployment.codec import InputSpec, encode_json_batch, encode_safete
 from service.deployment.model_store import model_from_bytes
 from service.deployment.processes import spawn, stop
 from service.deployment.redis_queue import RedisQueue, connect
+from service.deployment.worker.lease import Lease
 from tests.service_harness import (
     ADMIN_TOKEN,
     API_KEY,
@@ -182,7 +183,7 @@ def test_readiness_needs_redis_a_live_worker_and_a_model(service):
     assert api.client.post("/v1/ingest", **_json_body()).json()["reason"] == "no_model"
     publish_model(queue, alive=False)
     assert api.client.get("/health/ready").json()["checks"] == {"redis": True, "worker": False, "model": True}
-    queue.acquire_lease("test-worker", ttl_seconds=30, wait_seconds=0)
+    Lease(queue, "test-worker", ttl_seconds=30).acquire(wait_seconds=0)
     assert api.client.get("/health/ready").json() == {"ready": True, "checks": {"redis": True, "worker": True,
                                                                                  "model": True}}
 

@@ -24,6 +24,7 @@ from service.deployment.codec import encode_json_batch, encode_safetensors_batch
 from service.deployment.model_store import model_from_bytes
 from service.deployment.redis_queue import RedisQueue
 from service.deployment.worker import Worker, WorkerError
+from service.deployment.worker.lease import Lease
 from tests.service_harness import (
     ADMIN_TOKEN,
     API_KEY,
@@ -169,7 +170,7 @@ def test_worker_restarts_neither_lose_nor_repeat_updates(digits_experiment, cach
 
 def test_a_second_worker_on_a_namespace_is_refused(namespace, tmp_path):
     settings = make_settings(namespace, tmp_path, heartbeat_ttl_seconds=0.2)
-    RedisQueue.from_settings(settings).acquire_lease("the-first-worker", ttl_seconds=30, wait_seconds=0)
+    Lease(RedisQueue.from_settings(settings), "the-first-worker", ttl_seconds=30).acquire(wait_seconds=0)
     with pytest.raises(WorkerError, match="held by worker 'the-first-worker'"):
         Worker(settings).start()
 

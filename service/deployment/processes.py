@@ -5,7 +5,7 @@
   child exits, and at the deadline.
 - `stop`: SIGTERM, a bounded wait, then SIGKILL.
 - `RedisServer`: a `redis-server` on loopback, its append-only file fsynced before each reply, that can be
-  killed and restarted on its files; `redis_answers`, `free_port`.
+  killed and restarted on its files; `redis_answers`, `free_port`, `listening`.
 - `resident_megabytes`, `cpu_seconds`: what a process uses, read through psutil.
 
 >>> import sys, tempfile

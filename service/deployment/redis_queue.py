@@ -354,12 +354,6 @@ class RedisQueue:
         return self.client.lock(self.heartbeat_key, timeout=ttl_seconds, sleep=min(0.2, ttl_seconds / 4),
                                 thread_local=False)
 
-    def acquire_lease(self, owner: str, ttl_seconds: float, wait_seconds: float) -> redis.lock.Lock | None:
-        """Become the namespace's only worker, waiting (bounded) for a dead holder's lease to expire; the
-        lock held, or None."""
-        lock = self.lease_lock(ttl_seconds)
-        return lock if lock.acquire(blocking_timeout=wait_seconds, token=owner) else None
-
     def lease_holder(self) -> str | None:
         holder = self.client.get(self.heartbeat_key)
         return holder.decode() if holder is not None else None

@@ -128,12 +128,9 @@ class Worker:
             self.spec = InputSpec.from_model_spec(self.learner.model_spec, max_samples=2**31)
             self.queue.publish_spec(self.learner.model_spec)
             self.publish()
-            self.metrics.model_version.set(self.learner.model_version)
             self.metrics.model_info.labels(model=self.learner.model_spec["name"], profile=self.bootstrap.profile(),
                                            strategy=self.learner.strategy.name, device=str(self.learner.device)).set(1)
-            threshold = self.learner.threshold()
-            if threshold is not None:
-                self.metrics.threshold.set(threshold)
+            self._observe_model()
             self.queue.ensure_group()
             if self.settings.worker_metrics_port:
                 from prometheus_client import start_http_server
@@ -327,11 +324,15 @@ class Worker:
         self.recorded.discard(entry_id)
         log.info("reset %s: learner rebuilt from the starting state of seed %d at model version %d (was %d batches "
                  "applied)", reset_id, seed, learner.model_version, previous.batches_applied)
-        self.metrics.model_version.set(learner.model_version)
-        threshold = learner.threshold()
+        self._observe_model()
+        self.commit()
+
+    def _observe_model(self) -> None:
+        """The served learner's version and threshold on the gauges (at start, and after a reset)."""
+        self.metrics.model_version.set(self.learner.model_version)
+        threshold = self.learner.threshold()
         if threshold is not None:
             self.metrics.threshold.set(threshold)
-        self.commit()
 
     def audit_record(self, batch_id: str, entry_id: bytes, report: StepReport) -> dict:
         summary = report.summary()
