@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict] = {
     "guard": {"name": "guard"},
     "guard-skip": {"name": "guard", "gate_action": "skip"},
     "guard-uncapped": {"name": "guard", "gate_norm_cap": "none"},
+    "guard-median": {"name": "guard", "gate_cap_level": 0.5},  # the cap at the median: the default until 2026-11-26
 }
 DEFAULT_STRATEGY = "guard"  # the product's default defense, the one the checks hold to the bar
 
@@ -202,8 +203,12 @@ def checks(board: Leaderboard, config: ExperimentConfig) -> dict[str, dict]:
         if not mine or not st:
             continue
         baselines = [board.row(scenario, b) for b in TUNED if board.row(scenario, b)]
-        best = max([b.final_acc.mean for b in baselines], default=mine.final_acc.mean)
         recovered = mine.recovery.mean if mine.recovery else float("nan")
+        if not baselines:  # nothing to be within 1 point of: only the recovery is checked, and the name says so
+            check(f"{default} at {scenario}: recovers >= half of ST's loss (no tuned baseline in this run)",
+                  recovered >= 0.5, f"{mine.final_acc.mean:.1%}; recovers {recovered:.0%}")
+            continue
+        best = max(b.final_acc.mean for b in baselines)
         check(f"{default} at {scenario}: within 1 point of the best tuned baseline and recovers >= half of ST's loss",
               mine.final_acc.mean >= best - 0.01 and recovered >= 0.5,
               f"{mine.final_acc.mean:.1%} vs best tuned {best:.1%}; recovers {recovered:.0%}")

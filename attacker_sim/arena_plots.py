@@ -18,7 +18,8 @@ from service.core.strategy_registry import REGISTRY  # noqa: E402
 # a strategy's own colour (the registry's), a lighter shade of it for its arena variants
 COLORS = {**{name: info.colour for name, info in REGISTRY.items()}, "gc-paper": "navajowhite", "at-paper": "plum",
           "dsc-sample": "lightskyblue", "dsc-rolling": "tab:cyan", "dsc-skip": "powderblue", "dsc-gate": "steelblue",
-          "guard-skip": "yellowgreen", "guard-uncapped": "darkseagreen"}
+          "guard-skip": "yellowgreen", "guard-uncapped": "darkseagreen",
+          "guard-median": "olivedrab"}
 
 
 def _save(fig, path: Path) -> Path:

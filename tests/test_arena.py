@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from attacker_sim import scenarios
-from attacker_sim.arena import VARIANTS, resolve_strategies, run_arena, write_leaderboard
+from attacker_sim.arena import DEFAULT_STRATEGY, VARIANTS, checks, resolve_strategies, run_arena, write_leaderboard
 from attacker_sim.evaluation import build_campaign
 from attacker_sim.leaderboard import Leaderboard
-from attacker_sim.tuning import tune_baselines
+from attacker_sim.tuning import TUNED, tune_baselines
 from service.core.config import StrategyConfig
 from tests.profiles import DIGITS_OVERRIDES
 
@@ -79,6 +79,26 @@ def test_measures_follow_their_definitions(board):
     assert board.row("clean", "st").clean_flag_rate.mean == 0.0
     assert board.row("clean", "dsc").target_flag_rate == pytest.approx(0.1)
     assert board.row("clean", "dsc").clean_flag_rate is not None
+
+
+def test_the_default_is_held_to_the_best_tuned_baseline_and_never_to_itself(board, tiny_config):
+    """The attack bar compares the default with the tuned baselines in the run; where none ran, the check says so
+    and judges only the recovery (it used to compare the default with itself, a check that could not fail)."""
+    board, _ = board
+    as_default = [r.model_copy(update={"strategy": DEFAULT_STRATEGY}) if r.strategy == "dsc" else r for r in board.rows]
+    launches = [s for s in board.scenarios() if s.startswith("attack@")]
+
+    def attack_checks(rows):
+        found = checks(board.model_copy(update={"rows": rows}), tiny_config)
+        return {name: found[name] for name in found if name.startswith(f"{DEFAULT_STRATEGY} at attack@")}
+
+    with_baselines = attack_checks(as_default)
+    assert len(with_baselines) == len(launches)
+    assert all("within 1 point of the best tuned baseline" in name for name in with_baselines)
+    alone = attack_checks([r for r in as_default if r.strategy not in TUNED])
+    assert len(alone) == len(launches)
+    assert all("no tuned baseline in this run" in name and "best tuned" not in check["detail"]
+               for name, check in alone.items())
 
 
 def test_launch_snapshots_are_independent_copies_taken_after_their_batch(digits_experiment):

@@ -116,7 +116,9 @@ class StrategyConfig(_Section):
     gate_norm_cap: Literal["none", "2", "inf"] = Field(
         "inf", description="guard: cap every update's gradient norm at the gate_cap_level quantile of the norms of "
                            "clean trusted updates, calibrated with the threshold ('none': no cap)")
-    gate_cap_level: float = Field(0.5, gt=0, le=1, description="guard: quantile of clean update norms the cap sits at")
+    gate_cap_level: float = Field(0.1, gt=0, le=1, description="guard: quantile of clean update norms the cap sits at "
+                                  "(0.1: the lowest level of the development sweep that learns every drift kind at "
+                                  ">= 80% of ST's gain; docs/results.md)")
 
 
     @model_validator(mode="after")

@@ -137,8 +137,9 @@ class WorkerMetrics:
                                       "dropped", registry=r)
         self.updates_capped = Counter("dscguard_updates_capped_total", "Updates the gate did not flag but capped at "
                                       "its norm cap (larger than a typical clean update)", registry=r)
-        self.gate_cap = GaugeOnceSet("dscguard_gate_cap", "The update gate's norm cap (the median norm of clean "
-                                     "trusted updates at its last calibration); absent without a cap", registry=r)
+        self.gate_cap = GaugeOnceSet("dscguard_gate_cap", "The update gate's norm cap (the gate_cap_level quantile "
+                                     "of the norms of clean trusted updates at its last calibration); absent without a "
+                                     "cap", registry=r)
         self.target_flag_ratio = Gauge("dscguard_target_false_flag_ratio", "Share of clean samples the defense is "
                                        "calibrated to flag (compare with the flagged fraction)", registry=r)
         self.auxiliary_age = GaugeOnceSet("dscguard_auxiliary_age_batches", "Batches since dsc's auxiliary was "

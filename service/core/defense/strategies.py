@@ -274,8 +274,9 @@ class TrustedUpdateGuard(Strategy):
 
     The update gate (`UpdateGate`) is calibrated on the trusted split for a false-flag target; a flagged
     update is shrunk until it no longer raises the trusted probe loss beyond the threshold (or dropped,
-    `gate_action="skip"`), and every update is capped at the median norm of clean trusted updates
-    (`gate_norm_cap`). Honest batches, drifted ones included, are learned at most at a clean batch's pace.
+    `gate_action="skip"`), and every update is capped at the `gate_cap_level` quantile (0.1) of the norms of clean
+    trusted updates (`gate_norm_cap`). Honest batches, drifted ones included, are learned at most at the pace of the
+    smaller clean batches.
     """
 
     name = "guard"

@@ -32,14 +32,17 @@ threshold kept from the first update for 100 flagged 35% of clean CIFAR-10 batch
 recalibrated after 40, 5%). Without momentum there is no buffer to fill: every interval is `recalibrate_every`.
 
 Every update is also capped (`norm_cap`, default the inf-norm in the strategy's settings): its gradient is scaled
-down to at most the `cap_level` quantile (the median by default) of the norms of the clean calibration updates,
+down to at most the `cap_level` quantile (0.1 by default) of the norms of the clean calibration updates,
 recalibrated with the threshold; where the update is also flagged, the smaller of the two scales is applied.
-The cap is not a verdict (it flags nothing): it says that no batch moves the model further than a typical clean
-batch does, which is what a gradient clip does, with its bound measured on trusted data instead of tuned. An
-accumulative poison moves the model 3-10x further than a clean batch (digits, development seeds 2000-2001:
+The cap is not a verdict (it flags nothing): it says that no batch moves the model further than the smaller
+clean batches do, which is what a gradient clip does, with its bound measured on trusted data instead of tuned.
+An accumulative poison moves the model 3-10x further than a clean batch (digits, development seeds 2000-2001:
 inf-norm median 0.40-0.53 against 0.04-0.11), and learns little under the cap; an honest drifted batch is
-learned a little slower (median 0.13-0.21). The lookahead still judges the whole update, so its verdict and
-its false-flag rate are the ones it was calibrated for.
+learned slower (median 0.13-0.21), and so is a fresh clean one. The level trades the two: on digits' development
+seeds 2000-2003, 0.5 (the median, the default until 2026-11-26) learnt every drift kind at >= 93% of ST's gain
+and 0.05 at 75%; 0.1 is the lowest level of that sweep that keeps every kind at >= 80% (docs/results.md). The
+lookahead still judges the whole update, so its verdict and its false-flag rate are the ones it was calibrated
+for.
 
 >>> import torch
 >>> _ = torch.manual_seed(0)
@@ -86,7 +89,7 @@ class UpdateGate:
     def __init__(self, trusted_x: torch.Tensor, trusted_y: torch.Tensor, *, batch_size: int,
                  target_false_flag_rate: float = 0.1, calibration_updates: int = 32, recalibrate_every: int = 100,
                  action: str = "shrink", probe_samples: int = 256, norm_cap: str | None = None,
-                 cap_level: float = 0.5, seed: int = 0):
+                 cap_level: float = 0.1, seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
