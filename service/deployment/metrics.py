@@ -136,7 +136,8 @@ class WorkerMetrics:
         self.updates_shrunk = Counter("dscguard_updates_shrunk_total", "Updates the gate flagged and shrank or "
                                       "dropped", registry=r)
         self.updates_capped = Counter("dscguard_updates_capped_total", "Updates the gate did not flag but capped at "
-                                      "its norm cap (larger than a typical clean update)", registry=r)
+                                      "its norm cap (larger than the gate_cap_level quantile of clean update norms: "
+                                      "most fresh clean updates at the default 0.1)", registry=r)
         self.gate_cap = GaugeOnceSet("dscguard_gate_cap", "The update gate's norm cap (the gate_cap_level quantile "
                                      "of the norms of clean trusted updates at its last calibration); absent without a "
                                      "cap", registry=r)
