@@ -3,7 +3,8 @@
 For each reporting seed every strategy starts from the same burn-in and faces (`attacker_sim.scenarios`):
 the clean oracle over a long clean stream (with its realised false-flag rate early and late), the
 accumulative attack launched after each of `arena.launch_after` clean batches (branching from snapshots
-of that one long stream), the slow poison, every benign drift kind, drift then attack, the black-box
+of that one long stream), the slow poison, every benign drift kind from the start and again after the
+longest clean stretch (`drift:<kind>@<batches>`, with `arena.late_drift`), drift then attack, the black-box
 attacker with a surrogate it trained on its own data, the adaptive attacker (poisons and trigger) for
 each beta, and the attacker adaptive to guard's gate (`adaptive:gate`: after the poisons it sends
 campaign.max_batches triggers, each blended to stay under its own copy of the gate). The baselines `gc`
@@ -17,6 +18,7 @@ research code's constants stay as `gc-paper` and `at-paper`.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Sequence
@@ -51,6 +53,8 @@ VARIANTS: dict[str, dict] = {
     "guard-skip": {"name": "guard", "gate_action": "skip"},
     "guard-uncapped": {"name": "guard", "gate_norm_cap": "none"},
     "guard-median": {"name": "guard", "gate_cap_level": 0.5},  # the cap at the median: the default until 2026-11-26
+    # the cap recalibrated on the current model (the default until the late-drift rows, 2026-11-26): it shrinks
+    "guard-following": {"name": "guard", "gate_cap_anchor": "current"},
 }
 DEFAULT_STRATEGY = "guard"  # the product's default defense, the one the checks hold to the bar
 
@@ -77,8 +81,14 @@ def _steps_per_strategy(config: ExperimentConfig, long_horizon: bool) -> int:
     launches = arena.launch_after if long_horizon else [t for t in arena.launch_after if t == 0]
     length = max([*launches, arena.clean_batches])
     attackers = len(launches) + int(arena.black_box) + len(arena.adaptive_betas) + 2 * int(arena.gate_evasion)
+    drifts = len(arena.drifts) * (1 + int(bool(_late_drift_after(arena, launches))))
     return (length + attackers * attack_len + arena.slow_poison_count * arena.slow_poison_every
-            + len(arena.drifts) * arena.drift_batches + (arena.drift_batches + attack_len) * bool(arena.drift_attack))
+            + drifts * arena.drift_batches + (arena.drift_batches + attack_len) * bool(arena.drift_attack))
+
+
+def _late_drift_after(arena, launches: Sequence[int]) -> int:
+    """Clean batches before the late drift kinds: the longest launch time (0: no late drift)."""
+    return max(launches) if arena.late_drift else 0
 
 
 def run_arena(config: ExperimentConfig, seeds: Sequence[int] | None = None, strategies: Sequence[str] | None = None,
@@ -125,7 +135,8 @@ def _settings(strategy: StrategyConfig) -> dict:
     relevant = {"st": [], "gc": ["clip_value", "clip_norm"], "at": ["epsilon", "steps", "step_size", "at_kl_weight"],
                 "dsc": ["epsilon", "steps", "step_size", "early_stop", "divergence", "mu", "tau"],
                 "guard": ["gate_action", "gate_target_false_flag_rate", "gate_calibration_updates",
-                          "gate_recalibrate_every", "gate_norm_cap", "gate_cap_level", "gate_probe_samples"]}
+                          "gate_recalibrate_every", "gate_norm_cap", "gate_cap_level", "gate_cap_anchor",
+                          "gate_probe_samples"]}
     return {"name": strategy.name, **{k: getattr(strategy, k) for k in relevant[strategy.name]}}
 
 
@@ -157,6 +168,8 @@ def _run_strategy(experiment: Experiment, data: scenarios.ScenarioData, label: s
                                               arena.clean_batches, set(launches), on_step,
                                               fresh_batches=arena.fresh_batches)
     outcomes = [clean]
+    late = _late_drift_after(arena, launches)
+    late_learner = copy.deepcopy(snapshots[late]) if late else None  # the attack below takes the snapshot as it is
     for launch in launches:
         outcomes.append(scenarios.attack(snapshots.pop(launch), data, label, attackers["white"], f"attack@{launch}",
                                          stream_offset=10 + launch, on_step=on_step))
@@ -166,6 +179,9 @@ def _run_strategy(experiment: Experiment, data: scenarios.ScenarioData, label: s
     for kind in arena.drifts:
         outcomes.append(scenarios.drift(experiment.new_learner(strategy), data, label, kind, arena.drift_batches,
                                         on_step))
+    for kind in arena.drifts if late else []:
+        outcomes.append(scenarios.drift(copy.deepcopy(late_learner), data, label, kind, arena.drift_batches, on_step,
+                                        after=late))
     if arena.drift_attack:
         outcomes.append(scenarios.drift_attack(experiment.new_learner(strategy), data, label, arena.drift_attack,
                                                arena.drift_batches, attackers["white"], on_step))

@@ -19,7 +19,7 @@ from service.core.strategy_registry import REGISTRY  # noqa: E402
 COLORS = {**{name: info.colour for name, info in REGISTRY.items()}, "gc-paper": "navajowhite", "at-paper": "plum",
           "dsc-sample": "lightskyblue", "dsc-rolling": "tab:cyan", "dsc-skip": "powderblue", "dsc-gate": "steelblue",
           "guard-skip": "yellowgreen", "guard-uncapped": "darkseagreen",
-          "guard-median": "olivedrab"}
+          "guard-median": "olivedrab", "guard-following": "darkolivegreen"}
 
 
 def _save(fig, path: Path) -> Path:
@@ -44,14 +44,17 @@ def plot_pareto(board: Leaderboard, path: Path) -> Path:
         if not shares or not accs:
             continue
         x, y = 100 * float(np.mean(shares)), 100 * float(np.mean(accs))
-        ax.scatter([x], [y], s=80, color=COLORS.get(strategy, "gray"), edgecolor="black", zorder=3)
-        ax.annotate(strategy, (x, y), textcoords="offset points", xytext=(6, 4))
+        # named in the legend with its coordinates: strategies that tie sit on one spot, where labels overlap
+        ax.scatter([x], [y], s=80, color=COLORS.get(strategy, "gray"), edgecolor="black", zorder=3,
+                   label=f"{strategy}: {x:.0f}%, {y:.1f}")
     ax.axvline(100, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("drift gain, % of ST's (mean over drift kinds): higher = learns honest change")
     ax.set_ylabel("accuracy after the trigger, % (mean over launch times)")
     ax.set_title(f"Arena {board.profile}: adaptation vs robustness (up and right is better)\n"
                  f"mean over seeds {', '.join(map(str, board.seeds))}")
     ax.grid(alpha=0.3)
+    ax.legend(title="strategy: drift share, accuracy", fontsize=8, title_fontsize=8, loc="center left",
+              bbox_to_anchor=(1.02, 0.5))
     return _save(fig, path)
 
 

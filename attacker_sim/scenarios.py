@@ -7,7 +7,8 @@ tuning on the defender's trusted split and tuning seeds, the arena on the test s
   stream's batches and on fresh batches the model never learned (`fresh_flag_rate`), early and late.
 - `attack`: the accumulative attack (Pang et al.) after `launch_after` clean batches.
 - `slow_poison`: one poisoned batch every `every` batches for a long stretch, then the trigger.
-- `drift`: honest data that drifts (`attacker_sim.drift`), accuracy on the drifted test set.
+- `drift`: honest data that drifts (`attacker_sim.drift`), accuracy on the drifted test set; from the start, and
+  (the arena's `drift:<kind>@<batches>`) after a long clean stretch.
 - `drift_attack`: drift first, then the attack on the drifted stream.
 """
 
@@ -167,8 +168,10 @@ def _refusals(learner: OnlineLearner) -> int | None:
 
 
 def drift(learner: OnlineLearner, data: ScenarioData, label: str, kind: str, batches: int,
-          on_step: Callable[[], None] | None = None) -> Outcome:
-    """Honest drifted batches; the gain is accuracy on the drifted test view after minus before."""
+          on_step: Callable[[], None] | None = None, after: int = 0) -> Outcome:
+    """Honest drifted batches; the gain is accuracy on the drifted test view after minus before. `after`: the clean
+    batches the learner has already learned (named in the scenario, `drift:<kind>@<after>`, when > 0): a defense
+    calibrated on the model as it goes must still let drift in late in a stream."""
     stream, test = data.drifted(kind, offset=3, count=batches)
     target = InProcessTarget(learner)
     start = accuracy(target, *test)
@@ -180,7 +183,8 @@ def drift(learner: OnlineLearner, data: ScenarioData, label: str, kind: str, bat
         seconds.append(outcome.seconds)
         if on_step:
             on_step()
-    return Outcome(f"drift:{kind}", label, data.seed, start_acc=start, final_acc=accuracy(target, *test),
+    name = f"drift:{kind}" + (f"@{after}" if after else "")
+    return Outcome(name, label, data.seed, start_acc=start, final_acc=accuracy(target, *test),
                    clean_flag_rate=flagged / samples, target_flag_rate=learner.strategy.target_false_flag_rate(),
                    seconds_per_step=float(np.mean(seconds)))
 

@@ -2,6 +2,7 @@
 published schema, the baselines are tuned by the rule on tuning seeds, and bad requests are refused."""
 
 import json
+from dataclasses import replace
 
 import jsonschema
 import pytest
@@ -40,9 +41,10 @@ def board(tiny_config, cache_dir, tmp_path_factory):
 
 def test_every_scenario_and_attacker_has_a_row_per_strategy(board):
     board, _ = board
-    expected = {"clean", "attack@0", "attack@12", "slow-poison", "drift:pixel_shift", "drift:rotation",
-                "drift:brightness_contrast", "drift:label_prior", "drift+attack:pixel_shift", "black-box",
-                "adaptive:beta=1", "adaptive:gate"}
+    kinds = ["pixel_shift", "rotation", "brightness_contrast", "label_prior"]
+    expected = {"clean", "attack@0", "attack@12", "slow-poison", *(f"drift:{kind}" for kind in kinds),
+                *(f"drift:{kind}@12" for kind in kinds),  # again after the longest launch time's clean stretch
+                "drift+attack:pixel_shift", "black-box", "adaptive:beta=1", "adaptive:gate"}
     assert set(board.scenarios()) == expected
     for scenario in expected:
         assert {r.strategy for r in board.rows if r.scenario == scenario} == {"st", "gc", "at", "dsc"}
@@ -111,6 +113,35 @@ def test_launch_snapshots_are_independent_copies_taken_after_their_batch(digits_
     assert snapshots[5].model is not learner.model
     assert snapshots[0].accuracy(*data.test) == pytest.approx(clean.start_acc)
     assert clean.clean_flag_rate_early is not None and clean.target_flag_rate == pytest.approx(0.1)
+
+
+def test_late_drift_starts_from_the_learner_after_the_longest_clean_stretch(tiny_config, digits_experiment,
+                                                                           monkeypatch):
+    """drift:<kind>@<batches> runs on a copy of the long stream's snapshot; the attack still gets the snapshot."""
+    from attacker_sim import arena
+
+    seen, real = [], scenarios.drift
+
+    def recording(learner, data, label, kind, batches, on_step=None, after=0):
+        seen.append((kind, after, learner.batches_applied))
+        return real(learner, data, label, kind, batches, on_step, after)
+
+    monkeypatch.setattr(scenarios, "drift", recording)
+    config = tiny_config.model_copy(update={"arena": tiny_config.arena.model_copy(update={
+        "drifts": ["pixel_shift"], "launch_after": [0, 7], "drift_attack": None, "adaptive_betas": [],
+        "black_box": False, "gate_evasion": False})})
+    experiment = replace(digits_experiment, config=config)
+    data = scenarios.ScenarioData(experiment, experiment.test_tensors, experiment.splits.attacker_val.tensors())
+    outcomes = arena._run_strategy(experiment, data, "st", StrategyConfig(name="st"), True,
+                                   {"white": build_campaign(experiment)}, None)
+    assert sorted(seen) == [("pixel_shift", 0, 0), ("pixel_shift", 7, 7)]
+    names = [o.scenario for o in outcomes]
+    assert "drift:pixel_shift@7" in names and "attack@7" in names
+    no_late = config.model_copy(update={"arena": config.arena.model_copy(update={"late_drift": False})})
+    seen.clear()
+    arena._run_strategy(replace(experiment, config=no_late), data, "st", StrategyConfig(name="st"), True,
+                        {"white": build_campaign(experiment)}, None)
+    assert seen == [("pixel_shift", 0, 0)]
 
 
 def test_the_fresh_false_flag_rate_judges_fresh_batches_without_learning_them(digits_experiment):

@@ -91,6 +91,27 @@ def test_an_update_larger_than_clean_ones_is_capped_at_the_calibrated_norm(norm_
     assert verdict.scale <= verdict.cap / verdict.norm + 1e-6
 
 
+@pytest.mark.parametrize("anchor", ["current", "first"])
+def test_the_cap_follows_the_model_or_stays_at_the_first_calibration(anchor):
+    """Clean updates change size as the model changes (on digits they shrink as the stream is memorised, and a cap
+    that follows them stiffens the model against drift too); anchored, the cap stays where the deployed model's
+    first calibration put it."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gate = UpdateGate(*_blobs(400, generator), batch_size=32, calibration_updates=64, norm_cap="inf",
+                      cap_anchor=anchor, seed=1)
+    gate.calibrate(model, optimizer)
+    first = gate.cap
+    with torch.no_grad():
+        model[-1].weight.mul_(3.0)  # a sharper model: its clean updates are of another size
+    gate.calibrate(model, optimizer)
+    measured = gate.history[-1]["cap_measured"]
+    assert abs(measured / first - 1) > 0.5  # the clean updates did change size
+    assert gate.cap == (measured if anchor == "current" else first)
+
+
 def test_metrics_count_the_gate_flagging_apart_from_the_cap():
     from prometheus_client import generate_latest
 
@@ -177,6 +198,10 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, norm_cap="1")
     with pytest.raises(ValueError, match="gate_norm_cap"):
         StrategyConfig(name="guard", gate_norm_cap="1")
+    with pytest.raises(ValueError, match="cap_anchor must be one of current, first"):
+        UpdateGate(x, y, batch_size=2, cap_anchor="burnin")
+    with pytest.raises(ValueError, match="gate_cap_anchor"):
+        StrategyConfig(name="guard", gate_cap_anchor="burnin")
 
 
 def test_conformal_quantile_is_finite_sample_valid():

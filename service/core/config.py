@@ -119,6 +119,10 @@ class StrategyConfig(_Section):
     gate_cap_level: float = Field(0.1, gt=0, le=1, description="guard: quantile of clean update norms the cap sits at "
                                   "(0.1: the lowest level of the development sweep that learns every drift kind at "
                                   ">= 80% of ST's gain; docs/results.md)")
+    gate_cap_anchor: Literal["current", "first"] = Field(
+        "first", description="guard: the cap stays where the first calibration, on the model as deployed, put it "
+                             "('first'), or follows each calibration on the current model ('current': it shrank "
+                             "as the stream was memorised and stiffened the model against drift; docs/results.md)")
 
 
     @model_validator(mode="after")
@@ -219,6 +223,8 @@ class ArenaConfig(_Section):
     drifts: list[str] = Field(default_factory=lambda: ["pixel_shift", "rotation", "brightness_contrast",
                                                        "label_prior"])
     drift_batches: int = Field(30, ge=1)
+    late_drift: bool = Field(True, description="every drift kind again after the longest launch time's clean "
+                                               "stretch, from the learner as it stands there (drift:<kind>@<batches>)")
     drift_attack: str | None = Field("pixel_shift", description="drift kind of the drift-then-attack scenario")
     black_box: bool = True
     adaptive_betas: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0],

@@ -325,7 +325,7 @@ def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed
                       recalibrate_every=config.gate_recalibrate_every, action=config.gate_action,
                       probe_samples=config.gate_probe_samples,
                       norm_cap=None if config.gate_norm_cap == "none" else config.gate_norm_cap,
-                      cap_level=config.gate_cap_level, seed=seed)
+                      cap_level=config.gate_cap_level, cap_anchor=config.gate_cap_anchor, seed=seed)
 
 
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {

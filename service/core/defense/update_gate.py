@@ -32,8 +32,11 @@ threshold kept from the first update for 100 flagged 35% of clean CIFAR-10 batch
 recalibrated after 40, 5%). Without momentum there is no buffer to fill: every interval is `recalibrate_every`.
 
 Every update is also capped (`norm_cap`, default the inf-norm in the strategy's settings): its gradient is scaled
-down to at most the `cap_level` quantile (0.1 by default) of the norms of the clean calibration updates,
-recalibrated with the threshold; where the update is also flagged, the smaller of the two scales is applied.
+down to at most the `cap_level` quantile (0.1 by default) of the norms of the clean calibration updates of the
+first calibration (`cap_anchor="first"`, the model as deployed) or of the latest (`"current"`); where the update
+is also flagged, the smaller of the two scales is applied. Anchored, because clean trusted updates shrink as the
+model memorises its stream: on digits (development seed 2000) the following cap fell from 0.036 to 0.004-0.009
+over 3,000 batches, and a one-pixel shift arriving then was learnt at 25% of ST's gain (79% anchored).
 The cap is not a verdict (it flags nothing): it says that no batch moves the model further than the smaller
 clean batches do, which is what a gradient clip does, with its bound measured on trusted data instead of tuned.
 An accumulative poison moves the model 3-10x further than a clean batch (digits, development seeds 2000-2001:
@@ -69,6 +72,7 @@ from service.core.defense.eval_mode import eval_mode, training_mode_frozen_stats
 
 ACTIONS = ("shrink", "skip")
 NORMS = {"2": 2.0, "inf": float("inf")}  # the update norms the cap can bound
+CAP_ANCHORS = ("current", "first")  # the cap follows every calibration, or stays at the first one's
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class UpdateGate:
     def __init__(self, trusted_x: torch.Tensor, trusted_y: torch.Tensor, *, batch_size: int,
                  target_false_flag_rate: float = 0.1, calibration_updates: int = 32, recalibrate_every: int = 100,
                  action: str = "shrink", probe_samples: int = 256, norm_cap: str | None = None,
-                 cap_level: float = 0.1, seed: int = 0):
+                 cap_level: float = 0.1, cap_anchor: str = "first", seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
@@ -103,6 +107,8 @@ class UpdateGate:
             raise ValueError(f"norm_cap must be one of {', '.join(NORMS)} or None, got {norm_cap!r}")
         if not 0 < cap_level <= 1:
             raise ValueError(f"cap_level must be in (0, 1], got {cap_level}")
+        if cap_anchor not in CAP_ANCHORS:
+            raise ValueError(f"cap_anchor must be one of {', '.join(CAP_ANCHORS)}, got {cap_anchor!r}")
         self.trusted = (trusted_x, trusted_y)
         # the probe: at most `probe_samples` trusted samples, fixed once, so that a lookahead costs a bounded
         # forward whatever the size of the trusted split (1,000 MNIST images made a step 23x ST's)
@@ -111,7 +117,7 @@ class UpdateGate:
         else:
             self.probe = torch.randperm(len(trusted_x), generator=torch.Generator().manual_seed(seed))[:probe_samples]
         self.batch_size = batch_size
-        self.norm_cap, self.cap_level = norm_cap, cap_level
+        self.norm_cap, self.cap_level, self.cap_anchor = norm_cap, cap_level, cap_anchor
         self.level = 1.0 - target_false_flag_rate
         self.calibration_updates, self.recalibrate_every = calibration_updates, recalibrate_every
         self.action = action
@@ -174,15 +180,16 @@ class UpdateGate:
             increases.append(float((after - base)[keep].mean()))
             if self.norm_cap:
                 norms.append(self._norm(grads))
-        if self.norm_cap:
-            self.cap = float(torch.quantile(torch.tensor(norms), self.cap_level))
+        measured = float(torch.quantile(torch.tensor(norms), self.cap_level)) if self.norm_cap else None
+        if self.cap is None or self.cap_anchor == "current":
+            self.cap = measured
         values = torch.tensor(increases)
         # never below zero: an update that does not raise the probe loss is never suspicious
         self.threshold = max(conformal_quantile(values, self.level), 0.0)
         self.updates_since_calibration = 0
         self.calibrations += 1
         self.history.append({"threshold": self.threshold, "increase_median": float(values.median()),
-                             "increase_max": float(values.max()), "cap": self.cap,
+                             "increase_max": float(values.max()), "cap": self.cap, "cap_measured": measured,
                              "updates": self.calibration_updates})
         return self.threshold
 
