@@ -53,8 +53,8 @@ VARIANTS: dict[str, dict] = {
     "guard-skip": {"name": "guard", "gate_action": "skip"},
     "guard-uncapped": {"name": "guard", "gate_norm_cap": "none"},
     "guard-median": {"name": "guard", "gate_cap_level": 0.5},  # the cap at the median: the default until 2026-11-26
-    # the cap recalibrated on the current model (the default until the late-drift rows, 2026-11-26): it shrinks
-    "guard-following": {"name": "guard", "gate_cap_anchor": "current"},
+    # the default until the late-drift rows (2026-11-26): the cap at the 0.1 level, recalibrated on the current model
+    "guard-following": {"name": "guard", "gate_cap_anchor": "current", "gate_cap_level": 0.1},
 }
 DEFAULT_STRATEGY = "guard"  # the product's default defense, the one the checks hold to the bar
 
@@ -136,7 +136,7 @@ def _settings(strategy: StrategyConfig) -> dict:
                 "dsc": ["epsilon", "steps", "step_size", "early_stop", "divergence", "mu", "tau"],
                 "guard": ["gate_action", "gate_target_false_flag_rate", "gate_calibration_updates",
                           "gate_recalibrate_every", "gate_norm_cap", "gate_cap_level", "gate_cap_anchor",
-                          "gate_probe_samples"]}
+                          "gate_cap_updates", "gate_probe_samples"]}
     return {"name": strategy.name, **{k: getattr(strategy, k) for k in relevant[strategy.name]}}
 
 

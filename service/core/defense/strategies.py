@@ -274,7 +274,7 @@ class TrustedUpdateGuard(Strategy):
 
     The update gate (`UpdateGate`) is calibrated on the trusted split for a false-flag target; a flagged
     update is shrunk until it no longer raises the trusted probe loss beyond the threshold (or dropped,
-    `gate_action="skip"`), and every update is capped at the `gate_cap_level` quantile (0.1) of the norms of clean
+    `gate_action="skip"`), and every update is capped at the `gate_cap_level` quantile (0.2) of the norms of clean
     trusted updates (`gate_norm_cap`). Honest batches, drifted ones included, are learned at most at the pace of the
     smaller clean batches.
     """
@@ -325,7 +325,8 @@ def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed
                       recalibrate_every=config.gate_recalibrate_every, action=config.gate_action,
                       probe_samples=config.gate_probe_samples,
                       norm_cap=None if config.gate_norm_cap == "none" else config.gate_norm_cap,
-                      cap_level=config.gate_cap_level, cap_anchor=config.gate_cap_anchor, seed=seed)
+                      cap_level=config.gate_cap_level, cap_anchor=config.gate_cap_anchor,
+                      cap_updates=config.gate_cap_updates, seed=seed)
 
 
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {
