@@ -137,10 +137,10 @@ class WorkerMetrics:
                                       "dropped", registry=r)
         self.updates_capped = Counter("dscguard_updates_capped_total", "Updates the gate did not flag but capped at "
                                       "its norm cap (larger than the gate_cap_level quantile of clean update norms: "
-                                      "most fresh clean updates at the default 0.1)", registry=r)
+                                      "most fresh clean updates at the default 0.2)", registry=r)
         self.gate_cap = GaugeOnceSet("dscguard_gate_cap", "The update gate's norm cap (the gate_cap_level quantile "
-                                     "of the norms of clean trusted updates at its last calibration); absent without a "
-                                     "cap", registry=r)
+                                     "of the norms of clean trusted updates, measured at the first calibration, or at "
+                                     "the last with gate_cap_anchor=current); absent without a cap", registry=r)
         self.target_flag_ratio = Gauge("dscguard_target_false_flag_ratio", "Share of clean samples the defense is "
                                        "calibrated to flag (compare with the flagged fraction)", registry=r)
         self.auxiliary_age = GaugeOnceSet("dscguard_auxiliary_age_batches", "Batches since dsc's auxiliary was "
