@@ -160,6 +160,23 @@ def test_skip_drops_a_flagged_update_entirely(digits_experiment):
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
 
 
+def test_cap_leaves_a_flagged_update_to_the_norm_cap_alone(digits_experiment):
+    """gate_action=cap: the trigger is still flagged (and reported), and scaled exactly as the cap scales any update,
+    where shrink takes it further down."""
+    campaign = build_campaign(digits_experiment)
+    x, y = next(digits_experiment.stream_batches(1, seed=5))
+    validation = digits_experiment.splits.attacker_val.tensors()
+    verdicts = {}
+    for action in ("cap", "shrink"):
+        # a loose cap (the 90% level), so that shrinking onto the threshold is the smaller scale
+        learner = _guard_learner(digits_experiment, gate_action=action, gate_cap_level=0.9)
+        trigger = campaign.trigger(copy.deepcopy(learner.model).eval(), x, y, *validation)
+        verdicts[action] = _judge_only(learner, trigger, y)
+    capped = verdicts["cap"]
+    assert capped.flagged and capped.scale == pytest.approx(min(1.0, capped.cap / capped.norm))
+    assert verdicts["shrink"].flagged and verdicts["shrink"].scale < capped.scale
+
+
 def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path):
     learner = _guard_learner(digits_experiment)
     # settings a rebuilt gate would not guess from the trusted split alone: they must travel with the state
@@ -201,6 +218,8 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, norm_cap="1")
     with pytest.raises(ValueError, match="gate_norm_cap"):
         StrategyConfig(name="guard", gate_norm_cap="1")
+    with pytest.raises(ValueError, match="action 'cap' .* needs norm_cap"):
+        UpdateGate(x, y, batch_size=2, action="cap", norm_cap=None)
     with pytest.raises(ValueError, match="cap_updates must be >= 1"):
         UpdateGate(x, y, batch_size=2, cap_updates=0)
     with pytest.raises(ValueError, match="cap_anchor must be one of current, first"):

@@ -105,8 +105,9 @@ class StrategyConfig(_Section):
                                                                         "best, beyond sampling noise")
     promotion_z: float = Field(3.0, ge=0, description="dsc rolling: sampling noise allowed, in binomial "
                                                         "standard deviations, for the canary and the flagged share")
-    gate_action: Literal["shrink", "skip"] = Field(
-        "shrink", description="guard: what a flagged update gets: shrunk onto the threshold, or dropped")
+    gate_action: Literal["shrink", "skip", "cap"] = Field(
+        "shrink", description="guard: what a flagged update gets: shrunk onto the threshold, dropped, or only the "
+                              "norm cap every update gets ('cap': flagged and reported, not acted on)")
     gate_target_false_flag_rate: float = Field(0.1, gt=0, lt=1,
                                                description="guard: share of clean updates the threshold flags")
     gate_calibration_updates: int = Field(32, ge=1, description="guard: clean trusted updates per calibration")

@@ -17,7 +17,9 @@ a threshold calibrated on that split: `threshold` is the finite-sample (conforma
 the stream draws them (same batch size, with replacement: a fresh population, not a reshuffle of a couple of
 hundred samples), each measured on the trusted samples *not* in its batch (cross-fitting: a stream batch is
 never in the probe either), from the current model. An update above the threshold is *flagged*, and the
-action shrinks it (`shrink`) or drops it (`skip`). Shrinking measures one more point, s0 = threshold /
+action shrinks it (`shrink`), drops it (`skip`) or leaves it to the norm cap like any update (`cap`: the
+flag is reported, not acted on; on digits' development seeds within noise of `shrink`, docs/results.md).
+Shrinking measures one more point, s0 = threshold /
 delta(1), and takes the largest s that the chords through (0, 0), (s0, delta(s0)) and (1, delta(1)) keep under
 the threshold: where the probe loss curves upward along the update (as around a trained model, and more so
 around one an accumulative attack has made fragile) a chord lies above the curve, so the shrunk update stays
@@ -71,7 +73,7 @@ from torch.nn import functional as F
 from service.core.defense.calibration import conformal_quantile
 from service.core.defense.eval_mode import eval_mode, training_mode_frozen_stats
 
-ACTIONS = ("shrink", "skip")
+ACTIONS = ("shrink", "skip", "cap")
 NORMS = {"2": 2.0, "inf": float("inf")}  # the update norms the cap can bound
 CAP_ANCHORS = ("current", "first")  # the cap follows every calibration, or stays at the first one's
 
@@ -107,6 +109,8 @@ class UpdateGate:
                              "probe_samples >= 4")
         if norm_cap is not None and norm_cap not in NORMS:
             raise ValueError(f"norm_cap must be one of {', '.join(NORMS)} or None, got {norm_cap!r}")
+        if action == "cap" and norm_cap is None:
+            raise ValueError("action 'cap' bounds a flagged update by the norm cap alone: it needs norm_cap")
         if not 0 < cap_level <= 1:
             raise ValueError(f"cap_level must be in (0, 1], got {cap_level}")
         if cap_anchor not in CAP_ANCHORS:
@@ -257,7 +261,7 @@ class UpdateGate:
         norm, scale = self._cap_scale(model)
         params, grads, base, increase = self._lookahead(model, optimizer)
         flagged = increase > self.threshold
-        if flagged:
+        if flagged and self.action != "cap":
             shrink = 0.0
             if self.action == "shrink":
                 probe_scale = self.threshold / increase
