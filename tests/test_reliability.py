@@ -224,6 +224,11 @@ def test_redis_crash_during_ingestion_answers_503_and_loses_nothing_acknowledged
             wait_until(lambda: poster.statuses.count(503) >= 2, 30, "the API to answer 503")
             time.sleep(1.0)
             assert api.client.get("/health/ready").status_code == 503
+            # down until the worker has backed off three times (checked below): a worker busy in a step sees the
+            # outage only when the step ends (its first step measures guard's cap over 256 gradients, seconds on a
+            # busy CPU), and after a fixed pause it had seen one failure, or none
+            wait_until(lambda: len(re.findall(r"Redis unavailable .*; retrying in", worker.output())) >= 3, 30,
+                       "the worker to retry three times")
             server.start()
             poster.join(timeout=120)
             assert not poster.is_alive()
