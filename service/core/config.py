@@ -116,7 +116,7 @@ class StrategyConfig(_Section):
                                     "update on (its cost per update is two forwards of them)")
     gate_norm_cap: Literal["none", "2", "inf"] = Field(
         "inf", description="guard: cap every update's gradient norm at the gate_cap_level quantile of the norms of "
-                           "clean trusted updates, calibrated with the threshold ('none': no cap)")
+                           "clean trusted updates, measured as gate_cap_anchor says ('none': no cap)")
     gate_cap_level: float = Field(0.2, gt=0, le=1, description="guard: quantile of clean update norms the cap sits at "
                                   "(0.2: the lowest level of the development sweep that learns every drift kind, "
                                   "early and late, at >= 80% of ST's gain; docs/results.md)")
