@@ -89,7 +89,7 @@ def plot_drift(board: Leaderboard, path: Path) -> Path:
     width = 0.8 / max(len(strategies), 1)
     for i, strategy in enumerate(strategies):
         # no bar where the strategy did not run the kind (the *-paper variants skip the late drift)
-        gains = [board.row(d, strategy).drift_gain if board.row(d, strategy) else None for d in drifts]
+        gains = [row.drift_gain if row else None for row in (board.row(d, strategy) for d in drifts)]
         ax.bar(np.arange(len(drifts)) + i * width, [100 * g.mean if g else np.nan for g in gains], width,
                yerr=[100 * g.std if g else np.nan for g in gains], color=COLORS.get(strategy, "gray"),
                label=strategy, capsize=2)
