@@ -135,8 +135,8 @@ def _settings(strategy: StrategyConfig) -> dict:
     relevant = {"st": [], "gc": ["clip_value", "clip_norm"], "at": ["epsilon", "steps", "step_size", "at_kl_weight"],
                 "dsc": ["epsilon", "steps", "step_size", "early_stop", "divergence", "mu", "tau"],
                 "guard": ["gate_action", "gate_target_false_flag_rate", "gate_calibration_updates",
-                          "gate_recalibrate_every", "gate_norm_cap", "gate_cap_level", "gate_cap_anchor",
-                          "gate_cap_updates", "gate_probe_samples"]}
+                          "gate_recalibrate_every", "gate_calibration_window", "gate_norm_cap", "gate_cap_level",
+                          "gate_cap_anchor", "gate_cap_updates", "gate_probe_samples"]}
     return {"name": strategy.name, **{k: getattr(strategy, k) for k in relevant[strategy.name]}}
 
 
@@ -164,31 +164,34 @@ def _run_strategy(experiment: Experiment, data: scenarios.ScenarioData, label: s
     arena = experiment.config.arena
     launches = sorted(arena.launch_after if long_horizon else [t for t in arena.launch_after if t == 0])
     length = max([*launches, arena.clean_batches])
-    clean, snapshots = scenarios.clean_prefix(experiment.new_learner(strategy), data, label, length,
-                                              arena.clean_batches, set(launches), on_step,
-                                              fresh_batches=arena.fresh_batches)
+    template = experiment.new_learner(strategy).ready()  # guard's first calibration, taken once per seed
+
+    def fresh():
+        return copy.deepcopy(template)
+
+    clean, snapshots = scenarios.clean_prefix(fresh(), data, label, length, arena.clean_batches, set(launches),
+                                              on_step, fresh_batches=arena.fresh_batches)
     outcomes = [clean]
     late = _late_drift_after(arena, launches)
     late_learner = copy.deepcopy(snapshots[late]) if late else None  # the attack below takes the snapshot as it is
     for launch in launches:
         outcomes.append(scenarios.attack(snapshots.pop(launch), data, label, attackers["white"], f"attack@{launch}",
                                          stream_offset=10 + launch, on_step=on_step))
-    outcomes.append(scenarios.attack(experiment.new_learner(strategy), data, label, attackers["white"],
+    outcomes.append(scenarios.attack(fresh(), data, label, attackers["white"],
                                      "slow-poison", stream_offset=5, on_step=on_step,
                                      clean_between=arena.slow_poison_every - 1, max_poisons=arena.slow_poison_count))
     for kind in arena.drifts:
-        outcomes.append(scenarios.drift(experiment.new_learner(strategy), data, label, kind, arena.drift_batches,
-                                        on_step))
+        outcomes.append(scenarios.drift(fresh(), data, label, kind, arena.drift_batches, on_step))
     for kind in arena.drifts if late else []:
         outcomes.append(scenarios.drift(copy.deepcopy(late_learner), data, label, kind, arena.drift_batches, on_step,
                                         after=late))
     if arena.drift_attack:
-        outcomes.append(scenarios.drift_attack(experiment.new_learner(strategy), data, label, arena.drift_attack,
-                                               arena.drift_batches, attackers["white"], on_step))
+        outcomes.append(scenarios.drift_attack(fresh(), data, label, arena.drift_attack, arena.drift_batches,
+                                               attackers["white"], on_step))
     for name, campaign in attackers.items():
         if name != "white":
-            outcomes.append(scenarios.attack(experiment.new_learner(strategy), data, label, campaign, name,
-                                             stream_offset=10, on_step=on_step))
+            outcomes.append(scenarios.attack(fresh(), data, label, campaign, name, stream_offset=10,
+                                             on_step=on_step))
     return outcomes
 
 

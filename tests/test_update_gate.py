@@ -115,6 +115,34 @@ def test_the_cap_follows_the_model_or_stays_at_the_first_calibration(anchor):
     assert gate.cap == (measured if anchor == "current" else first)
 
 
+def test_the_threshold_pools_the_clean_increases_of_the_last_calibrations():
+    """With calibration_window=3 the threshold is the conformal quantile over the last three calibrations' clean
+    increases (96 values, not 32), the pool never holds more, and it travels with the state: a gate restored
+    mid-stream sets the same next threshold."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trusted = _blobs(400, generator)
+    gate = UpdateGate(*trusted, batch_size=32, calibration_window=3, seed=1)
+    single = UpdateGate(*trusted, batch_size=32, seed=1)  # the same draws, the latest calibration only
+    for calibration in range(5):
+        if calibration == 3:
+            restored = UpdateGate(*trusted, batch_size=32, calibration_window=3, seed=1)
+            restored.restore(copy.deepcopy(gate.state()))
+            assert restored.calibrate(model, optimizer) == gate.calibrate(model, optimizer)
+            single.calibrate(model, optimizer)
+            continue
+        gate.calibrate(model, optimizer)
+        single.calibrate(model, optimizer)
+    assert [len(values) for values in gate.increases] == [32, 32, 32]
+    assert gate.history[-1]["pooled"] == 96 and single.history[-1]["pooled"] == 32
+    pooled = torch.tensor([value for values in gate.increases for value in values])
+    assert gate.threshold == max(conformal_quantile(pooled, 0.9), 0.0)
+    assert single.increases == gate.increases[-1:]  # the same latest draw, pooled or not
+    assert gate.threshold != single.threshold
+
+
 def test_metrics_count_the_gate_flagging_apart_from_the_cap():
     from prometheus_client import generate_latest
 
@@ -193,6 +221,20 @@ def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path
     assert (a.threshold, a.update_scale, a.loss) == pytest.approx((b.threshold, b.update_scale, b.loss))
 
 
+def test_a_learner_made_ready_then_copied_steps_exactly_as_a_fresh_one(digits_experiment):
+    """The arena makes one guard learner ready (its first calibration, 256 gradients for the anchored cap) and
+    copies it for every scenario: each copy must step as a learner that calibrated at its own first update."""
+    fresh = _guard_learner(digits_experiment)
+    ready = _guard_learner(digits_experiment).ready()
+    assert ready.strategy.gate.threshold is not None and fresh.strategy.gate.threshold is None
+    copied = copy.deepcopy(ready)
+    for x, y in digits_experiment.stream_batches(12, seed=4):
+        a, b = fresh.step(x, y), copied.step(x, y)
+        assert (a.threshold, a.update_scale, a.loss) == (b.threshold, b.update_scale, b.loss)
+    assert fresh.strategy.gate.history == copied.strategy.gate.history
+    assert ready.batches_applied == 0  # the template learned nothing
+
+
 def test_recalibration_follows_the_model(digits_experiment):
     learner = _guard_learner(digits_experiment, gate_recalibrate_every=3)
     for x, y in digits_experiment.stream_batches(7, seed=3):
@@ -220,8 +262,12 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         StrategyConfig(name="guard", gate_norm_cap="1")
     with pytest.raises(ValueError, match="action 'cap' .* needs norm_cap"):
         UpdateGate(x, y, batch_size=2, action="cap", norm_cap=None)
-    with pytest.raises(ValueError, match="cap_updates must be >= 1"):
+    with pytest.raises(ValueError, match="cap_updates must be >= 1, got 0"):
         UpdateGate(x, y, batch_size=2, cap_updates=0)
+    with pytest.raises(ValueError, match="calibration_window must be >= 1, got 0"):
+        UpdateGate(x, y, batch_size=2, calibration_window=0)
+    with pytest.raises(ValueError, match="gate_calibration_window"):
+        StrategyConfig(name="guard", gate_calibration_window=0)
     with pytest.raises(ValueError, match="cap_anchor must be one of current, first"):
         UpdateGate(x, y, batch_size=2, cap_anchor="burnin")
     with pytest.raises(ValueError, match="gate_cap_anchor"):

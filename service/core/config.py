@@ -112,6 +112,8 @@ class StrategyConfig(_Section):
                                                description="guard: share of clean updates the threshold flags")
     gate_calibration_updates: int = Field(32, ge=1, description="guard: clean trusted updates per calibration")
     gate_recalibrate_every: int = Field(100, ge=1, description="guard: updates between recalibrations")
+    gate_calibration_window: int = Field(1, ge=1, description="guard: the threshold is the conformal quantile of the "
+                                         "clean increases of the last this many calibrations (1: the latest only)")
     gate_probe_samples: int = Field(256, ge=4, description="guard: trusted samples the lookahead measures each "
                                     "update on (its cost per update is two forwards of them)")
     gate_norm_cap: Literal["none", "2", "inf"] = Field(

@@ -107,6 +107,12 @@ class OnlineLearner:
         self.batches_applied = 0
         self.model_version = 0
 
+    def ready(self) -> OnlineLearner:
+        """Take now the one-off work of the first update (guard's first calibration, with its anchored cap: 256
+        gradients), and return the learner: copies of it then step exactly as the learner would have."""
+        self.strategy.ready(self.model, self.optimizer)
+        return self
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.model_spec["input_shape"])

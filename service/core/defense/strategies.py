@@ -73,6 +73,10 @@ class Strategy:
     def loss(self, model: nn.Module, prepared: PreparedBatch, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(prepared.x), y)
 
+    def ready(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Do now what the first update would do first (guard: its gate's first calibration), so that a learner
+        made ready once can be copied for many streams without paying it again."""
+
     def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GateVerdict | None:
         """Hook between backward and the optimizer step (gradient clipping and the update gate live here)."""
         return None
@@ -292,6 +296,10 @@ class TrustedUpdateGuard(Strategy):
     def from_context(cls, config: StrategyConfig, context: StrategyContext) -> Strategy:
         return cls(config, context.trusted, context.batch_size, context.seed)
 
+    def ready(self, model, optimizer):
+        if self.gate.threshold is None:
+            self.gate.calibrate(model, optimizer)  # the calibration the first judge would take, on the same draws
+
     def before_optimizer_step(self, model, optimizer):
         return self.gate.judge(model, optimizer)
 
@@ -326,7 +334,8 @@ def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed
                       probe_samples=config.gate_probe_samples,
                       norm_cap=None if config.gate_norm_cap == "none" else config.gate_norm_cap,
                       cap_level=config.gate_cap_level, cap_anchor=config.gate_cap_anchor,
-                      cap_updates=config.gate_cap_updates, seed=seed)
+                      cap_updates=config.gate_cap_updates, calibration_window=config.gate_calibration_window,
+                      seed=seed)
 
 
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {

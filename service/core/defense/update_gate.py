@@ -96,7 +96,8 @@ class UpdateGate:
     def __init__(self, trusted_x: torch.Tensor, trusted_y: torch.Tensor, *, batch_size: int,
                  target_false_flag_rate: float = 0.1, calibration_updates: int = 32, recalibrate_every: int = 100,
                  action: str = "shrink", probe_samples: int = 256, norm_cap: str | None = None,
-                 cap_level: float = 0.2, cap_anchor: str = "first", cap_updates: int = 256, seed: int = 0):
+                 cap_level: float = 0.2, cap_anchor: str = "first", cap_updates: int = 256, calibration_window: int = 1,
+                 seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
@@ -104,9 +105,13 @@ class UpdateGate:
             raise ValueError(f"target_false_flag_rate must be in (0, 1), got {target_false_flag_rate}")
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
-        if min(calibration_updates, recalibrate_every, batch_size, cap_updates) < 1 or probe_samples < 4:
-            raise ValueError("calibration_updates, recalibrate_every, batch_size and cap_updates must be >= 1, "
-                             "probe_samples >= 4")
+        counts = {"calibration_updates": calibration_updates, "recalibrate_every": recalibrate_every,
+                  "batch_size": batch_size, "cap_updates": cap_updates, "calibration_window": calibration_window}
+        for name, count in counts.items():
+            if count < 1:
+                raise ValueError(f"{name} must be >= 1, got {count}")
+        if probe_samples < 4:
+            raise ValueError(f"probe_samples must be >= 4, got {probe_samples}")
         if norm_cap is not None and norm_cap not in NORMS:
             raise ValueError(f"norm_cap must be one of {', '.join(NORMS)} or None, got {norm_cap!r}")
         if action == "cap" and norm_cap is None:
@@ -126,6 +131,8 @@ class UpdateGate:
         self.norm_cap, self.cap_level, self.cap_anchor, self.cap_updates = norm_cap, cap_level, cap_anchor, cap_updates
         self.level = 1.0 - target_false_flag_rate
         self.calibration_updates, self.recalibrate_every = calibration_updates, recalibrate_every
+        self.calibration_window = calibration_window
+        self.increases: list[list[float]] = []  # the clean increases of the last `calibration_window` calibrations
         self.action = action
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.threshold: float | None = None
@@ -183,14 +190,15 @@ class UpdateGate:
         measured = float(torch.quantile(torch.tensor(norms), self.cap_level)) if self.norm_cap else None
         if self.cap is None or self.cap_anchor == "current":
             self.cap = measured
-        values = torch.tensor(increases)
+        self.increases = [*self.increases, increases][-self.calibration_window:]
+        values = torch.tensor([value for calibration in self.increases for value in calibration])
         # never below zero: an update that does not raise the probe loss is never suspicious
         self.threshold = max(conformal_quantile(values, self.level), 0.0)
         self.updates_since_calibration = 0
         self.calibrations += 1
         self.history.append({"threshold": self.threshold, "increase_median": float(values.median()),
                              "increase_max": float(values.max()), "cap": self.cap, "cap_measured": measured,
-                             "updates": self.calibration_updates, "cap_updates": len(norms)})
+                             "updates": self.calibration_updates, "pooled": len(values), "cap_updates": len(norms)})
         return self.threshold
 
     def _clean_gradients(self, model: nn.Module, params, count: int):
@@ -280,8 +288,9 @@ class UpdateGate:
         return {"threshold": self.threshold, "cap": self.cap,
                 "updates_since_calibration": self.updates_since_calibration,
                 "calibrations": self.calibrations,
-                "history": self.history[-20:], "generator": self.generator.get_state().tolist(),
-                "batch_size": self.batch_size, "probe": self.probe.tolist()}
+                "history": self.history[-20:], "increases": self.increases,
+                "generator": self.generator.get_state().tolist(), "batch_size": self.batch_size,
+                "probe": self.probe.tolist()}
 
     def restore(self, state: dict) -> None:
         self.batch_size = int(state["batch_size"])
@@ -291,6 +300,7 @@ class UpdateGate:
         self.updates_since_calibration = int(state["updates_since_calibration"])
         self.calibrations = int(state.get("calibrations", len(state["history"])))
         self.history = list(state["history"])
+        self.increases = [list(values) for values in state.get("increases", [])]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
 
