@@ -222,9 +222,11 @@ class ArenaConfig(_Section):
         None, description="strategies run at launch times > 0 (None: all but the *-paper variants)")
     slow_poison_every: int = Field(10, ge=2, description="slow poison: one poisoned batch every r batches")
     slow_poison_count: int = Field(20, ge=1, description="slow poison: poisoned batches before the trigger")
-    fresh_batches: int = Field(50, ge=0, description="fresh clean test-view batches judged (not learned) before and "
-                                                     "after the long clean stream: the realised false-flag rate "
-                                                     "on data the model never learned (0: not measured)")
+    fresh_batches: int = Field(200, ge=0, description="fresh clean test-view batches judged (not learned) before "
+                                                      "and after the long clean stream: the realised false-flag rate "
+                                                      "on data the model never learned (0: not measured; 200 gives "
+                                                      "a standard error of about 2 points per seed at a 10% rate, "
+                                                      "50 gave 4)")
     drifts: list[str] = Field(default_factory=lambda: ["pixel_shift", "rotation", "brightness_contrast",
                                                        "label_prior"])
     drift_batches: int = Field(30, ge=1)
