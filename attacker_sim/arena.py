@@ -55,6 +55,8 @@ VARIANTS: dict[str, dict] = {
     "guard-median": {"name": "guard", "gate_cap_level": 0.5},  # the cap at the median: the default until 2026-11-26
     # the default until the late-drift rows (2026-11-26): the cap at the 0.1 level, recalibrated on the current model
     "guard-following": {"name": "guard", "gate_cap_anchor": "current", "gate_cap_level": 0.1},
+    # each probe sample's loss change clamped to the 1%/99% quantiles of clean ones (tried 2026-11-26, within noise)
+    "guard-winsor": {"name": "guard", "gate_probe_winsor": 0.01},
 }
 DEFAULT_STRATEGY = "guard"  # the product's default defense, the one the checks hold to the bar
 
@@ -136,7 +138,7 @@ def _settings(strategy: StrategyConfig) -> dict:
                 "dsc": ["epsilon", "steps", "step_size", "early_stop", "divergence", "mu", "tau"],
                 "guard": ["gate_action", "gate_target_false_flag_rate", "gate_calibration_updates",
                           "gate_recalibrate_every", "gate_calibration_window", "gate_norm_cap", "gate_cap_level",
-                          "gate_cap_anchor", "gate_cap_updates", "gate_probe_samples"]}
+                          "gate_cap_anchor", "gate_cap_updates", "gate_probe_samples", "gate_probe_winsor"]}
     return {"name": strategy.name, **{k: getattr(strategy, k) for k in relevant[strategy.name]}}
 
 

@@ -143,6 +143,27 @@ def test_the_threshold_pools_the_clean_increases_of_the_last_calibrations():
     assert gate.threshold != single.threshold
 
 
+@pytest.mark.parametrize("winsor", [0.0, 0.01])
+def test_one_hard_probe_sample_moves_the_verdict_no_further_than_clean_updates_move_one(winsor):
+    """The statistic is the mean change of the probe's losses; winsorised (`probe_winsor`), each sample's change is
+    clamped to the 1% and 99% quantiles of the clean changes the calibration saw, so a sample whose loss jumps (a
+    hard or mislabelled trusted sample, or one a trigger targets alone) adds at most what clean updates add."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
+    gate = UpdateGate(*_blobs(400, generator), batch_size=32, probe_samples=100, probe_winsor=winsor, seed=1)
+    gate.calibrate(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    changes = torch.zeros(100)
+    changes[0] = 100.0  # one probe sample's loss jumps
+    if winsor:
+        low, high = gate.bounds
+        assert low < 0 < high < 100.0
+        assert gate._statistic(changes) == pytest.approx(high / 100)
+        assert gate.state()["bounds"] == (low, high)
+    else:
+        assert gate.bounds is None and gate._statistic(changes) == pytest.approx(1.0)
+
+
 def test_metrics_count_the_gate_flagging_apart_from_the_cap():
     from prometheus_client import generate_latest
 
@@ -196,8 +217,8 @@ def test_cap_leaves_a_flagged_update_to_the_norm_cap_alone(digits_experiment):
     validation = digits_experiment.splits.attacker_val.tensors()
     verdicts = {}
     for action in ("cap", "shrink"):
-        # a loose cap (the 90% level), so that shrinking onto the threshold is the smaller scale
-        learner = _guard_learner(digits_experiment, gate_action=action, gate_cap_level=0.9)
+        # the loosest cap (the largest clean norm), so that shrinking onto the threshold is the smaller scale
+        learner = _guard_learner(digits_experiment, gate_action=action, gate_cap_level=1.0)
         trigger = campaign.trigger(copy.deepcopy(learner.model).eval(), x, y, *validation)
         verdicts[action] = _judge_only(learner, trigger, y)
     capped = verdicts["cap"]
@@ -215,7 +236,7 @@ def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path
     learner.save(tmp_path / "ckpt")
     restored = OnlineLearner.load(tmp_path / "ckpt")
     gate, back = learner.strategy.gate, restored.strategy.gate
-    assert (back.threshold, back.batch_size) == (gate.threshold, gate.batch_size)
+    assert (back.threshold, back.batch_size, back.bounds) == (gate.threshold, gate.batch_size, gate.bounds)
     assert torch.equal(back.probe, gate.probe)
     a, b = learner.step(*batches[5]), restored.step(*batches[5])
     assert (a.threshold, a.update_scale, a.loss) == pytest.approx((b.threshold, b.update_scale, b.loss))

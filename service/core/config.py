@@ -114,6 +114,10 @@ class StrategyConfig(_Section):
     gate_recalibrate_every: int = Field(100, ge=1, description="guard: updates between recalibrations")
     gate_calibration_window: int = Field(1, ge=1, description="guard: the threshold is the conformal quantile of the "
                                          "clean increases of the last this many calibrations (1: the latest only)")
+    gate_probe_winsor: float = Field(0.0, ge=0, lt=0.5, description="guard: each probe sample's loss change is "
+                                     "clamped to this quantile (and 1 - it) of the clean changes of the last "
+                                     "calibration before the mean is judged (0: the plain mean; 0.01 was tried "
+                                     "against the false flags late in a stream: within noise, docs/results.md)")
     gate_probe_samples: int = Field(256, ge=4, description="guard: trusted samples the lookahead measures each "
                                     "update on (its cost per update is two forwards of them)")
     gate_norm_cap: Literal["none", "2", "inf"] = Field(

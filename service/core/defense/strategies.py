@@ -335,7 +335,7 @@ def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed
                       norm_cap=None if config.gate_norm_cap == "none" else config.gate_norm_cap,
                       cap_level=config.gate_cap_level, cap_anchor=config.gate_cap_anchor,
                       cap_updates=config.gate_cap_updates, calibration_window=config.gate_calibration_window,
-                      seed=seed)
+                      probe_winsor=config.gate_probe_winsor, seed=seed)
 
 
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {

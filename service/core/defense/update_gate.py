@@ -9,6 +9,9 @@ batch's own gradient g causes,
     delta(s) = CE_probe(theta - lr * (momentum * buffer + decay * theta + s * g))
              - CE_probe(theta - lr * (momentum * buffer + decay * theta)),
 
+(the mean over probe samples of each one's loss change; with `probe_winsor` = q > 0 each change is first clamped to
+the q and 1 - q quantiles of the changes the last calibration's clean updates caused, so that no hard trusted
+sample decides a verdict alone: tried at 0.01 against the false flags late in a memorised stream, within noise),
 the second term being where the step goes without the batch (momentum and weight decay are the optimizer's,
 the same whatever the batch: judging them too would flag every update of a model whose momentum points
 uphill, and calibrations taken with an empty buffer would not fit the stream's). It judges the batch against
@@ -97,7 +100,7 @@ class UpdateGate:
                  target_false_flag_rate: float = 0.1, calibration_updates: int = 32, recalibrate_every: int = 100,
                  action: str = "shrink", probe_samples: int = 256, norm_cap: str | None = None,
                  cap_level: float = 0.2, cap_anchor: str = "first", cap_updates: int = 256, calibration_window: int = 1,
-                 seed: int = 0):
+                 probe_winsor: float = 0.0, seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
@@ -118,6 +121,8 @@ class UpdateGate:
             raise ValueError("action 'cap' bounds a flagged update by the norm cap alone: it needs norm_cap")
         if not 0 < cap_level <= 1:
             raise ValueError(f"cap_level must be in (0, 1], got {cap_level}")
+        if not 0 <= probe_winsor < 0.5:
+            raise ValueError(f"probe_winsor must be in [0, 0.5), got {probe_winsor}")
         if cap_anchor not in CAP_ANCHORS:
             raise ValueError(f"cap_anchor must be one of {', '.join(CAP_ANCHORS)}, got {cap_anchor!r}")
         self.trusted = (trusted_x, trusted_y)
@@ -132,6 +137,8 @@ class UpdateGate:
         self.level = 1.0 - target_false_flag_rate
         self.calibration_updates, self.recalibrate_every = calibration_updates, recalibrate_every
         self.calibration_window = calibration_window
+        self.probe_winsor = probe_winsor
+        self.bounds: tuple[float, float] | None = None  # where a probe sample's loss change is clamped (winsor)
         self.increases: list[list[float]] = []  # the clean increases of the last `calibration_window` calibrations
         self.action = action
         self.generator = torch.Generator().manual_seed(seed + 1)
@@ -173,15 +180,19 @@ class UpdateGate:
         params = [p for p in model.parameters() if p.requires_grad]
         # the step without any batch is the same for every calibration update: its probe losses are measured once
         base = self._losses_after_step(model, optimizer, params, [torch.zeros_like(p) for p in params], 0.0)
-        increases, norms = [], []
+        changes, norms = [], []
         for pick, grads in self._clean_gradients(model, params, self.calibration_updates):
             keep = torch.ones(len(self.trusted[0]), dtype=torch.bool)
             keep[pick] = False
             keep = keep[self.probe]  # cross-fitting: judged on the probe samples that are not in the batch
-            after = self._losses_after_step(model, optimizer, params, grads, 1.0)
-            increases.append(float((after - base)[keep].mean()))
+            changes.append((self._losses_after_step(model, optimizer, params, grads, 1.0) - base)[keep])
             if self.norm_cap:
                 norms.append(self._norm(grads))
+        if self.probe_winsor:
+            every = torch.cat(changes)
+            self.bounds = (float(torch.quantile(every, self.probe_winsor)),
+                           float(torch.quantile(every, 1.0 - self.probe_winsor)))
+        increases = [self._statistic(change) for change in changes]
         if self.norm_cap and self.cap is None and self.cap_anchor == "first":
             # the anchored cap is measured once and kept: a low quantile of a few dozen norms moved 4x between draws
             # of the same model's clean batches (digits), so it takes `cap_updates` gradients (norms only, no lookahead)
@@ -245,8 +256,16 @@ class UpdateGate:
         params = [p for p in model.parameters() if p.grad is not None]
         grads = [p.grad.detach() for p in params]
         base = self._losses_after_step(model, optimizer, params, grads, 0.0)
-        increase = float((self._losses_after_step(model, optimizer, params, grads, 1.0) - base).mean())
+        increase = self._statistic(self._losses_after_step(model, optimizer, params, grads, 1.0) - base)
         return params, grads, base, increase
+
+    def _statistic(self, changes: torch.Tensor) -> float:
+        """What the verdict judges: the mean change of the probe samples' losses, each clamped to the bounds of
+        the last calibration's clean changes when winsorised (`probe_winsor`), so that no single hard sample
+        decides the verdict."""
+        if self.bounds is not None:
+            changes = changes.clamp(*self.bounds)
+        return float(changes.mean())
 
     def _cap_scale(self, model: nn.Module) -> tuple[float | None, float]:
         """(the update's norm, the scale that brings it under the cap): (None, 1.0) without a cap."""
@@ -273,8 +292,8 @@ class UpdateGate:
             shrink = 0.0
             if self.action == "shrink":
                 probe_scale = self.threshold / increase
-                at_probe = float((self._losses_after_step(model, optimizer, params, grads, probe_scale)
-                                  - base).mean())
+                at_probe = self._statistic(self._losses_after_step(model, optimizer, params, grads, probe_scale)
+                                           - base)
                 shrink = _chord_scale(self.threshold, probe_scale, at_probe, increase)
             scale = min(scale, shrink)
         if scale != 1.0:
@@ -285,7 +304,7 @@ class UpdateGate:
 
     # -- persistence: the calibration state travels with the learner's checkpoint ---------------------
     def state(self) -> dict:
-        return {"threshold": self.threshold, "cap": self.cap,
+        return {"threshold": self.threshold, "cap": self.cap, "bounds": self.bounds,
                 "updates_since_calibration": self.updates_since_calibration,
                 "calibrations": self.calibrations,
                 "history": self.history[-20:], "increases": self.increases,
@@ -297,6 +316,7 @@ class UpdateGate:
         self.probe = torch.tensor(state["probe"], dtype=torch.long)
         self.threshold = state["threshold"]
         self.cap = state.get("cap")
+        self.bounds = tuple(state["bounds"]) if state.get("bounds") else None
         self.updates_since_calibration = int(state["updates_since_calibration"])
         self.calibrations = int(state.get("calibrations", len(state["history"])))
         self.history = list(state["history"])
