@@ -226,8 +226,9 @@ def test_cap_leaves_a_flagged_update_to_the_norm_cap_alone(digits_experiment):
     assert verdicts["shrink"].flagged and verdicts["shrink"].scale < capped.scale
 
 
-def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path):
-    learner = _guard_learner(digits_experiment)
+@pytest.mark.parametrize("winsor", [0.0, 0.01])
+def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path, winsor):
+    learner = _guard_learner(digits_experiment, gate_probe_winsor=winsor)
     # settings a rebuilt gate would not guess from the trusted split alone: they must travel with the state
     learner.strategy.gate.batch_size, learner.strategy.gate.probe = 13, torch.arange(0, 200, 2)
     batches = list(digits_experiment.stream_batches(6, seed=9))
@@ -237,6 +238,7 @@ def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path
     restored = OnlineLearner.load(tmp_path / "ckpt")
     gate, back = learner.strategy.gate, restored.strategy.gate
     assert (back.threshold, back.batch_size, back.bounds) == (gate.threshold, gate.batch_size, gate.bounds)
+    assert (back.bounds is None) == (winsor == 0.0)
     assert torch.equal(back.probe, gate.probe)
     a, b = learner.step(*batches[5]), restored.step(*batches[5])
     assert (a.threshold, a.update_scale, a.loss) == pytest.approx((b.threshold, b.update_scale, b.loss))
@@ -289,6 +291,10 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, calibration_window=0)
     with pytest.raises(ValueError, match="gate_calibration_window"):
         StrategyConfig(name="guard", gate_calibration_window=0)
+    with pytest.raises(ValueError, match="probe_winsor must be in \\[0, 0.5\\), got 0.5"):
+        UpdateGate(x, y, batch_size=2, probe_winsor=0.5)
+    with pytest.raises(ValueError, match="gate_probe_winsor"):
+        StrategyConfig(name="guard", gate_probe_winsor=-0.1)
     with pytest.raises(ValueError, match="cap_anchor must be one of current, first"):
         UpdateGate(x, y, batch_size=2, cap_anchor="burnin")
     with pytest.raises(ValueError, match="gate_cap_anchor"):
