@@ -94,6 +94,7 @@ def fresh_flag_rate(learner: OnlineLearner, pool: Tensors, batches: int, batch_s
     if learner.strategy.target_false_flag_rate() is None or batches < 1:
         return None
     generator = torch.Generator().manual_seed(seed)
+    learner.ready()  # a calibration due at the next update is taken once here, not once by every copy
     flagged = samples = 0
     for _ in range(batches):
         pick = torch.randint(len(pool[0]), (batch_size,), generator=generator)

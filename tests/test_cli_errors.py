@@ -246,8 +246,8 @@ def test_demo_is_digits_with_seeds_only(capsys):
 # ---------------------------------------------------------------- threads
 
 
-@pytest.mark.parametrize("command", ["burn-in", "stream", "demo", "eval", "sweep", "analyze-md", "serve", "worker",
-                                     "attack", "stack"])
+@pytest.mark.parametrize("command", ["burn-in", "stream", "demo", "eval", "false-flags", "sweep", "analyze-md",
+                                     "serve", "worker", "attack", "stack"])
 def test_every_command_sets_passive_openmp_unless_set(command, monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     with pytest.raises(SystemExit):
@@ -289,6 +289,7 @@ def test_stream_sets_the_policy_before_torch_is_imported(env, expected):
 
 @pytest.mark.parametrize("argv", [
     ["eval"], ["arena"], ["demo"], ["analyze-md"], ["sweep", "--vary", "strategy.early_stop=sample,batch"],
+    ["false-flags"],
     ["attack", "--target", "http://127.0.0.1:9"],
 ])
 def test_an_unwritable_report_directory_is_refused_before_any_work(argv, tmp_path, monkeypatch, capsys):
@@ -297,6 +298,7 @@ def test_an_unwritable_report_directory_is_refused_before_any_work(argv, tmp_pat
     import attacker_sim.analysis
     import attacker_sim.arena
     import attacker_sim.evaluation
+    import attacker_sim.false_flags
     import attacker_sim.http_target
     import attacker_sim.sweep
 
@@ -305,6 +307,7 @@ def test_an_unwritable_report_directory_is_refused_before_any_work(argv, tmp_pat
 
     for module, name in ((attacker_sim.evaluation, "evaluate"), (attacker_sim.arena, "run_arena"),
                          (attacker_sim.analysis, "backtracking_rows"), (attacker_sim.sweep, "sweep"),
+                         (attacker_sim.false_flags, "false_flag_check"),
                          (attacker_sim.http_target, "HttpTarget")):
         monkeypatch.setattr(module, name, never)
     blocker = tmp_path / "a-file"

@@ -258,6 +258,27 @@ def test_a_learner_made_ready_then_copied_steps_exactly_as_a_fresh_one(digits_ex
     assert ready.batches_applied == 0  # the template learned nothing
 
 
+def test_a_learner_made_ready_when_a_recalibration_is_due_takes_it_once_and_steps_as_before(digits_experiment):
+    """Judging many fresh batches with copies of a learner whose next update recalibrates (the arena's false-flag
+    measurement after 1,000 batches) must take that calibration once, in the learner, and decide the same."""
+    batches = list(digits_experiment.stream_batches(8, seed=5))
+    plain = _guard_learner(digits_experiment, gate_recalibrate_every=3)
+    for x, y in batches[:3]:
+        plain.step(x, y)
+    ready = copy.deepcopy(plain)
+    assert ready.strategy.gate.due(ready.optimizer)
+    ready.ready()
+    assert ready.strategy.gate.calibrations == plain.strategy.gate.calibrations + 1
+    assert not ready.strategy.gate.due(ready.optimizer)
+    ready.ready()  # nothing more is due: a second call calibrates nothing
+    assert ready.strategy.gate.calibrations == plain.strategy.gate.calibrations + 1
+    for x, y in batches[3:]:
+        a, b = plain.step(x, y), copy.deepcopy(ready).step(x, y)
+        ready.step(x, y)
+        assert (a.threshold, a.update_scale, a.loss) == (b.threshold, b.update_scale, b.loss)
+    assert plain.strategy.gate.history == ready.strategy.gate.history
+
+
 def test_recalibration_follows_the_model(digits_experiment):
     learner = _guard_learner(digits_experiment, gate_recalibrate_every=3)
     for x, y in digits_experiment.stream_batches(7, seed=3):

@@ -1,4 +1,4 @@
-"""The experiment subcommands of `dscguard`: burn-in, stream, eval, arena, demo, sweep, analyze-md.
+"""The experiment subcommands of `dscguard`: burn-in, stream, eval, arena, demo, false-flags, sweep, analyze-md.
 
 The only layer, with `service/cli/services.py`, that imports both the core and the adversary (`attacker_sim`).
 """
@@ -142,6 +142,27 @@ def cmd_analyze_md(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_false_flags(args: argparse.Namespace) -> int:
+    from attacker_sim.false_flags import check_request, false_flag_check, markdown
+    from service.core.atomic import atomic_write_text
+
+    config = build_config(args)
+    batches, fresh = max(config.arena.launch_after), config.arena.fresh_batches
+    try:
+        check_request(args.seeds, batches, fresh)
+    except ValueError as exc:
+        raise CommandLineError(str(exc)) from exc
+    out = writable_output(args.out)
+    result = false_flag_check(config, seeds=args.seeds, batches=batches, fresh_batches=fresh,
+                              progress=not args.no_progress)
+    table = markdown(result)
+    print(table)
+    atomic_write_text(out / "false_flags.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "false_flags.md", table + "\n")
+    print(f"wrote {out / 'false_flags.json'} and {out / 'false_flags.md'}")
+    return 0
+
+
 def _check_varies(config: ExperimentConfig, varies: Sequence[str]) -> None:
     """Every --vary names a field and every value is valid: refused before hours of runs, not midway."""
     from attacker_sim.sweep import parse_vary
@@ -228,10 +249,20 @@ def add_experiment_commands(sub) -> None:
     _arena_options(p, "reports/arena")
     p.set_defaults(func=cmd_arena)
 
-    p = sub.add_parser("demo", help="the digits arena (about 10 min on 2 cores): the leaderboard, its JSON and plots")
+    p = sub.add_parser("demo", help="the digits arena (about 17 min on 2 cores): the leaderboard, its JSON and plots")
     experiment_options(p, profile=False, seed=False)
     _arena_options(p, "reports/demo")
     p.set_defaults(func=cmd_demo, profile="digits")
+
+    p = sub.add_parser("false-flags", help="the strategy's realised false-flag rate on fresh clean batches over "
+                                            "many seeds, before and after the arena's long clean stream, with each "
+                                            "seed's pool noise")
+    experiment_options(p, seed=False)
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(20)),
+                   help="seeds, each a burn-in, a clean stream of max(arena.launch_after) batches and "
+                        "arena.fresh_batches fresh batches judged before and after it (at least 2)")
+    p.add_argument("--out", default="reports/false-flags", help="directory of false_flags.json and false_flags.md")
+    p.set_defaults(func=cmd_false_flags)
 
     p = sub.add_parser("sweep", help="DSC under one-at-a-time changes of its settings (threshold, early stop, ...)")
     experiment_options(p, seed=False)

@@ -1,5 +1,6 @@
-"""The `dscguard` command line: the experiments (burn-in, stream, demo, arena, eval, sweep, analyze-md), the
-service (serve, worker, attack, stack) and model bundles (bundle create, check, show); `build_parser` lists them all.
+"""The `dscguard` command line: the experiments (burn-in, stream, demo, arena, eval, false-flags, sweep,
+analyze-md), the service (serve, worker, attack, stack) and model bundles (bundle create, check, show);
+`build_parser` lists them all.
 
 Errors are one short message on stderr, `dscguard: error: ...`, naming the problem and the fix:
 exit status 2 for a problem with the command line itself (as argparse's own errors), 1 for a

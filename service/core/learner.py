@@ -108,8 +108,9 @@ class OnlineLearner:
         self.model_version = 0
 
     def ready(self) -> OnlineLearner:
-        """Take now the one-off work of the first update (guard's first calibration, with its anchored cap: 256
-        gradients), and return the learner: copies of it then step exactly as the learner would have."""
+        """Take now the work the next update would take first (guard's calibration when one is due: the first,
+        with its anchored cap of 256 gradients, or one at the end of an interval), and return the learner: copies
+        of it then step exactly as the learner would have."""
         self.strategy.ready(self.model, self.optimizer)
         return self
 

@@ -74,8 +74,8 @@ class Strategy:
         return F.cross_entropy(model(prepared.x), y)
 
     def ready(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Do now what the first update would do first (guard: its gate's first calibration), so that a learner
-        made ready once can be copied for many streams without paying it again."""
+        """Do now what the next update would do first (guard: its gate's calibration when one is due, the first
+        included), so that a learner made ready once can be copied for many batches without paying it again."""
 
     def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GateVerdict | None:
         """Hook between backward and the optimizer step (gradient clipping and the update gate live here)."""
@@ -297,8 +297,8 @@ class TrustedUpdateGuard(Strategy):
         return cls(config, context.trusted, context.batch_size, context.seed)
 
     def ready(self, model, optimizer):
-        if self.gate.threshold is None:
-            self.gate.calibrate(model, optimizer)  # the calibration the first judge would take, on the same draws
+        if self.gate.due(optimizer):
+            self.gate.calibrate(model, optimizer)  # the calibration the next judge would take, on the same draws
 
     def before_optimizer_step(self, model, optimizer):
         return self.gate.judge(model, optimizer)

@@ -245,6 +245,10 @@ class UpdateGate:
         first = math.ceil(1.0 / (1.0 - momentum) - 1e-9)
         return min(self.recalibrate_every, first * 2 ** max(self.calibrations - 1, 0))
 
+    def due(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the next update is judged after a new calibration (the first, or one at the interval's end)."""
+        return self.threshold is None or self.updates_since_calibration >= self.interval(optimizer)
+
     def _norm(self, grads) -> float:
         """The norm the cap bounds, of the whole update (all parameters as one vector)."""
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, NORMS[self.norm_cap])
@@ -282,7 +286,7 @@ class UpdateGate:
     def judge(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GateVerdict:
         """Judge the update in the parameters' `.grad` and scale it in place: onto the norm cap (when the gate has
         one), and, if the update is above the threshold, by the action's choice (the smaller scale wins)."""
-        if self.threshold is None or self.updates_since_calibration >= self.interval(optimizer):
+        if self.due(optimizer):
             self.calibrate(model, optimizer)  # autograd.grad: the batch's .grad is left as it is
         self.updates_since_calibration += 1
         norm, scale = self._cap_scale(model)

@@ -1,0 +1,149 @@
+"""`dscguard false-flags`: a strategy's realised false-flag rate on fresh clean batches, over many seeds.
+
+The arena measures the rate on three seeds; on digits one seed's rate ranged from 0% to 59% at the same
+calibration procedure, so a three-seed mean moves by about ten points between seed sets, and a band of
+[0.5x, 1.5x] of the target cannot be read from it. Much of that spread is not the calibration's: it is the
+pool the fresh batches come from. The defender calibrates on a couple of hundred trusted images, and the
+arena draws its fresh batches from a few hundred test images; a rate measured on one half of a seed's test
+pool and on the other half, at the same threshold, differed by up to 32 points (digits, development seeds).
+
+So this check streams `batches` clean batches per seed (the arena's clean stream) and measures the rate on
+`fresh_batches` fresh clean batches of the seed's test split (drawn with replacement, each judged by a copy
+of the learner, so nothing is learned) before the first and after the last: on the whole split, and on each
+half of it (`halves`: how much of a seed's rate is its pool). Over seeds it reports mean, std and a 95%
+interval of the mean, and whether the mean lies in the band.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from scipy import stats
+from tqdm.auto import tqdm
+
+from attacker_sim.report import summarize
+from attacker_sim.scenarios import fresh_flag_rate
+from service.core.config import ExperimentConfig
+from service.core.experiment import Experiment
+
+BAND = (0.5, 1.5)  # the realised rate's bar, as multiples of the target
+
+
+@dataclass(frozen=True)
+class SeedRates:
+    """One seed: the rate on its whole fresh pool and on each half, before the stream and after it."""
+
+    seed: int
+    target: float
+    early: float
+    late: float
+    early_halves: tuple[float, float]
+    late_halves: tuple[float, float]
+    threshold_early: float | None
+    threshold_late: float | None
+
+
+def seed_rates(experiment: Experiment, strategy, batches: int, fresh_batches: int) -> SeedRates:
+    """Stream `batches` clean batches through a fresh learner defended by `strategy`; the fresh-batch rates
+    before and after."""
+    seed = experiment.config.seed
+    learner = experiment.new_learner(strategy).ready()
+    if learner.strategy.target_false_flag_rate() is None:
+        raise ValueError(f"strategy {strategy.name!r} flags nothing: it has no false-flag rate to check")
+    x, y = experiment.test_tensors
+    half = len(x) // 2
+    pools = [(x, y), (x[:half], y[:half]), (x[half:], y[half:])]
+    size = experiment.config.stream.batch_size
+
+    def rates(offset: int) -> list[float]:
+        # the arena's seeds for its early (seed) and late (seed + 1) draws, so the whole-pool rates match its own
+        return [fresh_flag_rate(learner, pool, fresh_batches, size, seed=seed + offset) for pool in pools]
+
+    early, threshold_early = rates(0), learner.threshold()
+    for batch in experiment.stream_batches(batches, seed=seed * 7919 + 1):  # the arena's clean stream
+        learner.step(*batch)
+    late = rates(1)
+    return SeedRates(seed, learner.strategy.target_false_flag_rate(), early[0], late[0], (early[1], early[2]),
+                     (late[1], late[2]), threshold_early, learner.threshold())
+
+
+def false_flag_check(config: ExperimentConfig, seeds: Sequence[int], batches: int = 1000,
+                     fresh_batches: int = 200, cache_dir=None, progress: bool = True) -> dict:
+    """Every seed's rates, and their summary over seeds against the target's band."""
+    check_request(seeds, batches, fresh_batches)
+    rows = []
+    for seed in tqdm(seeds, desc="false flags", unit="seed", disable=not progress):
+        experiment = Experiment.prepare(config.model_copy(update={"seed": seed}), cache_dir=cache_dir,
+                                        progress=False)
+        rows.append(seed_rates(experiment, config.strategy, batches, fresh_batches))
+    return {"strategy": config.strategy.name, "profile": config.profile, "target": rows[0].target, "band": BAND,
+            "batches": batches, "fresh_batches": fresh_batches, "summary": summarise(rows),
+            "seeds": [asdict(row) for row in rows]}
+
+
+def summarise(rows: Sequence[SeedRates]) -> dict:
+    """Early and late, over seeds: mean, std, the 95% interval of the mean, whether the mean is in the band,
+    and how far apart the two halves of a seed's pool put its rate."""
+    target = rows[0].target
+    summary = {}
+    for when in ("early", "late"):
+        values = [getattr(row, when) for row in rows]
+        gaps = [abs(a - b) for a, b in (getattr(row, f"{when}_halves") for row in rows)]
+        mean = sum(values) / len(values)
+        summary[when] = {**summarize(values), "interval": mean_interval(values),
+                         "in_band": BAND[0] * target <= mean <= BAND[1] * target, "halves_gap": summarize(gaps)}
+    return summary
+
+
+def check_request(seeds: Sequence[int], batches: int, fresh_batches: int) -> None:
+    """A ValueError naming what cannot be checked: fewer than 2 seeds, a negative stream, no fresh batches."""
+    if len(seeds) < 2:
+        raise ValueError(f"the check summarises over seeds: it needs at least 2, got {len(seeds)}")
+    if batches < 0:
+        raise ValueError(f"the clean stream must be >= 0 batches (max(arena.launch_after)), got {batches}")
+    if fresh_batches < 1:
+        raise ValueError(f"arena.fresh_batches must be >= 1 for the check, got {fresh_batches}")
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of `values` (at least 2).
+
+    >>> [round(v, 3) for v in mean_interval([0.1, 0.2, 0.3])]
+    [-0.048, 0.448]
+    """
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def markdown(result: dict) -> str:
+    """The check as a table a person reads: one row per seed, then the mean, its interval and the verdict."""
+    target, (low, high) = result["target"], result["band"]
+    lines = [f"# False flags of `{result['strategy']}` on fresh clean batches ({result['profile']})", "",
+             f"Target {target:.0%}, band [{low * target:.1%}, {high * target:.1%}]; {result['fresh_batches']} fresh "
+             f"batches per measurement, before and after {result['batches']} clean stream batches. "
+             "Halves: the same measurement on each half of the seed's test split.", "",
+             "| seed | early | early, halves | late | late, halves | threshold early / late |",
+             "|---|---|---|---|---|---|"]
+    for row in result["seeds"]:
+        thresholds = " / ".join("-" if t is None else f"{t:.4f}" for t in (row["threshold_early"],
+                                                                           row["threshold_late"]))
+        lines.append(f"| {row['seed']} | {row['early']:.1%} | {_pair(row['early_halves'])} | {row['late']:.1%} | "
+                     f"{_pair(row['late_halves'])} | {thresholds} |")
+    lines.append("")
+    for when, part in result["summary"].items():
+        lo, hi = part["interval"]
+        verdict = "PASS" if part["in_band"] else "FAIL"
+        lines.append(f"- {verdict} {when}: mean {part['mean']:.1%} ± {part['std']:.1%} over "
+                     f"{len(part['values'])} seeds, 95% interval of the mean [{lo:.1%}, {hi:.1%}]; the two halves "
+                     f"of a seed's pool differ by {part['halves_gap']['mean']:.1%} on average "
+                     f"(at most {max(part['halves_gap']['values']):.1%})")
+    return "\n".join(lines)
+
+
+def _pair(pair: Sequence[float]) -> str:
+    return " / ".join(f"{v:.1%}" for v in pair)
