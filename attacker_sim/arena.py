@@ -57,6 +57,8 @@ VARIANTS: dict[str, dict] = {
     "guard-following": {"name": "guard", "gate_cap_anchor": "current", "gate_cap_level": 0.1},
     # each probe sample's loss change clamped to the 1%/99% quantiles of clean ones (tried 2026-11-26, within noise)
     "guard-winsor": {"name": "guard", "gate_probe_winsor": 0.01},
+    # the threshold at the conformal level 1 - target: the default until the cross-half level (2026-11-26)
+    "guard-conformal": {"name": "guard", "gate_level_rule": "conformal"},
 }
 DEFAULT_STRATEGY = "guard"  # the product's default defense, the one the checks hold to the bar
 
@@ -138,7 +140,8 @@ def _settings(strategy: StrategyConfig) -> dict:
                 "dsc": ["epsilon", "steps", "step_size", "early_stop", "divergence", "mu", "tau"],
                 "guard": ["gate_action", "gate_target_false_flag_rate", "gate_calibration_updates",
                           "gate_recalibrate_every", "gate_calibration_window", "gate_norm_cap", "gate_cap_level",
-                          "gate_cap_anchor", "gate_cap_updates", "gate_probe_samples", "gate_probe_winsor"]}
+                          "gate_cap_anchor", "gate_cap_updates", "gate_probe_samples", "gate_probe_winsor",
+                          "gate_level_rule"]}
     return {"name": strategy.name, **{k: getattr(strategy, k) for k in relevant[strategy.name]}}
 
 

@@ -226,9 +226,11 @@ def test_cap_leaves_a_flagged_update_to_the_norm_cap_alone(digits_experiment):
     assert verdicts["shrink"].flagged and verdicts["shrink"].scale < capped.scale
 
 
-@pytest.mark.parametrize("winsor", [0.0, 0.01])
-def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path, winsor):
-    learner = _guard_learner(digits_experiment, gate_probe_winsor=winsor)
+@pytest.mark.parametrize(("winsor", "rule"), [(0.0, "conformal"), (0.01, "conformal"), (0.0, "cross_half")])
+def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path, winsor, rule):
+    # recalibrated every 5 updates: the first decision after the restore takes a calibration, from the saved draws
+    learner = _guard_learner(digits_experiment, gate_probe_winsor=winsor, gate_level_rule=rule,
+                             gate_recalibrate_every=5, gate_level_splits=1)
     # settings a rebuilt gate would not guess from the trusted split alone: they must travel with the state
     learner.strategy.gate.batch_size, learner.strategy.gate.probe = 13, torch.arange(0, 200, 2)
     batches = list(digits_experiment.stream_batches(6, seed=9))
@@ -237,7 +239,8 @@ def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path
     learner.save(tmp_path / "ckpt")
     restored = OnlineLearner.load(tmp_path / "ckpt")
     gate, back = learner.strategy.gate, restored.strategy.gate
-    assert (back.threshold, back.batch_size, back.bounds) == (gate.threshold, gate.batch_size, gate.bounds)
+    assert (back.threshold, back.batch_size, back.bounds, back.level) == (gate.threshold, gate.batch_size,
+                                                                           gate.bounds, gate.level)
     assert (back.bounds is None) == (winsor == 0.0)
     assert torch.equal(back.probe, gate.probe)
     a, b = learner.step(*batches[5]), restored.step(*batches[5])
@@ -279,6 +282,20 @@ def test_a_learner_made_ready_when_a_recalibration_is_due_takes_it_once_and_step
     assert plain.strategy.gate.history == ready.strategy.gate.history
 
 
+def test_the_cross_half_level_is_recorded_and_only_raises_the_threshold(digits_experiment):
+    """cross_half takes its halvings after the calibration's own draws: the same increases, judged at a level no
+    lower than the conformal one, and the level is shown in the history."""
+    gates = {}
+    for rule in ("conformal", "cross_half"):
+        learner = _guard_learner(digits_experiment, gate_level_rule=rule, gate_level_splits=2).ready()
+        gates[rule] = learner.strategy.gate
+    plain, chosen = gates["conformal"], gates["cross_half"]
+    assert plain.increases == chosen.increases and plain.level == pytest.approx(0.9)
+    assert chosen.level >= plain.level and chosen.history[-1]["level"] == chosen.level
+    assert chosen.threshold == max(conformal_quantile(torch.tensor(chosen.increases[-1]), chosen.level), 0.0)
+    assert chosen.threshold >= plain.threshold
+
+
 def test_recalibration_follows_the_model(digits_experiment):
     learner = _guard_learner(digits_experiment, gate_recalibrate_every=3)
     for x, y in digits_experiment.stream_batches(7, seed=3):
@@ -316,6 +333,12 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, probe_winsor=0.5)
     with pytest.raises(ValueError, match="gate_probe_winsor"):
         StrategyConfig(name="guard", gate_probe_winsor=-0.1)
+    with pytest.raises(ValueError, match="level_rule must be one of conformal, cross_half, got 'median'"):
+        UpdateGate(x, y, batch_size=2, level_rule="median")
+    with pytest.raises(ValueError, match="level_splits must be >= 1, got 0"):
+        UpdateGate(x, y, batch_size=2, level_splits=0)
+    with pytest.raises(ValueError, match="gate_level_splits"):
+        StrategyConfig(name="guard", gate_level_splits=0)
     with pytest.raises(ValueError, match="cap_anchor must be one of current, first"):
         UpdateGate(x, y, batch_size=2, cap_anchor="burnin")
     with pytest.raises(ValueError, match="gate_cap_anchor"):

@@ -313,7 +313,7 @@ class TrustedUpdateGuard(Strategy):
         return {"gate": self.gate.state()}
 
     def health(self, applied: int) -> dict:
-        return {"gate_threshold": self.gate.threshold, "gate_cap": self.gate.cap,
+        return {"gate_threshold": self.gate.threshold, "gate_cap": self.gate.cap, "gate_level": self.gate.level,
                 "gate_calibrations": self.gate.calibrations}
 
     def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -335,7 +335,8 @@ def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed
                       norm_cap=None if config.gate_norm_cap == "none" else config.gate_norm_cap,
                       cap_level=config.gate_cap_level, cap_anchor=config.gate_cap_anchor,
                       cap_updates=config.gate_cap_updates, calibration_window=config.gate_calibration_window,
-                      probe_winsor=config.gate_probe_winsor, seed=seed)
+                      probe_winsor=config.gate_probe_winsor, level_rule=config.gate_level_rule,
+                      level_splits=config.gate_level_splits, seed=seed)
 
 
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {

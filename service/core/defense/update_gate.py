@@ -19,7 +19,13 @@ a threshold calibrated on that split: `threshold` is the finite-sample (conforma
 (1 - target_false_flag_rate), of delta(1) over updates on clean batches drawn from the trusted split the way
 the stream draws them (same batch size, with replacement: a fresh population, not a reshuffle of a couple of
 hundred samples), each measured on the trusted samples *not* in its batch (cross-fitting: a stream batch is
-never in the probe either), from the current model. An update above the threshold is *flagged*, and the
+never in the probe either), from the current model. With `level_rule="cross_half"` (the strategy's default) the
+level is chosen at every calibration instead, at least (1 - target_false_flag_rate): a few hundred trusted images
+set a threshold that another draw of images would set elsewhere, and the realised rate, bounded below by 0,
+averages above the target over such draws (digits, 20 development seeds: 17% late in a stream, for 10%). So the
+split is halved `level_splits` times; a threshold from one half's updates is judged on the other half's; the level is
+the lowest whose rate, extrapolated from a half to the whole split, meets the target (`_level_for`; 20 development
+seeds: 6% early, 11% late). An update above the threshold is *flagged*, and the
 action shrinks it (`shrink`), drops it (`skip`) or leaves it to the norm cap like any update (`cap`: the
 flag is reported, not acted on; on digits' development seeds within noise of `shrink`, docs/results.md).
 Shrinking measures one more point, s0 = threshold /
@@ -79,6 +85,7 @@ from service.core.defense.eval_mode import eval_mode, training_mode_frozen_stats
 ACTIONS = ("shrink", "skip", "cap")
 NORMS = {"2": 2.0, "inf": float("inf")}  # the update norms the cap can bound
 CAP_ANCHORS = ("current", "first")  # the cap follows every calibration, or stays at the first one's
+LEVEL_RULES = ("conformal", "cross_half")  # the threshold's level: 1 - target, or chosen across halves of the split
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ class UpdateGate:
                  target_false_flag_rate: float = 0.1, calibration_updates: int = 32, recalibrate_every: int = 100,
                  action: str = "shrink", probe_samples: int = 256, norm_cap: str | None = None,
                  cap_level: float = 0.2, cap_anchor: str = "first", cap_updates: int = 256, calibration_window: int = 1,
-                 probe_winsor: float = 0.0, seed: int = 0):
+                 probe_winsor: float = 0.0, level_rule: str = "conformal", level_splits: int = 4, seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
@@ -109,7 +116,8 @@ class UpdateGate:
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
         counts = {"calibration_updates": calibration_updates, "recalibrate_every": recalibrate_every,
-                  "batch_size": batch_size, "cap_updates": cap_updates, "calibration_window": calibration_window}
+                  "batch_size": batch_size, "cap_updates": cap_updates, "calibration_window": calibration_window,
+                  "level_splits": level_splits}
         for name, count in counts.items():
             if count < 1:
                 raise ValueError(f"{name} must be >= 1, got {count}")
@@ -123,6 +131,8 @@ class UpdateGate:
             raise ValueError(f"cap_level must be in (0, 1], got {cap_level}")
         if not 0 <= probe_winsor < 0.5:
             raise ValueError(f"probe_winsor must be in [0, 0.5), got {probe_winsor}")
+        if level_rule not in LEVEL_RULES:
+            raise ValueError(f"level_rule must be one of {', '.join(LEVEL_RULES)}, got {level_rule!r}")
         if cap_anchor not in CAP_ANCHORS:
             raise ValueError(f"cap_anchor must be one of {', '.join(CAP_ANCHORS)}, got {cap_anchor!r}")
         self.trusted = (trusted_x, trusted_y)
@@ -134,7 +144,9 @@ class UpdateGate:
             self.probe = torch.randperm(len(trusted_x), generator=torch.Generator().manual_seed(seed))[:probe_samples]
         self.batch_size = batch_size
         self.norm_cap, self.cap_level, self.cap_anchor, self.cap_updates = norm_cap, cap_level, cap_anchor, cap_updates
-        self.level = 1.0 - target_false_flag_rate
+        self.target = target_false_flag_rate
+        self.level = 1.0 - target_false_flag_rate  # the conformal level of the threshold (cross_half: the last chosen)
+        self.level_rule, self.level_splits = level_rule, level_splits
         self.calibration_updates, self.recalibrate_every = calibration_updates, recalibrate_every
         self.calibration_window = calibration_window
         self.probe_winsor = probe_winsor
@@ -180,14 +192,8 @@ class UpdateGate:
         params = [p for p in model.parameters() if p.requires_grad]
         # the step without any batch is the same for every calibration update: its probe losses are measured once
         base = self._losses_after_step(model, optimizer, params, [torch.zeros_like(p) for p in params], 0.0)
-        changes, norms = [], []
-        for pick, grads in self._clean_gradients(model, params, self.calibration_updates):
-            keep = torch.ones(len(self.trusted[0]), dtype=torch.bool)
-            keep[pick] = False
-            keep = keep[self.probe]  # cross-fitting: judged on the probe samples that are not in the batch
-            changes.append((self._losses_after_step(model, optimizer, params, grads, 1.0) - base)[keep])
-            if self.norm_cap:
-                norms.append(self._norm(grads))
+        norms: list[float] = []
+        changes = self._clean_changes(model, optimizer, params, base, self.calibration_updates, norms=norms)
         if self.probe_winsor:
             every = torch.cat(changes)
             self.bounds = (float(torch.quantile(every, self.probe_winsor)),
@@ -203,23 +209,64 @@ class UpdateGate:
             self.cap = measured
         self.increases = [*self.increases, increases][-self.calibration_window:]
         values = torch.tensor([value for calibration in self.increases for value in calibration])
+        if self.level_rule == "cross_half":
+            self.level = self._cross_half_level(model, optimizer, params, base)
         # never below zero: an update that does not raise the probe loss is never suspicious
         self.threshold = max(conformal_quantile(values, self.level), 0.0)
         self.updates_since_calibration = 0
         self.calibrations += 1
         self.history.append({"threshold": self.threshold, "increase_median": float(values.median()),
                              "increase_max": float(values.max()), "cap": self.cap, "cap_measured": measured,
-                             "updates": self.calibration_updates, "pooled": len(values), "cap_updates": len(norms)})
+                             "updates": self.calibration_updates, "pooled": len(values), "cap_updates": len(norms),
+                             "level": self.level})
         return self.threshold
 
-    def _clean_gradients(self, model: nn.Module, params, count: int):
+    def _clean_changes(self, model: nn.Module, optimizer: torch.optim.Optimizer, params, base: torch.Tensor,
+                       count: int, pool: torch.Tensor | None = None, norms: list[float] | None = None):
+        """The probe's per-sample loss changes of `count` updates on clean trusted batches (drawn from `pool`, by
+        default the whole split), each on the probe samples not in its batch (cross-fitting: a stream batch is
+        never in the probe either); their gradients' norms are appended to `norms` when the gate caps norms."""
+        changes = []
+        for pick, grads in self._clean_gradients(model, params, count, pool):
+            keep = torch.ones(len(self.trusted[0]), dtype=torch.bool)
+            keep[pick] = False
+            changes.append((self._losses_after_step(model, optimizer, params, grads, 1.0) - base)[keep[self.probe]])
+            if self.norm_cap and norms is not None:
+                norms.append(self._norm(grads))
+        return changes
+
+    def _cross_half_level(self, model: nn.Module, optimizer: torch.optim.Optimizer, params,
+                          base: torch.Tensor) -> float:
+        """The conformal level whose threshold, taken over `calibration_updates` batches of one random half of the
+        trusted split, flags at most the target share of batches of the other half, on average over
+        `level_splits` halvings, both ways; never below 1 - target, 1.0 (the largest increase) if no level does.
+
+        The threshold a few hundred trusted images set is a draw: another split of the same population sets another,
+        and the realised rate, bounded below by 0, averages above the target over draws. A half-split threshold
+        judged on the other half shows how far above, on the defender's own data."""
+        count, trusted = self.calibration_updates, len(self.trusted[0])
+        rates = torch.zeros(count)
+        for _ in range(self.level_splits):
+            order = torch.randperm(trusted, generator=self.generator)
+            halves = [torch.tensor([self._statistic(change) for change in
+                                    self._clean_changes(model, optimizer, params, base, count, pool=half)])
+                      for half in (order[: trusted // 2], order[trusted // 2:])]
+            for calibrated, judged in (halves, halves[::-1]):
+                # the share of the other half's updates above each order statistic of this half's
+                rates += (judged[None, :] > calibrated.sort().values[:, None]).float().mean(1)
+        return _level_for(rates / (2 * self.level_splits), self.target)
+
+    def _clean_gradients(self, model: nn.Module, params, count: int, pool: torch.Tensor | None = None):
         """`count` (batch indices, gradient) pairs of clean trusted batches, each drawn the way the stream draws
         them (with replacement: a batch of the stream comes from a far larger population than the trusted split;
         drawing without replacement from a few hundred samples would shrink the spread of updates)."""
         x_ref, y_ref = self.trusted
         device = _device(model)
         for _ in range(count):
-            pick = torch.randint(len(x_ref), (self.batch_size,), generator=self.generator)
+            if pool is None:
+                pick = torch.randint(len(x_ref), (self.batch_size,), generator=self.generator)
+            else:
+                pick = pool[torch.randint(len(pool), (self.batch_size,), generator=self.generator)]
             # the gradient as the stream's update computes it (dropout on, BatchNorm on batch statistics: eval
             # mode gave a gentler gradient, and the 3x-target clean flag rate of SmallCNN's dropout), recording
             # nothing: a simulation, not an update
@@ -308,7 +355,7 @@ class UpdateGate:
 
     # -- persistence: the calibration state travels with the learner's checkpoint ---------------------
     def state(self) -> dict:
-        return {"threshold": self.threshold, "cap": self.cap, "bounds": self.bounds,
+        return {"threshold": self.threshold, "cap": self.cap, "bounds": self.bounds, "level": self.level,
                 "updates_since_calibration": self.updates_since_calibration,
                 "calibrations": self.calibrations,
                 "history": self.history[-20:], "increases": self.increases,
@@ -320,12 +367,37 @@ class UpdateGate:
         self.probe = torch.tensor(state["probe"], dtype=torch.long)
         self.threshold = state["threshold"]
         self.cap = state.get("cap")
+        self.level = float(state.get("level", 1.0 - self.target))
         self.bounds = tuple(state["bounds"]) if state.get("bounds") else None
         self.updates_since_calibration = int(state["updates_since_calibration"])
         self.calibrations = int(state.get("calibrations", len(state["history"])))
         self.history = list(state["history"])
         self.increases = [list(values) for values in state.get("increases", [])]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+def _level_for(half_rates: torch.Tensor, target: float) -> float:
+    """The lowest conformal level, at least 1 - target, whose threshold is expected to flag at most `target` of
+    clean updates, from `half_rates[k - 1]`: the rate a half-split threshold at its k-th smallest increase put on
+    the other half (the k-th smallest of n is the conformal quantile at k / (n + 1)). A half's threshold varies about
+    twice as much between draws of its images as the whole split's, and the rate's excess over the nominal 1 - level
+    grows with that variance: for the whole split it is taken as half the half-split's. 1.0 (the largest increase)
+    when no level gets there.
+
+    >>> rates = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.2])  # at levels 0.1, 0.2, ..., 0.9
+    >>> _level_for(rates, target=0.3)  # 0.7: (0.3 + 0.4) / 2 > 0.3; 0.8: (0.2 + 0.35) / 2 <= 0.3
+    0.8
+    >>> _level_for(torch.zeros(9), target=0.3)  # never below 1 - target
+    0.7
+    >>> _level_for(torch.ones(9), target=0.1)
+    1.0
+    """
+    count = len(half_rates)
+    for rank in range(1, count + 1):
+        level = rank / (count + 1)
+        if level >= 1.0 - target - 1e-9 and ((1.0 - level) + float(half_rates[rank - 1])) / 2 <= target:
+            return level
+    return 1.0
 
 
 def _chord_scale(threshold: float, s0: float, at_s0: float, at_one: float) -> float:
