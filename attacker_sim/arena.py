@@ -59,6 +59,8 @@ VARIANTS: dict[str, dict] = {
     "guard-winsor": {"name": "guard", "gate_probe_winsor": 0.01},
     # the threshold at the conformal level 1 - target: the default until the cross-half level (2026-11-26)
     "guard-conformal": {"name": "guard", "gate_level_rule": "conformal"},
+    # the cross-half level chosen at every calibration, not the first only: the same rates, 2.5x the step cost
+    "guard-cross-half": {"name": "guard", "gate_level_rule": "cross_half"},
 }
 DEFAULT_STRATEGY = "guard"  # the product's default defense, the one the checks hold to the bar
 

@@ -296,6 +296,27 @@ def test_the_cross_half_level_is_recorded_and_only_raises_the_threshold(digits_e
     assert chosen.threshold >= plain.threshold
 
 
+@pytest.mark.parametrize(("rule", "choices"), [("cross_half", 3), ("cross_half_first", 1), ("conformal", 0)])
+def test_the_level_is_chosen_as_often_as_its_rule_says(digits_experiment, monkeypatch, rule, choices):
+    """cross_half pays its halvings at every calibration, cross_half_first at the first only (then keeps the level),
+    conformal never."""
+    calls = []
+    real = UpdateGate._cross_half_level
+
+    def counted(self, *args):
+        calls.append(real(self, *args))
+        return calls[-1]
+
+    monkeypatch.setattr(UpdateGate, "_cross_half_level", counted)
+    learner = _guard_learner(digits_experiment, gate_level_rule=rule, gate_recalibrate_every=3, gate_level_splits=1)
+    for x, y in digits_experiment.stream_batches(7, seed=3):
+        learner.step(x, y)
+    history = learner.strategy.gate.history
+    assert len(history) == 3 and len(calls) == choices
+    if rule == "cross_half_first":
+        assert [entry["level"] for entry in history] == [calls[0]] * 3
+
+
 def test_recalibration_follows_the_model(digits_experiment):
     learner = _guard_learner(digits_experiment, gate_recalibrate_every=3)
     for x, y in digits_experiment.stream_batches(7, seed=3):

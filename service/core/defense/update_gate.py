@@ -19,13 +19,14 @@ a threshold calibrated on that split: `threshold` is the finite-sample (conforma
 (1 - target_false_flag_rate), of delta(1) over updates on clean batches drawn from the trusted split the way
 the stream draws them (same batch size, with replacement: a fresh population, not a reshuffle of a couple of
 hundred samples), each measured on the trusted samples *not* in its batch (cross-fitting: a stream batch is
-never in the probe either), from the current model. With `level_rule="cross_half"` (the strategy's default) the
-level is chosen at every calibration instead, at least (1 - target_false_flag_rate): a few hundred trusted images
+never in the probe either), from the current model. With `level_rule="cross_half_first"` (the strategy's default)
+the level is chosen at the first calibration instead, and kept (`"cross_half"`: at every calibration, 2.5x the step
+cost on digits for the same rates), at least (1 - target_false_flag_rate): a few hundred trusted images
 set a threshold that another draw of images would set elsewhere, and the realised rate, bounded below by 0,
 averages above the target over such draws (digits, 20 development seeds: 17% late in a stream, for 10%). So the
 split is halved `level_splits` times; a threshold from one half's updates is judged on the other half's; the level is
 the lowest whose rate, extrapolated from a half to the whole split, meets the target (`_level_for`; 20 development
-seeds: 6% early, 11% late). An update above the threshold is *flagged*, and the
+seeds: 6% early, 12% late). An update above the threshold is *flagged*, and the
 action shrinks it (`shrink`), drops it (`skip`) or leaves it to the norm cap like any update (`cap`: the
 flag is reported, not acted on; on digits' development seeds within noise of `shrink`, docs/results.md).
 Shrinking measures one more point, s0 = threshold /
@@ -85,7 +86,8 @@ from service.core.defense.eval_mode import eval_mode, training_mode_frozen_stats
 ACTIONS = ("shrink", "skip", "cap")
 NORMS = {"2": 2.0, "inf": float("inf")}  # the update norms the cap can bound
 CAP_ANCHORS = ("current", "first")  # the cap follows every calibration, or stays at the first one's
-LEVEL_RULES = ("conformal", "cross_half")  # the threshold's level: 1 - target, or chosen across halves of the split
+# the threshold's level: 1 - target; chosen across halves of the split at every calibration; or at the first only
+LEVEL_RULES = ("conformal", "cross_half", "cross_half_first")
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ class UpdateGate:
             self.cap = measured
         self.increases = [*self.increases, increases][-self.calibration_window:]
         values = torch.tensor([value for calibration in self.increases for value in calibration])
-        if self.level_rule == "cross_half":
+        if self.level_rule == "cross_half" or (self.level_rule == "cross_half_first" and not self.calibrations):
             self.level = self._cross_half_level(model, optimizer, params, base)
         # never below zero: an update that does not raise the probe loss is never suspicious
         self.threshold = max(conformal_quantile(values, self.level), 0.0)
