@@ -354,7 +354,8 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, probe_winsor=0.5)
     with pytest.raises(ValueError, match="gate_probe_winsor"):
         StrategyConfig(name="guard", gate_probe_winsor=-0.1)
-    with pytest.raises(ValueError, match="level_rule must be one of conformal, cross_half, cross_half_first, got 'median'"):
+    with pytest.raises(ValueError, match="level_rule must be one of conformal, cross_half, cross_half_first, "
+                                         "got 'median'"):
         UpdateGate(x, y, batch_size=2, level_rule="median")
     with pytest.raises(ValueError, match="level_splits must be >= 1, got 0"):
         UpdateGate(x, y, batch_size=2, level_splits=0)

@@ -144,7 +144,6 @@ def cmd_analyze_md(args: argparse.Namespace) -> int:
 
 def cmd_false_flags(args: argparse.Namespace) -> int:
     from attacker_sim.false_flags import check_request, false_flag_check, markdown
-    from service.core.atomic import atomic_write_text
 
     config = build_config(args)
     batches, fresh = max(config.arena.launch_after), config.arena.fresh_batches
@@ -155,12 +154,18 @@ def cmd_false_flags(args: argparse.Namespace) -> int:
     out = writable_output(args.out)
     result = false_flag_check(config, seeds=args.seeds, batches=batches, fresh_batches=fresh,
                               progress=not args.no_progress)
-    table = markdown(result)
-    print(table)
-    atomic_write_text(out / "false_flags.json", json.dumps(result, indent=2))
-    atomic_write_text(out / "false_flags.md", table + "\n")
-    print(f"wrote {out / 'false_flags.json'} and {out / 'false_flags.md'}")
+    _write_table(out, "false_flags", result, markdown(result))
     return 0
+
+
+def _write_table(out, name: str, result, table: str) -> None:
+    """Print a report's table and write it to `out` as `name`.md, with its data as `name`.json."""
+    from service.core.atomic import atomic_write_text
+
+    print(table)
+    atomic_write_text(out / f"{name}.json", json.dumps(result, indent=2))
+    atomic_write_text(out / f"{name}.md", table + "\n")
+    print(f"wrote {out / f'{name}.json'} and {out / f'{name}.md'}")
 
 
 def _check_varies(config: ExperimentConfig, varies: Sequence[str]) -> None:
@@ -182,17 +187,12 @@ def _check_varies(config: ExperimentConfig, varies: Sequence[str]) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from attacker_sim.sweep import sweep, sweep_markdown
-    from service.core.atomic import atomic_write_text
 
     config = build_config(args)
     _check_varies(config, args.vary)
     out = writable_output(args.out)
     results = sweep(config, args.vary, seeds=args.seeds, progress=not args.no_progress)
-    table = sweep_markdown(results)
-    print(table)
-    atomic_write_text(out / "sweep.json", json.dumps(results, indent=2))
-    atomic_write_text(out / "sweep.md", table + "\n")
-    print(f"wrote {out / 'sweep.json'} and {out / 'sweep.md'}")
+    _write_table(out, "sweep", results, sweep_markdown(results))
     return 0
 
 
