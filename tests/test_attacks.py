@@ -412,6 +412,7 @@ def test_a_gate_evading_trigger_is_blended_under_the_attackers_own_threshold():
 
     from attacker_sim.attacks import Budget, TriggerCrafter
     from attacker_sim.attacks.gate_evasion import GateEvasion
+    from service.core.config import StrategyConfig
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
@@ -433,3 +434,5 @@ def test_a_gate_evading_trigger_is_blended_under_the_attackers_own_threshold():
     assert full > threshold, (full, threshold)  # the whole trigger would be flagged
     assert 0.0 < alpha < 1.0
     assert evasion._increase(net, blended, y) <= threshold
+    # Kerckhoffs: the attacker's copy chooses its threshold's level as the shipped gate does
+    assert evasion.gate.level_rule == StrategyConfig().gate_level_rule
