@@ -239,9 +239,10 @@ class UpdateGate:
 
     def _cross_half_level(self, model: nn.Module, optimizer: torch.optim.Optimizer, params,
                           base: torch.Tensor) -> float:
-        """The conformal level whose threshold, taken over `calibration_updates` batches of one random half of the
-        trusted split, flags at most the target share of batches of the other half, on average over
-        `level_splits` halvings, both ways; never below 1 - target, 1.0 (the largest increase) if no level does.
+        """The conformal level for the whole split, from `level_splits` random halvings: a threshold over
+        `calibration_updates` batches of one half is judged on as many batches of the other half, both ways, and
+        `_level_for` extrapolates those rates from a half to the whole split (never below 1 - target; 1.0, the largest
+        increase, if no level meets the target).
 
         The threshold a few hundred trusted images set is a draw: another split of the same population sets another,
         and the realised rate, bounded below by 0, averages above the target over draws. A half-split threshold
