@@ -1,11 +1,11 @@
 """`dscguard false-flags`: a strategy's realised false-flag rate on fresh clean batches, over many seeds.
 
-The arena measures the rate on three seeds; on digits one seed's rate ranged from 0% to 59% at the same
-calibration procedure, so a three-seed mean moves by about ten points between seed sets, and a band of
-[0.5x, 1.5x] of the target cannot be read from it. Much of that spread is not the calibration's: it is the
-pool the fresh batches come from. The defender calibrates on a couple of hundred trusted images, and the
-arena draws its fresh batches from a few hundred test images; a rate measured on one half of a seed's test
-pool and on the other half, at the same threshold, differed by up to 32 points (digits, development seeds).
+The arena measures the rate on three seeds; on digits one seed's rate ranged from 0% to 67% at the same
+calibration procedure (guard's conformal level, 20 development seeds), so a three-seed mean moves by about ten
+points between seed sets, and a band of [0.5x, 1.5x] of the target cannot be read from it. Part of that spread is
+not the calibration's: it is the pool the fresh batches come from. The defender calibrates on a couple of hundred
+trusted images, and the arena draws its fresh batches from a few hundred test images; a rate measured on one half
+of a seed's test pool and on the other half, at the same threshold, differed by up to 66 points.
 
 So this check streams `batches` clean batches per seed (the arena's clean stream) and measures the rate on
 `fresh_batches` fresh clean batches of the seed's test split (drawn with replacement, each judged by a copy
