@@ -16,6 +16,7 @@ interval of the mean, and whether the mean lies in the band.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from attacker_sim.report import summarize
-from attacker_sim.scenarios import fresh_flag_rate
+from attacker_sim.scenarios import ScenarioData, fresh_flag_rate
 from service.core.config import ExperimentConfig
 from service.core.experiment import Experiment
 
@@ -48,25 +49,26 @@ class SeedRates:
 def seed_rates(experiment: Experiment, strategy, batches: int, fresh_batches: int) -> SeedRates:
     """Stream `batches` clean batches through a fresh learner defended by `strategy`; the fresh-batch rates
     before and after."""
-    seed = experiment.config.seed
     learner = experiment.new_learner(strategy).ready()
-    if learner.strategy.target_false_flag_rate() is None:
+    target = learner.strategy.target_false_flag_rate()
+    if target is None:
         raise ValueError(f"strategy {strategy.name!r} flags nothing: it has no false-flag rate to check")
-    x, y = experiment.test_tensors
+    data = ScenarioData(experiment, experiment.test_tensors, experiment.splits.attacker_val.tensors())
+    x, y = data.test
     half = len(x) // 2
     pools = [(x, y), (x[:half], y[:half]), (x[half:], y[half:])]
     size = experiment.config.stream.batch_size
 
     def rates(offset: int) -> list[float]:
         # the arena's seeds for its early (seed) and late (seed + 1) draws, so the whole-pool rates match its own
-        return [fresh_flag_rate(learner, pool, fresh_batches, size, seed=seed + offset) for pool in pools]
+        return [fresh_flag_rate(learner, pool, fresh_batches, size, seed=data.seed + offset) for pool in pools]
 
     early, threshold_early = rates(0), learner.threshold()
-    for batch in experiment.stream_batches(batches, seed=seed * 7919 + 1):  # the arena's clean stream
+    for batch in itertools.islice(data.stream(0), batches):  # the arena's clean stream
         learner.step(*batch)
     late = rates(1)
-    return SeedRates(seed, learner.strategy.target_false_flag_rate(), early[0], late[0], (early[1], early[2]),
-                     (late[1], late[2]), threshold_early, learner.threshold())
+    return SeedRates(data.seed, target, early[0], late[0], (early[1], early[2]), (late[1], late[2]), threshold_early,
+                     learner.threshold())
 
 
 def false_flag_check(config: ExperimentConfig, seeds: Sequence[int], batches: int = 1000,

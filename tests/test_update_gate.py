@@ -289,6 +289,7 @@ def test_the_cross_half_level_is_recorded_and_only_raises_the_threshold(digits_e
     for rule in ("conformal", "cross_half"):
         learner = _guard_learner(digits_experiment, gate_level_rule=rule, gate_level_splits=2).ready()
         gates[rule] = learner.strategy.gate
+        assert learner.strategy.health(0)["gate_level"] == learner.strategy.gate.level  # shown in /v1/status
     plain, chosen = gates["conformal"], gates["cross_half"]
     assert plain.increases == chosen.increases and plain.level == pytest.approx(0.9)
     assert chosen.level >= plain.level and chosen.history[-1]["level"] == chosen.level

@@ -265,11 +265,9 @@ class UpdateGate:
         drawing without replacement from a few hundred samples would shrink the spread of updates)."""
         x_ref, y_ref = self.trusted
         device = _device(model)
+        pool = torch.arange(len(x_ref)) if pool is None else pool
         for _ in range(count):
-            if pool is None:
-                pick = torch.randint(len(x_ref), (self.batch_size,), generator=self.generator)
-            else:
-                pick = pool[torch.randint(len(pool), (self.batch_size,), generator=self.generator)]
+            pick = pool[torch.randint(len(pool), (self.batch_size,), generator=self.generator)]
             # the gradient as the stream's update computes it (dropout on, BatchNorm on batch statistics: eval
             # mode gave a gentler gradient, and the 3x-target clean flag rate of SmallCNN's dropout), recording
             # nothing: a simulation, not an update
