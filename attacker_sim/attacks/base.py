@@ -151,8 +151,11 @@ class SignedGradientAttack(ABC):
         return self.budget.project(x + torch.empty_like(x).uniform_(-eps, eps), x)
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, *context) -> torch.Tensor:
+        """Craft on the model's device (inputs anywhere); the result goes back to where `x` was."""
         budget = self.budget
-        x = x.detach()
+        home, device = x.device, next(model.parameters()).device
+        x = x.detach().to(device)
+        context = _on(device, context)
         with self._crafting(model):
             objective = self._objective(model, x, *context)
             x_adv = self._start(x)
@@ -169,7 +172,16 @@ class SignedGradientAttack(ABC):
                 else:
                     (grad,) = torch.autograd.grad(value, x_adv)
                 x_adv = budget.project(x_adv + budget.step_size * grad.sign(), x)
-        return x_adv.detach()
+        return x_adv.detach().to(home)
+
+
+def _on(device: torch.device, value):
+    """`value` with every tensor in it (nested in tuples, as batches are) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_on(device, item) for item in value)
+    return value
 
 
 class ErrorMaximizingAttack(SignedGradientAttack):
