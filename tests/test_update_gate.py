@@ -14,6 +14,7 @@ from service.core.defense.calibration import conformal_quantile
 from service.core.defense.strategies import build_strategy
 from service.core.defense.update_gate import UpdateGate
 from service.core.learner import OnlineLearner
+from tests.reproduce import assert_reproduced
 
 
 def _guard_learner(experiment, **fields):
@@ -25,7 +26,7 @@ def _judge_only(learner, x, y):
     model = learner.model
     model.train()
     learner.optimizer.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
+    torch.nn.functional.cross_entropy(model(x.to(learner.device)), y.to(learner.device)).backward()
     return learner.strategy.gate.judge(model, learner.optimizer)
 
 
@@ -244,7 +245,8 @@ def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path
     assert (back.bounds is None) == (winsor == 0.0)
     assert torch.equal(back.probe, gate.probe)
     a, b = learner.step(*batches[5]), restored.step(*batches[5])
-    assert (a.threshold, a.update_scale, a.loss) == pytest.approx((b.threshold, b.update_scale, b.loss))
+    assert_reproduced((a.threshold, a.update_scale, a.loss), (b.threshold, b.update_scale, b.loss), learner.device,
+                      cpu_relative=1e-6)
 
 
 def test_a_learner_made_ready_then_copied_steps_exactly_as_a_fresh_one(digits_experiment):
@@ -256,8 +258,8 @@ def test_a_learner_made_ready_then_copied_steps_exactly_as_a_fresh_one(digits_ex
     copied = copy.deepcopy(ready)
     for x, y in digits_experiment.stream_batches(12, seed=4):
         a, b = fresh.step(x, y), copied.step(x, y)
-        assert (a.threshold, a.update_scale, a.loss) == (b.threshold, b.update_scale, b.loss)
-    assert fresh.strategy.gate.history == copied.strategy.gate.history
+        assert_reproduced((a.threshold, a.update_scale, a.loss), (b.threshold, b.update_scale, b.loss), fresh.device)
+    assert_reproduced(fresh.strategy.gate.history, copied.strategy.gate.history, fresh.device)
     assert ready.batches_applied == 0  # the template learned nothing
 
 
@@ -278,8 +280,8 @@ def test_a_learner_made_ready_when_a_recalibration_is_due_takes_it_once_and_step
     for x, y in batches[3:]:
         a, b = plain.step(x, y), copy.deepcopy(ready).step(x, y)
         ready.step(x, y)
-        assert (a.threshold, a.update_scale, a.loss) == (b.threshold, b.update_scale, b.loss)
-    assert plain.strategy.gate.history == ready.strategy.gate.history
+        assert_reproduced((a.threshold, a.update_scale, a.loss), (b.threshold, b.update_scale, b.loss), plain.device)
+    assert_reproduced(plain.strategy.gate.history, ready.strategy.gate.history, plain.device)
 
 
 def test_the_cross_half_level_is_recorded_and_only_raises_the_threshold(digits_experiment):
@@ -291,7 +293,8 @@ def test_the_cross_half_level_is_recorded_and_only_raises_the_threshold(digits_e
         gates[rule] = learner.strategy.gate
         assert learner.strategy.health(0)["gate_level"] == learner.strategy.gate.level  # shown in /v1/status
     plain, chosen = gates["conformal"], gates["cross_half"]
-    assert plain.increases == chosen.increases and plain.level == pytest.approx(0.9)
+    assert_reproduced(plain.increases, chosen.increases, digits_experiment.device)
+    assert plain.level == pytest.approx(0.9)
     assert chosen.level >= plain.level and chosen.history[-1]["level"] == chosen.level
     assert chosen.threshold == max(conformal_quantile(torch.tensor(chosen.increases[-1]), chosen.level), 0.0)
     assert chosen.threshold >= plain.threshold
