@@ -1,7 +1,8 @@
 """Milliseconds per stream step of st, gc, at, dsc (frozen, rolling, gated) and guard on the same batches, in one run.
 
-SmallCNN, batches of 100 3x32x32 CIFAR-10 images (from the data directory: ../shared/data or
-$DSCGUARD_DATA_DIR), CPU by default, after a short cached burn-in. dsc is calibrated on clean data.
+SmallCNN (or, with --model resnet18, the paper's ResNet-18), batches of 100 3x32x32 CIFAR-10 images (from
+the data directory: ../shared/data or $DSCGUARD_DATA_DIR), CPU by default (--device cuda for a GPU), after a
+short cached burn-in. dsc is calibrated on clean data.
 Two streams: clean batches, and PGD-poisoned batches (error-maximising, radius --epsilon) crafted
 against the start model (the guard's gate flags most of them, so the cost while shrinking is measured
 too). Strategies take turns batch by batch so that machine noise hits them alike. The labels are the
@@ -9,6 +10,7 @@ arena's (`attacker_sim.arena.VARIANTS`); the rolling auxiliary's snapshots and p
 timed steps (a snapshot every 10 batches, promotions from batch 50 on: hence 60 timed batches).
 
     python benchmarks/step_cost.py --json step_cost.json
+    python benchmarks/step_cost.py --device cuda --model resnet18 --json step_cost_gpu.json
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _experiment(args) -> tuple[Experiment, str]:
         "cifar10-small", seed=args.seed, device=args.device,
         data={"burnin": 5000, "stream": 2000, "calibration": 500, "test": 1000},
         burnin={"epochs": 4, "checkpoint_every": 1, "auxiliary_epoch": 2},
-        stream={"batch_size": args.batch_size},
+        stream={"batch_size": args.batch_size}, model={"name": args.model},
     )
     try:
         return Experiment.prepare(config, progress=not args.no_progress), "cifar10"
@@ -56,6 +58,8 @@ def _time_streams(experiment: Experiment, batches, warmup: int, strategies: tupl
         for name, learner in learners.items():
             started = time.perf_counter()
             report = learner.step(x, y)
+            if experiment.device.type == "cuda":  # kernels run asynchronously: time them, not their launch
+                torch.cuda.synchronize(experiment.device)
             elapsed = time.perf_counter() - started
             if index >= warmup:
                 times[name].append(elapsed)
@@ -80,7 +84,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--epsilon", type=float, default=8 / 255, help="PGD poison radius")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the ratios are to st on this device)")
+    parser.add_argument("--model", choices=("smallcnn", "resnet18"), default="smallcnn",
+                        help="the learner's model (resnet18: the paper profile's, for a GPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--strategies", nargs="+", choices=list(VARIANTS), default=list(STRATEGIES),
                         help="arena labels to time, st among them (the ratios are to st)")
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
     calibration = experiment.calibration_for("kl")
     results = {
         "benchmark": "step_cost",
-        "config": {"model": "smallcnn", "dataset": dataset, "batch_size": args.batch_size, "batches": args.batches,
+        "config": {"model": args.model, "dataset": dataset, "batch_size": args.batch_size, "batches": args.batches,
                    "warmup": args.warmup, "poison": f"pgd eps={args.epsilon:.4f} steps=10", "seed": args.seed,
                    "strategy": experiment.config.strategy.model_dump()},
         "calibration": calibration.to_dict(),
