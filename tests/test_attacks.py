@@ -102,6 +102,19 @@ def test_output_stays_in_the_epsilon_ball_and_unit_box(name):
     assert (x_adv - x).abs().max() >= 0.15 - 1e-6  # it did move, to the ball's edge somewhere
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+@pytest.mark.parametrize("name", FACTORIES)
+def test_a_cuda_model_takes_cpu_batches_and_the_result_comes_back_to_the_cpu(name):
+    """Crafting runs on the model's device whatever device the batches come from (a trigger crafted for a CUDA
+    learner from CPU batches failed on an H100 before), and the result goes back where `x` was."""
+    torch.manual_seed(1)
+    model = build_model("digitscnn", 10, (1, 8, 8)).cuda()
+    x, y = _batch(12)
+    budget = Budget(epsilon=0.15, steps=2, step_size=0.1)
+    x_adv = _attack(FACTORIES[name](budget), model, x, y, _batch(12))
+    assert x_adv.device == x.device and (x_adv - x).abs().max() <= 0.15 + 1e-6
+
+
 @pytest.mark.parametrize(
     ("build", "error", "message"),
     [
