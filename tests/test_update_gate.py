@@ -469,6 +469,35 @@ def test_the_calibration_sees_updates_as_the_stream_makes_them_dropout_included(
     assert 0.05 <= np.mean(rates) <= 0.15, f"realised clean false-flag rates {rates} against a 10% target"
 
 
+def test_a_calibration_with_dropout_is_the_same_whatever_ran_before_it_and_leaves_the_global_draws_alone():
+    """Dropout's masks in a calibration come from the gate's seed, not torch's global generator: two learners made
+    ready from one model at different global states calibrate alike (they measured different caps on MNIST), and
+    the stream's own draws after a calibration are the ones it would have made without it."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    layers = (torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+    model = _burnt_in(torch.nn.Sequential(*layers), generator)
+    trusted = _blobs(300, generator)
+    calibrated = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        expected_next = torch.rand(3)
+        torch.manual_seed(global_seed)
+        gate = UpdateGate(*trusted, batch_size=16, calibration_updates=16, norm_cap="inf", cap_updates=32, seed=5)
+        copy_ = copy.deepcopy(model)
+        gate.calibrate(copy_, torch.optim.SGD(copy_.parameters(), lr=0.1))
+        assert torch.equal(torch.rand(3), expected_next)
+        calibrated.append((gate.threshold, gate.cap, gate.history[0]["increase_median"]))
+    assert calibrated[0] == calibrated[1]
+    # a different gate seed draws other masks: the equality above is not a model without randomness
+    gate = UpdateGate(*trusted, batch_size=16, calibration_updates=16, norm_cap="inf", cap_updates=32, seed=5)
+    gate.generator.manual_seed(6)  # the same batches as above come from seed + 1; only the masks' seed differs
+    gate.seed = 6
+    copy_ = copy.deepcopy(model)
+    gate.calibrate(copy_, torch.optim.SGD(copy_.parameters(), lr=0.1))
+    assert (gate.threshold, gate.cap, gate.history[0]["increase_median"]) != calibrated[0]
+
+
 def test_a_calibration_leaves_batchnorm_statistics_as_they_were():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))

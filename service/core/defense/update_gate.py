@@ -74,6 +74,8 @@ whole update, so its verdict and its false-flag rate are the ones it was calibra
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +157,7 @@ class UpdateGate:
         self.bounds: tuple[float, float] | None = None  # where a probe sample's loss change is clamped (winsor)
         self.increases: list[list[float]] = []  # the clean increases of the last `calibration_window` calibrations
         self.action = action
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.threshold: float | None = None
         self.cap: float | None = None
@@ -190,7 +193,16 @@ class UpdateGate:
                     p.copy_(value)
 
     def calibrate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
-        """Set the threshold (and the cap) from updates on clean trusted batches, taken from the current model."""
+        """Set the threshold (and the cap) from updates on clean trusted batches, taken from the current model.
+
+        The clean gradients are taken with dropout on, as the stream's are; their masks come from a generator
+        seeded by the gate's seed and the calibration's number, not from torch's global one, so that a calibration
+        is the same whatever ran before it (three learners made ready from one MNIST burn-in measured three caps)
+        and the stream's own draws are left as they were."""
+        with _dropout_seeded(_device(model), self.seed * 1_000_003 + self.calibrations):
+            return self._calibrate(model, optimizer)
+
+    def _calibrate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
         params = [p for p in model.parameters() if p.requires_grad]
         # the step without any batch is the same for every calibration update: its probe losses are measured once
         base = self._losses_after_step(model, optimizer, params, [torch.zeros_like(p) for p in params], 0.0)
@@ -412,6 +424,30 @@ def _chord_scale(threshold: float, s0: float, at_s0: float, at_one: float) -> fl
     if at_s0 <= threshold:
         return s0 + (1.0 - s0) * (threshold - at_s0) / (at_one - at_s0)
     return s0 * max(threshold, 0.0) / at_s0
+
+
+@contextmanager
+def _dropout_seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """torch's global generator (the CPU's, and `device`'s when it is a GPU: where dropout draws its masks) seeded
+    with `seed` inside the block, and put back as it was after it.
+
+    >>> cpu = torch.device("cpu")
+    >>> _ = torch.manual_seed(0)
+    >>> expected = torch.rand(1)
+    >>> _ = torch.manual_seed(0)
+    >>> with _dropout_seeded(cpu, 7):
+    ...     inside = torch.rand(1)
+    >>> with _dropout_seeded(cpu, 7):
+    ...     again = torch.rand(1)
+    >>> bool(inside == again), bool(torch.rand(1) == expected)  # the same draws inside; the global ones untouched
+    (True, True)
+    """
+    gpu = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpu):
+        torch.random.default_generator.manual_seed(seed)
+        for index in gpu:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def _device(model: nn.Module) -> torch.device:
