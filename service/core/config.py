@@ -128,6 +128,11 @@ class StrategyConfig(_Section):
                                         "late over 20 digits seeds, docs/results.md)")
     gate_level_splits: int = Field(4, ge=1, description="guard, cross_half: random halvings of the trusted split "
                                                         "per calibration, each calibration_updates updates a half")
+    gate_lookahead_from: Literal["momentum_step", "model"] = Field(
+        "momentum_step", description="guard: where the lookahead measures the batch's own step from: where the "
+                                     "optimizer's momentum and weight decay take the model without the batch "
+                                     "(momentum_step), or the model as it stands (model: the statistic no longer "
+                                     "depends on the momentum buffer's phase); the same without momentum and decay")
     gate_probe_samples: int = Field(256, ge=4, description="guard: trusted samples the lookahead measures each "
                                     "update on (its cost per update is two forwards of them)")
     gate_norm_cap: Literal["none", "2", "inf"] = Field(

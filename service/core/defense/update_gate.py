@@ -14,7 +14,9 @@ the q and 1 - q quantiles of the changes the last calibration's clean updates ca
 sample decides a verdict alone: tried at 0.01 against the false flags late in a memorised stream, within noise),
 the second term being where the step goes without the batch (momentum and weight decay are the optimizer's,
 the same whatever the batch: judging them too would flag every update of a model whose momentum points
-uphill, and calibrations taken with an empty buffer would not fit the stream's). It judges the batch against
+uphill, and calibrations taken with an empty buffer would not fit the stream's; `lookahead_from="model"` leaves
+them out of both points instead, so that delta measures the batch's own step from the model as it stands, whatever
+the buffer's phase: tried on MNIST, docs/results.md). It judges the batch against
 a threshold calibrated on that split: `threshold` is the finite-sample (conformal) upper quantile, at level
 (1 - target_false_flag_rate), of delta(1) over updates on clean batches drawn from the trusted split the way
 the stream draws them (same batch size, with replacement: a fresh population, not a reshuffle of a couple of
@@ -90,6 +92,8 @@ NORMS = {"2": 2.0, "inf": float("inf")}  # the update norms the cap can bound
 CAP_ANCHORS = ("current", "first")  # the cap follows every calibration, or stays at the first one's
 # the threshold's level: 1 - target; chosen across halves of the split at every calibration; or at the first only
 LEVEL_RULES = ("conformal", "cross_half", "cross_half_first")
+# where the lookahead starts: the optimizer's step without the batch (momentum and decay), or the model itself
+LOOKAHEAD_FROM = ("momentum_step", "model")
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,8 @@ class UpdateGate:
                  target_false_flag_rate: float = 0.1, calibration_updates: int = 32, recalibrate_every: int = 100,
                  action: str = "shrink", probe_samples: int = 256, norm_cap: str | None = None,
                  cap_level: float = 0.2, cap_anchor: str = "first", cap_updates: int = 256, calibration_window: int = 1,
-                 probe_winsor: float = 0.0, level_rule: str = "conformal", level_splits: int = 4, seed: int = 0):
+                 probe_winsor: float = 0.0, level_rule: str = "conformal", level_splits: int = 4,
+                 lookahead_from: str = "momentum_step", seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
@@ -137,6 +142,8 @@ class UpdateGate:
             raise ValueError(f"probe_winsor must be in [0, 0.5), got {probe_winsor}")
         if level_rule not in LEVEL_RULES:
             raise ValueError(f"level_rule must be one of {', '.join(LEVEL_RULES)}, got {level_rule!r}")
+        if lookahead_from not in LOOKAHEAD_FROM:
+            raise ValueError(f"lookahead_from must be one of {', '.join(LOOKAHEAD_FROM)}, got {lookahead_from!r}")
         if cap_anchor not in CAP_ANCHORS:
             raise ValueError(f"cap_anchor must be one of {', '.join(CAP_ANCHORS)}, got {cap_anchor!r}")
         self.trusted = (trusted_x, trusted_y)
@@ -157,6 +164,7 @@ class UpdateGate:
         self.bounds: tuple[float, float] | None = None  # where a probe sample's loss change is clamped (winsor)
         self.increases: list[list[float]] = []  # the clean increases of the last `calibration_window` calibrations
         self.action = action
+        self.lookahead_from = lookahead_from
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.threshold: float | None = None
@@ -174,10 +182,13 @@ class UpdateGate:
     def _losses_after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, params, grads,
                            scale: float) -> torch.Tensor:
         """Per-sample probe losses after the optimizer's step with the gradient scaled by `scale` (0: the step
-        without the batch: momentum and weight decay only); the parameters are put back."""
+        without the batch: momentum and weight decay only; with `lookahead_from="model"` both are left out, and
+        scale 0 is the model as it stands); the parameters are put back."""
         saved = [p.detach().clone() for p in params]
         group = optimizer.param_groups[0]
         lr, momentum, decay = group["lr"], group.get("momentum", 0.0), group.get("weight_decay", 0.0)
+        if self.lookahead_from == "model":
+            momentum = decay = 0.0
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 step = scale * g + decay * p
