@@ -369,6 +369,10 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, cap_anchor="burnin")
     with pytest.raises(ValueError, match="gate_cap_anchor"):
         StrategyConfig(name="guard", gate_cap_anchor="burnin")
+    with pytest.raises(ValueError, match="lookahead_from must be one of momentum_step, model, got 'buffer'"):
+        UpdateGate(x, y, batch_size=2, lookahead_from="buffer")
+    with pytest.raises(ValueError, match="gate_lookahead_from"):
+        StrategyConfig(name="guard", gate_lookahead_from="buffer")
 
 
 def test_conformal_quantile_is_finite_sample_valid():
@@ -433,20 +437,43 @@ def test_a_drift_late_in_a_long_stream_is_still_learned(digits_experiment):
     assert gains["guard-following"] < gains["guard"], gains
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_the_false_flag_rate_holds_on_a_stream_that_learns_with_momentum(momentum):
+@pytest.mark.parametrize(("momentum", "lookahead_from"), [(0.0, "momentum_step"), (0.9, "momentum_step"),
+                                                          (0.9, "model")])
+def test_the_false_flag_rate_holds_on_a_stream_that_learns_with_momentum(momentum, lookahead_from):
     """The stream's optimizer is fresh (empty momentum buffer) when the gate first calibrates; judged on the
-    batch's own contribution, the realised rate still lands in the band (judging the momentum carry-over
-    too gave 39% at momentum 0.9)."""
+    batch's own contribution, from the momentum step or from the model, the realised rate still lands in the band
+    (judging the momentum carry-over too gave 39% at momentum 0.9)."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator,
                       momentum)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)  # the stream's own, fresh
     gate = UpdateGate(*_blobs(1000, generator), batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
-                      recalibrate_every=10_000, seed=1)
+                      recalibrate_every=10_000, lookahead_from=lookahead_from, seed=1)
     rate = _flagged_share(model, optimizer, gate, generator, learn=True)
     assert 0.05 <= rate <= 0.15, f"realised clean false-flag rate {rate:.1%} against a 10% target"
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_lookahead_from_the_model_differs_only_where_the_optimizer_carries_momentum(momentum):
+    """Without momentum and weight decay both starting points are the model itself, so the two settings judge alike
+    (digits' stream); with a filled momentum buffer they measure from different points."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    for _ in range(5):  # fill the buffer
+        x, y = _blobs(32, generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    trusted = _blobs(200, generator)
+    x, y = _blobs(32, generator)
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    increases = {start: UpdateGate(*trusted, batch_size=32, lookahead_from=start).increase(model, optimizer)
+                 for start in ("momentum_step", "model")}
+    assert (increases["momentum_step"] == increases["model"]) == (momentum == 0.0), increases
 
 
 def _dropout_false_flag_rate(seed: int) -> float:
