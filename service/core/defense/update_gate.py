@@ -210,6 +210,7 @@ class UpdateGate:
         seeded by the gate's seed and the calibration's number, not from torch's global one, so that a calibration
         is the same whatever ran before it (three learners made ready from one MNIST burn-in measured three caps)
         and the stream's own draws are left as they were."""
+        # one seed per (gate seed, calibration number): the prime spaces gates' sequences apart
         with _dropout_seeded(_device(model), self.seed * 1_000_003 + self.calibrations):
             return self._calibrate(model, optimizer)
 
@@ -384,10 +385,11 @@ class UpdateGate:
                 "calibrations": self.calibrations,
                 "history": self.history[-20:], "increases": self.increases,
                 "generator": self.generator.get_state().tolist(), "batch_size": self.batch_size,
-                "probe": self.probe.tolist()}
+                "probe": self.probe.tolist(), "seed": self.seed}
 
     def restore(self, state: dict) -> None:
         self.batch_size = int(state["batch_size"])
+        self.seed = int(state.get("seed", self.seed))  # a restored gate is built without its deployment's seed
         self.probe = torch.tensor(state["probe"], dtype=torch.long)
         self.threshold = state["threshold"]
         self.cap = state.get("cap")
