@@ -22,6 +22,7 @@ from attacker_sim.attacks import AccumulativePoison, Budget, TriggerCrafter, bui
 from attacker_sim.attacks.gate_evasion import GateEvasion
 from attacker_sim.targets import StepOutcome, Target
 from service.core.config import AttackConfig, CampaignConfig
+from service.core.randomness import ATTACK, key_seed, seeded_draws
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -147,42 +148,46 @@ class AccumulativeCampaign:
             if trace:
                 accuracies.append(accuracy(target, *test))
 
-        x_val, y_val = validation
-        accuracies = [accuracy(target, *test)]
-        monitor_start = accuracy(target, x_val, y_val)
-        x_base, y_trigger = next(batches)
-        x_trigger = self.trigger(self._attacker_model(target), x_base, y_trigger, x_val, y_val)
-        tally, clean = _Tally(), _Tally()
-        for _ in range(self.campaign.max_batches if max_poisons is None else max_poisons):
-            for _ in range(clean_between):
-                clean.add(target.step(*next(batches)))
+        first = self._attacker_model(target)  # the trigger is crafted on it first; the draws follow its device
+        # the attacker's random draws (random starts, dropout in its lookaheads) come from the run's seed, not from
+        # whatever the process drew before: a run repeats beside any other, in any order
+        with seeded_draws(next(first.parameters()).device, key_seed(seed, ATTACK)):
+            x_val, y_val = validation
+            accuracies = [accuracy(target, *test)]
+            monitor_start = accuracy(target, x_val, y_val)
+            x_base, y_trigger = next(batches)
+            x_trigger = self.trigger(first, x_base, y_trigger, x_val, y_val)
+            tally, clean = _Tally(), _Tally()
+            for _ in range(self.campaign.max_batches if max_poisons is None else max_poisons):
+                for _ in range(clean_between):
+                    clean.add(target.step(*next(batches)))
+                    measure(accuracies)
+                    if on_step:
+                        on_step()
+                x, y = next(batches)
+                x_poison = self.craft(self._attacker_model(target), x, y, (x_trigger, y_trigger), validation)
+                tally.add(target.step(x_poison, y))
                 measure(accuracies)
                 if on_step:
                     on_step()
-            x, y = next(batches)
-            x_poison = self.craft(self._attacker_model(target), x, y, (x_trigger, y_trigger), validation)
-            tally.add(target.step(x_poison, y))
-            measure(accuracies)
-            if on_step:
-                on_step()
-            if monitor_start - accuracy(target, x_val, y_val) > self.campaign.monitor_drop:
-                break
-        batches_survived = len(tally.seconds)
-        if not trace:
+                if monitor_start - accuracy(target, x_val, y_val) > self.campaign.monitor_drop:
+                    break
+            batches_survived = len(tally.seconds)
+            if not trace:
+                accuracies.append(accuracy(target, *test))
+            poison_acc = accuracies[-1]
+            if self.attack.gate_evasion_batches:
+                fired = self._evade(target, batches, validation, seed)
+            else:
+                x_trigger = self.trigger(self._attacker_model(target), x_base, y_trigger, x_val, y_val)
+                fired = target.step(x_trigger, y_trigger)
             accuracies.append(accuracy(target, *test))
-        poison_acc = accuracies[-1]
-        if self.attack.gate_evasion_batches:
-            fired = self._evade(target, batches, validation, seed)
-        else:
-            x_trigger = self.trigger(self._attacker_model(target), x_base, y_trigger, x_val, y_val)
-            fired = target.step(x_trigger, y_trigger)
-        accuracies.append(accuracy(target, *test))
-        result = RunResult("poison", strategy, seed, start_acc=accuracies[0], batches=batches_survived,
-                           final_acc=accuracies[-1], poison_acc=poison_acc, trigger_acc=accuracies[-1],
-                           trace=accuracies,
-                           trigger_flagged_rate=fired.flagged / fired.samples,
-                           clean_flagged_rate=clean.flagged / clean.samples if clean.samples else None)
-        return tally.fill(result)
+            result = RunResult("poison", strategy, seed, start_acc=accuracies[0], batches=batches_survived,
+                               final_acc=accuracies[-1], poison_acc=poison_acc, trigger_acc=accuracies[-1],
+                               trace=accuracies,
+                               trigger_flagged_rate=fired.flagged / fired.samples,
+                               clean_flagged_rate=clean.flagged / clean.samples if clean.samples else None)
+            return tally.fill(result)
 
     def _evade(self, target: Target, batches: Batches, validation: tuple[torch.Tensor, torch.Tensor],
                seed: int) -> StepOutcome:

@@ -26,6 +26,7 @@ from attacker_sim.drift import build_drift
 from attacker_sim.targets import InProcessTarget
 from service.core.experiment import Experiment
 from service.core.learner import OnlineLearner
+from service.core.randomness import FRESH_JUDGE, key_seed
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 
@@ -96,9 +97,11 @@ def fresh_flag_rate(learner: OnlineLearner, pool: Tensors, batches: int, batch_s
     generator = torch.Generator().manual_seed(seed)
     learner.ready()  # a calibration due at the next update is taken once here, not once by every copy
     flagged = samples = 0
-    for _ in range(batches):
+    for index in range(batches):
         pick = torch.randint(len(pool[0]), (batch_size,), generator=generator)
-        report = copy.deepcopy(learner).step(pool[0][pick], pool[1][pick])
+        judge = copy.deepcopy(learner)
+        judge.seed = key_seed(learner.seed, FRESH_JUDGE, index)  # dropout masks of its own, as each stream batch has
+        report = judge.step(pool[0][pick], pool[1][pick])
         flagged, samples = flagged + int(report.flagged.sum()), samples + len(pick)
     return flagged / samples
 

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from service.core.bundle.architecture import build_model_from_spec
 from service.core.defense.eval_mode import eval_mode
+from service.core.randomness import seeded_draws
 
 SGD_MOMENTUM = 0.9
 
@@ -78,9 +79,7 @@ def train_surrogate(
         raise ValueError(f"model_spec must be a dict with name, num_classes and input_shape, got {model_spec!r}")
     _check_data(x, y, "surrogate training", model_spec["input_shape"], model_spec["num_classes"])
     device = torch.device(device)
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
+    with seeded_draws(device, seed):
         model = build_model_from_spec(model_spec).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
         order_generator = torch.Generator().manual_seed(seed)

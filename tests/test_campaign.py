@@ -107,3 +107,52 @@ def test_the_gate_evading_attacker_sends_its_triggers_after_the_poisons_and_sums
     assert target.steps == 5
     assert (run.batches, run.poison_acc, run.trigger_acc) == (2, pytest.approx(0.9), pytest.approx(0.6))
     assert run.trigger_flagged_rate == pytest.approx(30 / 60)
+
+
+class RecordingTarget:
+    """Keeps every batch it is sent; its white-box model has dropout, so crafting in train mode draws masks."""
+
+    def __init__(self, model):
+        self.model, self.sent = model, []
+
+    def step(self, x, y):
+        self.sent.append(x.clone())
+        return StepOutcome(samples=len(x), flagged=0, corrected=0, threshold=None, seconds=0.0)
+
+    def predict(self, x):
+        return torch.zeros(len(x), dtype=torch.long)
+
+    def white_box_model(self):
+        return self.model
+
+    def close(self):
+        pass
+
+
+def test_an_attack_run_draws_from_its_seed_whatever_the_process_drew_before_and_leaves_the_global_draws_alone():
+    model = build_model("smallcnn", num_classes=10, input_shape=(1, 16, 16))
+    campaign = AccumulativeCampaign(AttackConfig(epsilon=0.05, steps=2, step_size=0.02, trigger_steps=2,
+                                                 trigger_step_size=0.02, model_mode="train"),
+                                    CampaignConfig(max_batches=2, monitor_drop=0.5))
+
+    def batches():
+        for seed in range(200, 210):
+            generator = torch.Generator().manual_seed(seed)
+            yield torch.rand(8, 1, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+
+    validation = next(batches())
+
+    def sent(seed: int, global_seed: int) -> list[torch.Tensor]:
+        target = RecordingTarget(model)
+        torch.manual_seed(global_seed)
+        campaign.run(target, batches(), validation, validation, "st", seed=seed)
+        return target.sent
+
+    first, again, other = sent(7, global_seed=1), sent(7, global_seed=2), sent(8, global_seed=1)
+    assert len(first) == 3  # two poisons and the trigger
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))  # the masks did change the crafting
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    sent(7, global_seed=3)  # seeds the global generator with 3, then runs: the run must draw nothing from it
+    assert torch.equal(torch.rand(4), expected)

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -14,16 +15,16 @@ from service.core.models import build_model
 SPEC = {"name": "smallcnn", "num_classes": 10, "input_shape": [1, 16, 16]}
 
 
-def _learner():
+def _learner(seed: int = 0):
     torch.manual_seed(0)
     model, aux = build_model(**SPEC), build_model(**SPEC)
     cal = Calibration(mu=0.0001, tau=0.0, target_false_flag_rate=0.1, divergence="kl")
     return OnlineLearner(model, aux, build_strategy(StrategyConfig(name="dsc", steps=3), cal), model_spec=SPEC,
-                         lr=0.05, momentum=0.9)
+                         lr=0.05, momentum=0.9, seed=seed)
 
 
 def test_save_load_round_trip_gives_identical_predictions_and_next_step(tmp_path):
-    learner = _learner()
+    learner = _learner(seed=11)
     x, y = torch.rand(20, 1, 16, 16), torch.randint(0, 10, (20,))
     for _ in range(3):
         learner.step(x, y)  # momentum buffers and counters are non-trivial now
@@ -31,11 +32,11 @@ def test_save_load_round_trip_gives_identical_predictions_and_next_step(tmp_path
     restored = OnlineLearner.load(tmp_path / "ckpt")
     assert torch.equal(learner.predict_proba(x), restored.predict_proba(x))
     assert (restored.batches_applied, restored.model_version) == (3, 3)
-    assert restored.calibration == learner.calibration
+    assert restored.calibration == learner.calibration and restored.seed == 11
 
-    torch.manual_seed(123)  # the dropout in smallcnn draws from the global generator
+    torch.manual_seed(123)  # smallcnn's dropout: its masks come from the seed and the update's number, not from here
     a = learner.step(x, y)
-    torch.manual_seed(123)
+    torch.manual_seed(456)
     b = restored.step(x, y)
     assert a.loss == b.loss
     np.testing.assert_array_equal(a.discrepancy_before, b.discrepancy_before)
@@ -73,3 +74,26 @@ def test_saving_over_an_existing_checkpoint_replaces_it(tmp_path):
     learner.save(tmp_path / "ckpt")
     assert OnlineLearner.load(tmp_path / "ckpt").batches_applied == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_an_update_draws_its_dropout_from_the_seed_and_its_number_and_leaves_the_global_draws_alone():
+    x, y = torch.rand(20, 1, 16, 16), torch.randint(0, 10, (20,))
+    learner = _learner(seed=3)
+    twin, later, other = copy.deepcopy(learner), copy.deepcopy(learner), _learner(seed=4)
+    later.batches_applied = 5  # the same weights and seed, another update number (dsc's tau is 0: same threshold)
+    torch.manual_seed(1)
+    expected_global = torch.rand(4)
+    torch.manual_seed(1)
+    first = learner.step(x, y)
+    assert torch.equal(torch.rand(4), expected_global)  # the update drew nothing from the global generator
+    _ = torch.rand(100)  # whatever else the process draws between
+    assert twin.step(x, y).loss == first.loss
+    for p, q in zip(learner.model.parameters(), twin.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # the loss under dropout moves with the masks: another seed, or another update number, draws others
+    assert other.step(x, y).loss != first.loss and later.step(x, y).loss != first.loss
+
+
+def test_a_negative_seed_is_refused_naming_it():
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        _learner(seed=-1)

@@ -14,7 +14,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
 from service.core.strategy_registry import StrategyName
 
@@ -198,7 +198,7 @@ class CampaignConfig(_Section):
     max_batches: int = Field(20, ge=1, description="accumulative batches before the trigger at the latest")
     monitor_drop: float = Field(0.05, gt=0, lt=1, description="fire once monitor accuracy fell this much")
     clean_batches: int | None = Field(None, ge=1, description="clean-oracle length (default: max_batches + 1)")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1, 2])
 
 
 class TuningConfig(_Section):
@@ -210,7 +210,7 @@ class TuningConfig(_Section):
     measured on the trusted calibration split, never on the test split.
     """
 
-    seeds: list[int] = Field(default_factory=lambda: [1000, 1001], min_length=1)
+    seeds: list[NonNegativeInt] = Field(default_factory=lambda: [1000, 1001], min_length=1)
     gc_clip_values: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0], min_length=1)
     gc_norms: list[Literal["inf", "2"]] = Field(default_factory=lambda: ["inf", "2"], min_length=1)
     at_epsilons: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2], min_length=1)
@@ -272,7 +272,7 @@ class ExperimentConfig(_Section):
     """Everything one run needs; `fingerprint()` hashes the parts that decide the burn-in."""
 
     profile: str = "digits"
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="decides the splits, the burn-in and every draw of the stream's updates")
     device: str = "auto"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

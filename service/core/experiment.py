@@ -80,7 +80,7 @@ class Experiment:
             build_strategy(strategy, calibration, trusted=self.calibration_tensors, batch_size=stream.batch_size,
                            seed=self.config.seed),
             model_spec=self.burnin.model_spec, lr=stream.lr,
-            momentum=stream.momentum, weight_decay=stream.weight_decay, device=self.device,
+            momentum=stream.momentum, weight_decay=stream.weight_decay, device=self.device, seed=self.config.seed,
         )
 
     def stream_batches(self, count: int, seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -26,6 +26,7 @@ from service.core.defense.rolling_auxiliary import PromotionDecision
 from service.core.defense.strategies import Strategy, build_strategy
 from service.core.defense.update_gate import GateVerdict
 from service.core.models.inference import logits_in_chunks
+from service.core.randomness import UPDATE, key_seed, seeded_draws
 
 FORMAT_VERSION = 1
 
@@ -90,8 +91,11 @@ class OnlineLearner:
 
     def __init__(self, model: nn.Module, auxiliary: nn.Module | None, strategy: Strategy, *, model_spec: dict,
                  lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", seed: int = 0):
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         self.device = torch.device(device)
+        self.seed = seed  # the n-th update's dropout masks are drawn from (seed, n): see `step`
         self.model = model.to(self.device)
         self.auxiliary = auxiliary.to(self.device).eval().requires_grad_(False) if auxiliary is not None else None
         if strategy.uses_auxiliary and self.auxiliary is None:
@@ -139,16 +143,19 @@ class OnlineLearner:
         """Defend, then learn from one batch: x float in [0,1] shaped [N, *input_shape], y int labels."""
         x, y = self._check_batch(x, y)
         start = time.perf_counter()
-        prepared = self.strategy.prepare(self.model, self.auxiliary, x, y, self.batches_applied)
-        prepared_at = time.perf_counter()
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.strategy.loss(self.model, prepared, x, y)
-        loss.backward()
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None])
-        )
-        verdict = self.strategy.before_optimizer_step(self.model, self.optimizer)
+        # dropout's masks for this update come from (seed, update number), not from whatever the process drew before:
+        # a run repeats beside any other, and a learner restored from its checkpoint draws what the original would have
+        with seeded_draws(self.device, key_seed(self.seed, UPDATE, self.batches_applied)):
+            prepared = self.strategy.prepare(self.model, self.auxiliary, x, y, self.batches_applied)
+            prepared_at = time.perf_counter()
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.strategy.loss(self.model, prepared, x, y)
+            loss.backward()
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None])
+            )
+            verdict = self.strategy.before_optimizer_step(self.model, self.optimizer)
         self.optimizer.step()
         self.batches_applied += 1
         self.model_version += 1
@@ -198,7 +205,7 @@ class OnlineLearner:
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path, extra_meta: dict | None = None) -> Path:
-        """Write the whole state (weights, optimizer, auxiliary, calibration, counters, RNG)."""
+        """Write the whole state (weights, optimizer, auxiliary, calibration, counters, seed)."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.auxiliary is not None:
             tensors.update({f"auxiliary.{k}": v for k, v in self.auxiliary.state_dict().items()})
@@ -207,7 +214,6 @@ class OnlineLearner:
             if buffer is not None:
                 tensors[f"optimizer.{index}.momentum_buffer"] = buffer
         tensors.update({f"strategy.{k}": v for k, v in self.strategy.tensors().items()})
-        tensors["rng.torch"] = torch.get_rng_state()
         group = self.optimizer.param_groups[0]
         meta = {
             "format_version": FORMAT_VERSION,
@@ -218,6 +224,7 @@ class OnlineLearner:
             "strategy_state": self.strategy.state(),
             "batches_applied": self.batches_applied,
             "model_version": self.model_version,
+            "seed": self.seed,
             "extra": extra_meta or {},
         }
         return save_checkpoint(directory, tensors, meta)
@@ -240,12 +247,13 @@ class OnlineLearner:
         trusted = (strategy_tensors["trusted_x"], strategy_tensors["trusted_y"]) if strategy_tensors else None
         strategy = build_strategy(StrategyConfig(**meta["strategy"]), calibration, trusted=trusted)
         strategy.restore(meta.get("strategy_state", {}), strategy_tensors)
-        learner = cls(model, auxiliary, strategy, model_spec=spec, device=device, **meta["optimizer"])
+        # a checkpoint from before the seed was saved draws its updates' masks as seed 0's
+        learner = cls(model, auxiliary, strategy, model_spec=spec, device=device, seed=int(meta.get("seed", 0)),
+                      **meta["optimizer"])
         for index, param in enumerate(learner.model.parameters()):
             buffer = tensors.get(f"optimizer.{index}.momentum_buffer")
             if buffer is not None:
                 learner.optimizer.state[param]["momentum_buffer"] = buffer.to(learner.device)
-        torch.set_rng_state(tensors["rng.torch"])
         learner.batches_applied = int(meta["batches_applied"])
         learner.model_version = int(meta["model_version"])
         learner.extra_meta = meta.get("extra", {})

@@ -70,7 +70,7 @@ class ServiceSettings(BaseSettings):
                                 "place of the profile's burn-in: its models, trusted set, stream and defense "
                                 "settings (DSCGUARD_STRATEGY still names another defense)")
     profile: str = "digits"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: str = Field("auto", description="auto: CUDA when present, CPU otherwise")
     torch_threads: int = Field(0, ge=0, description="worker's CPU threads (0: torch's default, every core); leave "
                                "a core to the API when both share a small machine")

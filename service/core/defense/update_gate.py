@@ -76,8 +76,6 @@ whole update, so its verdict and its false-flag rate are the ones it was calibra
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +84,7 @@ from torch.nn import functional as F
 
 from service.core.defense.calibration import conformal_quantile
 from service.core.defense.eval_mode import eval_mode, training_mode_frozen_stats
+from service.core.randomness import CALIBRATION, key_seed, seeded_draws
 
 ACTIONS = ("shrink", "skip", "cap")
 NORMS = {"2": 2.0, "inf": float("inf")}  # the update norms the cap can bound
@@ -210,8 +209,7 @@ class UpdateGate:
         seeded by the gate's seed and the calibration's number, not from torch's global one, so that a calibration
         is the same whatever ran before it (three learners made ready from one MNIST burn-in measured three caps)
         and the stream's own draws are left as they were."""
-        # one seed per (gate seed, calibration number): the prime spaces gates' sequences apart
-        with _dropout_seeded(_device(model), self.seed * 1_000_003 + self.calibrations):
+        with seeded_draws(_device(model), key_seed(self.seed, CALIBRATION, self.calibrations)):
             return self._calibrate(model, optimizer)
 
     def _calibrate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
@@ -437,30 +435,6 @@ def _chord_scale(threshold: float, s0: float, at_s0: float, at_one: float) -> fl
     if at_s0 <= threshold:
         return s0 + (1.0 - s0) * (threshold - at_s0) / (at_one - at_s0)
     return s0 * max(threshold, 0.0) / at_s0
-
-
-@contextmanager
-def _dropout_seeded(device: torch.device, seed: int) -> Iterator[None]:
-    """torch's global generator (the CPU's, and `device`'s when it is a GPU: where dropout draws its masks) seeded
-    with `seed` inside the block, and put back as it was after it.
-
-    >>> cpu = torch.device("cpu")
-    >>> _ = torch.manual_seed(0)
-    >>> expected = torch.rand(1)
-    >>> _ = torch.manual_seed(0)
-    >>> with _dropout_seeded(cpu, 7):
-    ...     inside = torch.rand(1)
-    >>> with _dropout_seeded(cpu, 7):
-    ...     again = torch.rand(1)
-    >>> bool(inside == again), bool(torch.rand(1) == expected)  # the same draws inside; the global ones untouched
-    (True, True)
-    """
-    gpu = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=gpu):
-        torch.random.default_generator.manual_seed(seed)
-        for index in gpu:
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
 
 
 def _device(model: nn.Module) -> torch.device:
