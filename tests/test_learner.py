@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from service.core.checkpoint import CheckpointError
-from service.core.config import StrategyConfig
+from service.core.config import CampaignConfig, ExperimentConfig, StrategyConfig
 from service.core.defense.calibration import Calibration
 from service.core.defense.strategies import build_strategy
 from service.core.learner import OnlineLearner
@@ -97,3 +98,7 @@ def test_an_update_draws_its_dropout_from_the_seed_and_its_number_and_leaves_the
 def test_a_negative_seed_is_refused_naming_it():
     with pytest.raises(ValueError, match="seed must be >= 0"):
         _learner(seed=-1)
+    with pytest.raises(ValidationError, match=r"seed\n.*greater than or equal to 0"):
+        ExperimentConfig(seed=-1)
+    with pytest.raises(ValidationError, match=r"seeds\.1\n.*greater than or equal to 0"):
+        CampaignConfig(seeds=[0, -2])

@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from service.deployment.settings import ServiceSettings
 
@@ -53,3 +54,9 @@ def test_the_client_key_is_asked_for_in_one_place_with_what_needs_it():
     with pytest.raises(MissingSecretError, match=r"set DSCGUARD_API_KEY \(the client key\) before starting the stack"):
         ServiceSettings(api_key=None).client_key("the stack")
     assert ServiceSettings(api_key="a-real-secret-0123456789").client_key("the API") == "a-real-secret-0123456789"
+
+
+def test_a_negative_seed_is_refused_naming_the_setting(clean_env):
+    clean_env.setenv("DSCGUARD_SEED", "-1")
+    with pytest.raises(ValidationError, match=r"seed\n.*greater than or equal to 0"):
+        ServiceSettings()
