@@ -69,18 +69,24 @@ class Bootstrap:
         return self.settings.profile if self.bundle is None else f"bundle:{self.bundle.directory.name}"
 
     def load_or_create(self) -> Start:
+        """The learner to serve, made ready: a calibration its first update would take (guard's first, with its
+        anchored cap: 4 s on digits) is taken here, before the worker reads a batch, not inside the first one; the
+        decisions are the same (`OnlineLearner.ready`)."""
         device = resolve_device(self.config.device)
         learner = self.store.load_newest(device)
         if learner is None:
-            return self._create(device)
+            start = self._create(device)
+            start.learner.ready()
+            return start
         extra = learner.extra_meta
-        return Start(learner, created=False, last_applied_id=extra.get("last_applied_id", "0-0"),
+        return Start(learner.ready(), created=False, last_applied_id=extra.get("last_applied_id", "0-0"),
                      recent_batch_ids=list(extra.get("recent_batch_ids", [])), canary=self.store.load_canary(),
                      seed=int(extra.get("seed", self.config.seed)))
 
     def fresh(self, seed: int) -> OnlineLearner:
-        """A new learner at `seed`'s starting state (a reset): what a deployment with that seed starts from."""
-        return self._experiment_for(seed, resolve_device(self.config.device)).new_learner()
+        """A new learner at `seed`'s starting state (a reset): what a deployment with that seed starts from, made
+        ready as at start-up."""
+        return self._experiment_for(seed, resolve_device(self.config.device)).new_learner().ready()
 
     def _experiment_for(self, seed: int, device: torch.device):
         """The experiment of `seed` (data splits, burn-in or bundle, calibrations), the last one kept."""
