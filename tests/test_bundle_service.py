@@ -122,7 +122,8 @@ def test_a_bundle_is_checked_served_and_attacked_over_http(kind, namespace, tmp_
     monkeypatch.setenv("DSCGUARD_ADMIN_TOKEN", ADMIN_TOKEN)
     report = tmp_path / "report"
     with ApiServer(settings) as api, WorkerProcess(settings) as worker:
-        wait_ready(api, worker)
+        # the worker takes guard's first calibration before it serves: on the torchvision bundle's CNN, over a minute
+        wait_ready(api, worker, timeout=300)
         status = api.client.get("/v1/status").json()
         assert status["strategy"] == strategy
         served = {"directory": str(bundle_dir), "fingerprint": bundle_fingerprint(bundle_dir)}
