@@ -9,14 +9,14 @@ of a seed's test pool and on the other half, at the same threshold, differed by 
 
 So this check streams `batches` clean batches per seed (the arena's clean stream) and measures the rate on
 `fresh_batches` fresh clean batches of the seed's test split (drawn with replacement, each judged by a copy
-of the learner, so nothing is learned) before the first and after the last: on the whole split, and on each
-half of it (`halves`: how much of a seed's rate is its pool). Over seeds it reports mean, std and a 95%
+of the learner, so nothing is learned), spread over the states of the stream's first and last `WINDOW` (100) steps
+(`FreshWindows`: a rate at one state is a draw of that state): on the whole split, and on each half of it
+(`halves`: how much of a seed's rate is its pool). Over seeds it reports mean, std and a 95%
 interval of the mean, and whether the mean lies in the band.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,7 +25,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from attacker_sim.report import summarize
-from attacker_sim.scenarios import ScenarioData, fresh_flag_rate
+from attacker_sim.scenarios import WINDOW, FreshWindows, ScenarioData
 from service.core.config import ExperimentConfig
 from service.core.experiment import Experiment
 
@@ -47,8 +47,8 @@ class SeedRates:
 
 
 def seed_rates(experiment: Experiment, strategy, batches: int, fresh_batches: int) -> SeedRates:
-    """Stream `batches` clean batches through a fresh learner defended by `strategy`; the fresh-batch rates
-    before and after."""
+    """Stream `batches` clean batches through a fresh learner defended by `strategy`, judging fresh batches over the
+    stream's first and last windows (`FreshWindows`, as the arena's clean scenario does)."""
     learner = experiment.new_learner(strategy).ready()
     target = learner.strategy.target_false_flag_rate()
     if target is None:
@@ -57,16 +57,15 @@ def seed_rates(experiment: Experiment, strategy, batches: int, fresh_batches: in
     x, y = data.test
     half = len(x) // 2
     pools = [(x, y), (x[:half], y[:half]), (x[half:], y[half:])]
-    size = experiment.config.stream.batch_size
-
-    def rates(offset: int) -> list[float]:
-        # the arena's seeds for its early (seed) and late (seed + 1) draws, so the whole-pool rates match its own
-        return [fresh_flag_rate(learner, pool, fresh_batches, size, seed=data.seed + offset) for pool in pools]
-
-    early, threshold_early = rates(0), learner.threshold()
-    for batch in itertools.islice(data.stream(0), batches):  # the arena's clean stream
-        learner.step(*batch)
-    late = rates(1)
+    # the arena's seeds for its early (seed) and late (seed + 1) draws, so the whole-pool rates match its own
+    judges = FreshWindows(pools, experiment.config.stream.batch_size, data.seed, fresh_batches, batches)
+    threshold_early = learner.threshold()
+    stream = data.stream(0)  # the arena's clean stream
+    for applied in range(batches + 1):
+        judges.at(applied, learner)
+        if applied < batches:
+            learner.step(*next(stream))
+    early, late = judges.rates()
     return SeedRates(data.seed, target, early[0], late[0], (early[1], early[2]), (late[1], late[2]), threshold_early,
                      learner.threshold())
 
@@ -127,7 +126,8 @@ def markdown(result: dict) -> str:
     target, (low, high) = result["target"], result["band"]
     lines = [f"# False flags of `{result['strategy']}` on fresh clean batches ({result['profile']})", "",
              f"Target {target:.0%}, band [{low * target:.1%}, {high * target:.1%}]; {result['fresh_batches']} fresh "
-             f"batches per measurement, before and after {result['batches']} clean stream batches. "
+             f"batches per measurement, spread over the first and the last {WINDOW} of {result['batches']} clean "
+             "stream batches (fewer: the two overlap). "
              "Halves: the same measurement on each half of the seed's test split.", "",
              "| seed | early | early, halves | late | late, halves | threshold early / late |",
              "|---|---|---|---|---|---|"]

@@ -13,8 +13,8 @@ unless said otherwise):
 - `poisons_flagged`: share of poisoned samples flagged; `clean_flag_rate`: share of clean samples
   flagged (the realised false-flag rate, to compare with `target_flag_rate`), also over the first
   (`_early`) and last (`_late`) 100 batches of the long clean stream; `fresh_flag_rate_early`/`_late`: the
-  share flagged of fresh clean batches (test-view data the model never learned) judged before the first and
-  after the last batch of that stream, nothing learned from them.
+  share flagged of fresh clean batches (test-view data the model never learned) judged over the model states of
+  those first and last 100 batches (`scenarios.FreshWindows`), nothing learned from them.
 - `batches`: accumulative batches before the trigger; `seconds_per_step`: wall time of one step.
 """
 
@@ -28,7 +28,7 @@ from attacker_sim.report import Stat, plus_minus, summarize
 from attacker_sim.scenarios import Outcome
 
 MIN_ST_LOSS = 0.01  # recovery (and drift-gain share) are undefined where ST itself moved less than a point
-SCHEMA_VERSION = 3  # 2: promotions_refused; 3: fresh_flag_rate_early/late
+SCHEMA_VERSION = 4  # 2: promotions_refused; 3: fresh_flag_rate_early/late; 4: those over windows, not at one state
 
 
 class Row(BaseModel):
@@ -197,7 +197,9 @@ def markdown(board: Leaderboard) -> str:
               "ST's loss*: (final - final_ST) / (start_ST - final_ST), where ST lost at least a point. *drift "
               "gain share*: the drift gain over ST's. *poisons flagged*: share of poisoned samples flagged. "
               "*clean flagged*: share of clean samples flagged (realised false-flag rate; target in brackets); "
-              "*early / late*: over the first and last 100 batches of the long clean stream. *promotions refused*: "
+              "*early / late*: over the first and last 100 batches of the long clean stream; *fresh early / late*: "
+              "fresh clean test batches judged, not learned, over the model states of those batches. "
+              "*promotions refused*: "
               "snapshots DSC's rolling auxiliary did not promote, by its health gate. *ms/step*: wall "
               "time per step on this machine, other work included.",
               "", f"Run time {board.seconds:.0f} s on {board.environment.get('machine')} "

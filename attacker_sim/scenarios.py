@@ -4,7 +4,7 @@ A scenario says what the defense faces; the arena and the baseline tuning run th
 tuning on the defender's trusted split and tuning seeds, the arena on the test split and reporting seeds):
 
 - `clean`: the clean oracle, in-distribution batches only; also the realised clean false-flag rate, on the
-  stream's batches and on fresh batches the model never learned (`fresh_flag_rate`), early and late.
+  stream's batches and on fresh batches the model never learned (`FreshWindows`), early and late.
 - `attack`: the accumulative attack (Pang et al.) after `launch_after` clean batches.
 - `slow_poison`: one poisoned batch every `every` batches for a long stretch, then the trigger.
 - `drift`: honest data that drifts (`attacker_sim.drift`), accuracy on the drifted test set; from the start, and
@@ -29,6 +29,7 @@ from service.core.learner import OnlineLearner
 from service.core.randomness import FRESH_JUDGE, key_seed
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
+WINDOW = 100  # stream batches in the early and the late stretch of a long clean stream
 
 
 @dataclass
@@ -46,8 +47,8 @@ class Outcome:
     clean_flag_rate: float | None = None  # share of clean samples flagged (the realised false-flag rate)
     clean_flag_rate_early: float | None = None
     clean_flag_rate_late: float | None = None
-    fresh_flag_rate_early: float | None = None  # share of fresh clean batches flagged, at the start of the stream
-    fresh_flag_rate_late: float | None = None  # ... and at its end
+    fresh_flag_rate_early: float | None = None  # share of fresh clean batches flagged, over the stream's first window
+    fresh_flag_rate_late: float | None = None  # ... and over its last (`FreshWindows`)
     target_flag_rate: float | None = None
     promotions_refused: int | None = None  # DSC's rolling auxiliary: health-gate refusals during the scenario
     seconds_per_step: float = 0.0
@@ -84,39 +85,104 @@ class ScenarioData:
         return self.experiment.config.seed
 
 
-def fresh_flag_rate(learner: OnlineLearner, pool: Tensors, batches: int, batch_size: int, seed: int) -> float | None:
-    """Share of samples in `batches` fresh clean batches, drawn with replacement from `pool` (data the model never
-    learned and the calibration never saw), that the learner's defense flags; each batch is judged by a copy of
-    the learner as it stands, so nothing is learned. None for a strategy that flags nothing.
+class FreshTally:
+    """Fresh clean batches drawn with replacement from `pool` (data the model never learned and the calibration never
+    saw), each judged by a copy of a learner as it stands, so nothing is learned: the share of their samples flagged.
 
     On a small stream split shown many times the model memorises the stream's batches, and the rate on them says
     little about the calibration: the calibration's target is about batches like these.
     """
-    if learner.strategy.target_false_flag_rate() is None or batches < 1:
+
+    def __init__(self, pool: Tensors, batch_size: int, seed: int):
+        self.pool, self.batch_size = pool, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.judged = self.flagged = self.samples = 0
+
+    def judge(self, learner: OnlineLearner, batches: int) -> None:
+        """Judge `batches` more fresh batches against the learner as it stands."""
+        if batches < 1:
+            return
+        learner.ready()  # a calibration due at the next update is taken once here, not once by every copy
+        for _ in range(batches):
+            pick = torch.randint(len(self.pool[0]), (self.batch_size,), generator=self.generator)
+            judge = copy.deepcopy(learner)
+            # dropout masks of its own, as each stream batch has
+            judge.seed = key_seed(learner.seed, FRESH_JUDGE, self.judged)
+            report = judge.step(self.pool[0][pick], self.pool[1][pick])
+            self.judged += 1
+            self.flagged, self.samples = self.flagged + int(report.flagged.sum()), self.samples + len(pick)
+
+    @property
+    def rate(self) -> float | None:
+        return self.flagged / self.samples if self.samples else None
+
+
+def fresh_flag_rate(learner: OnlineLearner, pool: Tensors, batches: int, batch_size: int, seed: int) -> float | None:
+    """Share flagged of `batches` fresh clean batches of `pool` judged against the learner as it stands (one model
+    state: see `FreshWindows` for the rate over a stretch of a stream); None for a strategy that flags nothing."""
+    if learner.strategy.target_false_flag_rate() is None:
         return None
-    generator = torch.Generator().manual_seed(seed)
-    learner.ready()  # a calibration due at the next update is taken once here, not once by every copy
-    flagged = samples = 0
-    for index in range(batches):
-        pick = torch.randint(len(pool[0]), (batch_size,), generator=generator)
-        judge = copy.deepcopy(learner)
-        judge.seed = key_seed(learner.seed, FRESH_JUDGE, index)  # dropout masks of its own, as each stream batch has
-        report = judge.step(pool[0][pick], pool[1][pick])
-        flagged, samples = flagged + int(report.flagged.sum()), samples + len(pick)
-    return flagged / samples
+    tally = FreshTally(pool, batch_size, seed)
+    tally.judge(learner, batches)
+    return tally.rate
+
+
+class FreshWindows:
+    """The realised false-flag rate on fresh clean batches early and late in a stream of `length` batches: `batches`
+    fresh batches per pool spread evenly over the model states of the stream's first `window` steps (from the state
+    before its first update) and as many over its last `window` (to the state after its last update).
+
+    Over a stretch, not at one state: a model learning with momentum moves its clean updates' statistic faster than
+    a gate recalibrates (MNIST, seed 2, the same 100 clean batches: 3% to 27% of fresh batches flagged at states 10
+    steps apart, and 61.5% at the last state on another machine's floats), so a rate judged at one state is a draw
+    of that state's phase, while the calibration's target is about the batches a stream meets over time. When the
+    stream is shorter than two windows, the two overlap.
+
+    >>> FreshWindows.spread(5, 3)
+    [2, 2, 1]
+    """
+
+    def __init__(self, pools: list[Tensors], batch_size: int, seed: int, batches: int, length: int,
+                 window: int = WINDOW):
+        self.length, self.window = length, max(1, min(window, length))
+        self.plan = self.spread(batches, self.window)
+        self.early = [FreshTally(pool, batch_size, seed) for pool in pools]
+        self.late = [FreshTally(pool, batch_size, seed + 1) for pool in pools]
+
+    @staticmethod
+    def spread(batches: int, steps: int) -> list[int]:
+        """`batches` judged over `steps` states, as evenly as whole batches allow (the first states one more)."""
+        return [batches // steps + int(step < batches % steps) for step in range(steps)]
+
+    def at(self, applied: int, learner: OnlineLearner) -> None:
+        """Judge what falls to the state after `applied` stream updates (0 to `length`)."""
+        if applied < self.window:
+            for tally in self.early:
+                tally.judge(learner, self.plan[applied])
+        late = applied - (self.length - self.window) - 1
+        if late >= 0:
+            for tally in self.late:
+                tally.judge(learner, self.plan[late])
+
+    def rates(self) -> tuple[list[float | None], list[float | None]]:
+        """(early, late): one rate per pool."""
+        return [tally.rate for tally in self.early], [tally.rate for tally in self.late]
 
 
 def clean_prefix(learner: OnlineLearner, data: ScenarioData, label: str, length: int, clean_batches: int,
                  snapshot_at: set[int], on_step: Callable[[], None] | None = None,
-                 window: int = 100, fresh_batches: int = 0) -> tuple[Outcome, dict[int, OnlineLearner]]:
+                 window: int = WINDOW, fresh_batches: int = 0) -> tuple[Outcome, dict[int, OnlineLearner]]:
     """Stream `length` clean batches; the clean oracle is the accuracy after `clean_batches` of them.
 
     Returns the clean-oracle outcome (with the realised clean false-flag rate over the whole stretch, its
-    first and its last `window` batches, and on `fresh_batches` fresh batches from the test view before the
-    first and after the last) and copies of the learner taken after each of `snapshot_at` batches.
+    first and its last `window` batches, and on `fresh_batches` fresh batches from the test view judged over the
+    states of each of those windows: `FreshWindows`) and copies of the learner taken after each of `snapshot_at`
+    batches.
     """
     batch_size = data.experiment.config.stream.batch_size
-    fresh_early = fresh_flag_rate(learner, data.test, fresh_batches, batch_size, seed=data.seed)
+    judges = None
+    if learner.strategy.target_false_flag_rate() is not None and fresh_batches:
+        judges = FreshWindows([data.test], batch_size, data.seed, fresh_batches, length, window)
     target = InProcessTarget(learner)
     start = accuracy(target, *data.test)
     final = start
@@ -124,6 +190,8 @@ def clean_prefix(learner: OnlineLearner, data: ScenarioData, label: str, length:
     flagged, samples, seconds = [], [], []
     batches = data.stream(0)
     for m in range(length + 1):
+        if judges:
+            judges.at(m, learner)
         if m in snapshot_at:
             snapshots[m] = copy.deepcopy(learner)
         if m == clean_batches:
@@ -143,9 +211,8 @@ def clean_prefix(learner: OnlineLearner, data: ScenarioData, label: str, length:
 
     result = Outcome("clean", label, data.seed, start_acc=start, final_acc=final, clean_flag_rate=rate(slice(None)),
                      clean_flag_rate_early=rate(slice(0, window)), clean_flag_rate_late=rate(slice(-window, None)),
-                     fresh_flag_rate_early=fresh_early,
-                     fresh_flag_rate_late=fresh_flag_rate(learner, data.test, fresh_batches, batch_size,
-                                                           seed=data.seed + 1),
+                     fresh_flag_rate_early=judges.rates()[0][0] if judges else None,
+                     fresh_flag_rate_late=judges.rates()[1][0] if judges else None,
                      target_flag_rate=learner.strategy.target_false_flag_rate(),
                      promotions_refused=_refusals(learner), seconds_per_step=float(np.mean(seconds or [0.0])))
     return result, snapshots

@@ -3,8 +3,10 @@ published schema, the baselines are tuned by the rule on tuning seeds, and bad r
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 
@@ -156,6 +158,41 @@ def test_the_fresh_false_flag_rate_judges_fresh_batches_without_learning_them(di
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
     assert clean <= 0.3 and flipped >= 0.7, (clean, flipped)
     assert scenarios.fresh_flag_rate(digits_experiment.new_learner(StrategyConfig(name="st")), (x, y), 5, 50, 0) is None
+
+
+class _StateJudge:
+    """A stand-in learner for `FreshWindows`: flags a batch when its state (updates applied) is odd, and logs the
+    state every copy of it judged at into one shared list."""
+
+    seed = 0
+
+    def __init__(self, log: list[int], applied: int = 0):
+        self.log, self.applied = log, applied
+
+    def __deepcopy__(self, memo):
+        return _StateJudge(self.log, self.applied)
+
+    def ready(self):
+        return self
+
+    def step(self, x, y):
+        self.log.append(self.applied)
+        return SimpleNamespace(flagged=np.full(len(x), self.applied % 2 == 1))
+
+
+@pytest.mark.parametrize(("length", "window", "states", "early", "late"), [
+    (7, 3, [0, 0, 1, 1, 2, 5, 5, 6, 6, 7], 2 / 5, 3 / 5),  # the first 3 states from 0, the last 3 to 7
+    (2, 3, [0, 0, 0, 1, 1, 1, 1, 1, 2, 2], 2 / 5, 3 / 5),  # a stream shorter than the window: the two overlap
+])
+def test_fresh_batches_are_judged_over_the_states_of_the_first_and_last_windows(length, window, states, early, late):
+    log: list[int] = []
+    judge = _StateJudge(log)
+    windows = scenarios.FreshWindows([(torch.rand(6, 1, 2, 2), torch.zeros(6, dtype=torch.long))], batch_size=2,
+                                     seed=0, batches=5, length=length, window=window)
+    for judge.applied in range(length + 1):
+        windows.at(judge.applied, judge)
+    assert log == states
+    assert windows.rates() == ([early], [late])
 
 
 def test_baselines_are_tuned_on_tuning_seeds_by_the_rule(board):
