@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
@@ -54,9 +55,7 @@ def seed_rates(experiment: Experiment, strategy, batches: int, fresh_batches: in
     if target is None:
         raise ValueError(f"strategy {strategy.name!r} flags nothing: it has no false-flag rate to check")
     data = ScenarioData(experiment, experiment.test_tensors, experiment.splits.attacker_val.tensors())
-    x, y = data.test
-    half = len(x) // 2
-    pools = [(x, y), (x[:half], y[:half]), (x[half:], y[half:])]
+    pools = [data.test, *random_halves(data.test, data.seed)]
     # the arena's seeds for its early (seed) and late (seed + 1) draws, so the whole-pool rates match its own
     judges = FreshWindows(pools, experiment.config.stream.batch_size, data.seed, fresh_batches, batches)
     threshold_early = learner.threshold()
@@ -68,6 +67,18 @@ def seed_rates(experiment: Experiment, strategy, batches: int, fresh_batches: in
     early, late = judges.rates()
     return SeedRates(data.seed, target, early[0], late[0], (early[1], early[2]), (late[1], late[2]), threshold_early,
                      learner.threshold())
+
+
+def random_halves(pool: tuple[torch.Tensor, torch.Tensor], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The pool split into two random halves (a seeded permutation): a split's order is not random (MNIST's and
+    CIFAR-10's test splits are sorted by label, so their first and second halves held different classes).
+
+    >>> x, y = torch.arange(8.0), torch.arange(8) // 4  # sorted labels
+    >>> [half[1].tolist() for half in random_halves((x, y), seed=0)]  # each half holds both labels
+    [[1, 0, 1, 0], [0, 1, 0, 1]]
+    """
+    order = torch.randperm(len(pool[0]), generator=torch.Generator().manual_seed(seed))
+    return [(pool[0][part], pool[1][part]) for part in (order[: len(order) // 2], order[len(order) // 2:])]
 
 
 def false_flag_check(config: ExperimentConfig, seeds: Sequence[int], batches: int = 1000,
