@@ -35,7 +35,7 @@ BAND = (0.5, 1.5)  # the realised rate's bar, as multiples of the target
 
 @dataclass(frozen=True)
 class SeedRates:
-    """One seed: the rate on its whole fresh pool and on each half, before the stream and after it."""
+    """One seed: the rate on its whole fresh pool and on each half, over the stream's first and last windows."""
 
     seed: int
     target: float
