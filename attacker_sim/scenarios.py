@@ -117,16 +117,6 @@ class FreshTally:
         return self.flagged / self.samples if self.samples else None
 
 
-def fresh_flag_rate(learner: OnlineLearner, pool: Tensors, batches: int, batch_size: int, seed: int) -> float | None:
-    """Share flagged of `batches` fresh clean batches of `pool` judged against the learner as it stands (one model
-    state: see `FreshWindows` for the rate over a stretch of a stream); None for a strategy that flags nothing."""
-    if learner.strategy.target_false_flag_rate() is None:
-        return None
-    tally = FreshTally(pool, batch_size, seed)
-    tally.judge(learner, batches)
-    return tally.rate
-
-
 class FreshWindows:
     """The realised false-flag rate on fresh clean batches early and late in a stream of `length` batches: `batches`
     fresh batches per pool spread evenly over the model states of the stream's first `window` steps (from the state

@@ -152,12 +152,20 @@ def test_the_fresh_false_flag_rate_judges_fresh_batches_without_learning_them(di
     learner = digits_experiment.new_learner(StrategyConfig(name="guard"))
     before = [p.detach().clone() for p in learner.model.parameters()]
     x, y = digits_experiment.test_tensors
-    clean = scenarios.fresh_flag_rate(learner, (x, y), 20, 50, seed=0)
-    flipped = scenarios.fresh_flag_rate(learner, (x, (y + 1) % 10), 20, 50, seed=0)  # every label wrong
+    clean, flipped = scenarios.FreshTally((x, y), 50, seed=0), scenarios.FreshTally((x, (y + 1) % 10), 50, seed=0)
+    clean.judge(learner, 20)
+    flipped.judge(learner, 20)  # every label wrong
     assert learner.batches_applied == 0
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
-    assert clean <= 0.3 and flipped >= 0.7, (clean, flipped)
-    assert scenarios.fresh_flag_rate(digits_experiment.new_learner(StrategyConfig(name="st")), (x, y), 5, 50, 0) is None
+    assert clean.rate <= 0.3 and flipped.rate >= 0.7, (clean.rate, flipped.rate)
+
+
+def test_a_strategy_that_flags_nothing_has_no_fresh_rate(digits_experiment):
+    data = scenarios.ScenarioData(digits_experiment, digits_experiment.test_tensors,
+                                  digits_experiment.splits.attacker_val.tensors())
+    outcome, _ = scenarios.clean_prefix(digits_experiment.new_learner(StrategyConfig(name="st")), data, "st",
+                                        length=2, clean_batches=1, snapshot_at=set(), fresh_batches=2)
+    assert outcome.fresh_flag_rate_early is None and outcome.fresh_flag_rate_late is None
 
 
 class _StateJudge:
