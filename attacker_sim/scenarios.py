@@ -199,10 +199,10 @@ def clean_prefix(learner: OnlineLearner, data: ScenarioData, label: str, length:
         total = sum(samples[part])
         return sum(flagged[part]) / total if total else None
 
+    (fresh_early,), (fresh_late,) = judges.rates() if judges else ([None], [None])
     result = Outcome("clean", label, data.seed, start_acc=start, final_acc=final, clean_flag_rate=rate(slice(None)),
                      clean_flag_rate_early=rate(slice(0, window)), clean_flag_rate_late=rate(slice(-window, None)),
-                     fresh_flag_rate_early=judges.rates()[0][0] if judges else None,
-                     fresh_flag_rate_late=judges.rates()[1][0] if judges else None,
+                     fresh_flag_rate_early=fresh_early, fresh_flag_rate_late=fresh_late,
                      target_flag_rate=learner.strategy.target_false_flag_rate(),
                      promotions_refused=_refusals(learner), seconds_per_step=float(np.mean(seconds or [0.0])))
     return result, snapshots
