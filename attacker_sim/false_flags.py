@@ -97,16 +97,40 @@ def false_flag_check(config: ExperimentConfig, seeds: Sequence[int], batches: in
 
 def summarise(rows: Sequence[SeedRates]) -> dict:
     """Early and late, over seeds: mean, std, the 95% interval of the mean, whether the mean is in the band,
-    and how far apart the two halves of a seed's pool put its rate."""
+    how far apart the two halves of a seed's pool put its rate, and the std split into the pool's part and the rest
+    (`spread`)."""
     target = rows[0].target
     summary = {}
     for when in ("early", "late"):
         values = [getattr(row, when) for row in rows]
-        gaps = [abs(a - b) for a, b in (getattr(row, f"{when}_halves") for row in rows)]
+        halves = [getattr(row, f"{when}_halves") for row in rows]
         mean = sum(values) / len(values)
         summary[when] = {**summarize(values), "interval": mean_interval(values),
-                         "in_band": BAND[0] * target <= mean <= BAND[1] * target, "halves_gap": summarize(gaps)}
+                         "in_band": BAND[0] * target <= mean <= BAND[1] * target,
+                         "halves_gap": summarize([abs(a - b) for a, b in halves]), "spread": spread(values, halves)}
     return summary
+
+
+def spread(values: Sequence[float], halves: Sequence[tuple[float, float]]) -> dict:
+    """The std of the seeds' rates (the summary's, over seeds), split into the part their test pools explain and the
+    rest, as {"pool": std, "beyond_pool": std}: the two variances add up to the std's square.
+
+    The two halves of a seed's pool are judged at the same states against the same thresholds, so they differ only
+    by which images each holds: the variance of their difference is twice a half-pool rate's pool variance, and a
+    whole-pool rate's is about half a half's (twice the images), so the pool's variance is mean((a - b)^2) / 4.
+    The rest is what differs between the seeds themselves (their trusted splits, burn-ins, streams): what a
+    deployment meets, where the pool's part is the measurement's.
+
+    >>> spread([0.1, 0.3], [(0.0, 0.2), (0.2, 0.4)])  # each seed's halves 0.2 apart: all of the std 0.1 is the pool's
+    {'pool': 0.1, 'beyond_pool': 0.0}
+    >>> spread([0.1, 0.3], [(0.1, 0.1), (0.3, 0.3)])  # the halves agree: it is all the seeds'
+    {'pool': 0.0, 'beyond_pool': 0.1}
+    """
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / len(values)
+    pool = sum((a - b) ** 2 for a, b in halves) / len(halves) / 4
+    return {"pool": round(math.sqrt(min(pool, variance)), 4),
+            "beyond_pool": round(math.sqrt(max(variance - pool, 0.0)), 4)}
 
 
 def check_request(seeds: Sequence[int], batches: int, fresh_batches: int) -> None:
@@ -154,7 +178,8 @@ def markdown(result: dict) -> str:
         lines.append(f"- {verdict} {when}: mean {part['mean']:.1%} ± {part['std']:.1%} over "
                      f"{len(part['values'])} seeds, 95% interval of the mean [{lo:.1%}, {hi:.1%}]; the two halves "
                      f"of a seed's pool differ by {part['halves_gap']['mean']:.1%} on average "
-                     f"(at most {max(part['halves_gap']['values']):.1%})")
+                     f"(at most {max(part['halves_gap']['values']):.1%}); of the std over seeds, the test pool "
+                     f"explains {part['spread']['pool']:.1%}, the seeds themselves {part['spread']['beyond_pool']:.1%}")
     return "\n".join(lines)
 
 

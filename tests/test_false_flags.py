@@ -31,6 +31,17 @@ def test_the_verdict_reads_the_mean_over_seeds_against_the_band():
     assert not summarise([_row(0, 0.1, 0.2), _row(1, 0.1, 0.2)])["late"]["in_band"]  # above 1.5 x 10%
 
 
+def test_the_spread_over_seeds_is_split_into_the_test_pools_part_and_the_seeds_own():
+    """Halves that disagree as much as the seeds do: the pool explains the spread; halves that agree: the seeds do."""
+    pool_noise = summarise([_row(0, 0.1, 0.1, early_halves=(0.0, 0.2)), _row(1, 0.3, 0.3, early_halves=(0.2, 0.4))])
+    assert pool_noise["early"]["spread"] == pytest.approx({"pool": 0.1, "beyond_pool": 0.0})
+    assert pool_noise["late"]["spread"] == pytest.approx({"pool": 0.0, "beyond_pool": 0.1})  # halves agree
+    partly = summarise([_row(0, 0.0, 0.0, early_halves=(0.0, 0.2)), _row(1, 0.4, 0.4, early_halves=(0.3, 0.5))])
+    split = partly["early"]["spread"]
+    assert split["pool"] == pytest.approx(0.1)
+    assert split["beyond_pool"] == pytest.approx((0.2 ** 2 - 0.1 ** 2) ** 0.5, abs=1e-4)  # the variances add up
+
+
 def test_the_interval_of_the_mean_narrows_with_more_seeds():
     few, many = mean_interval([0.05, 0.15] * 2), mean_interval([0.05, 0.15] * 10)
     assert few[0] < many[0] < 0.1 < many[1] < few[1]
