@@ -11,6 +11,7 @@ timed steps (a snapshot every 10 batches, promotions from batch 50 on: hence 60 
 
     python benchmarks/step_cost.py --json step_cost.json
     python benchmarks/step_cost.py --device cuda --model resnet18 --json step_cost_gpu.json
+    python benchmarks/step_cost.py --strategies st guard --probe-sizes 64 8 --warmup 150 --batches 300  # probe cost
 """
 
 from __future__ import annotations
@@ -48,9 +49,18 @@ def _experiment(args) -> tuple[Experiment, str]:
         raise SystemExit(f"step_cost needs CIFAR-10: {exc}") from exc
 
 
-def _time_streams(experiment: Experiment, batches, warmup: int, strategies: tuple[str, ...]) -> dict:
-    learners = {name: experiment.new_learner(experiment.config.strategy.model_copy(update=VARIANTS[name]))
-                for name in strategies}
+def _variants(probe_sizes) -> dict[str, dict]:
+    """The arena's labels, and `guard-pN` for guard with an N-image lookahead probe (its cost grows with the probe).
+
+    >>> _variants([64])["guard-p64"]
+    {'name': 'guard', 'gate_probe_samples': 64}
+    """
+    return {**VARIANTS, **{f"guard-p{n}": {**VARIANTS["guard"], "gate_probe_samples": n} for n in probe_sizes}}
+
+
+def _time_streams(experiment: Experiment, batches, warmup: int, strategies: dict[str, dict]) -> dict:
+    learners = {name: experiment.new_learner(experiment.config.strategy.model_copy(update=update))
+                for name, update in strategies.items()}
     times = {name: [] for name in strategies}
     flagged = {name: 0 for name in strategies}
     samples = 0
@@ -90,11 +100,16 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--strategies", nargs="+", choices=list(VARIANTS), default=list(STRATEGIES),
                         help="arena labels to time, st among them (the ratios are to st)")
+    parser.add_argument("--probe-sizes", type=int, nargs="+", default=[], metavar="N",
+                        help="also time guard with an N-image lookahead probe (label guard-pN; the default is 256)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if any(n < 4 for n in args.probe_sizes):
+        parser.error(f"--probe-sizes must be >= 4 (strategy.gate_probe_samples), got {args.probe_sizes}")
     if "st" not in args.strategies:
         parser.error("--strategies must include st: every ratio is to st")
-    strategies = tuple(args.strategies)
+    variants = _variants(args.probe_sizes)
+    strategies = {name: variants[name] for name in [*args.strategies, *(f"guard-p{n}" for n in args.probe_sizes)]}
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -109,7 +124,7 @@ def main(argv=None) -> int:
         "benchmark": "step_cost",
         "config": {"model": args.model, "dataset": dataset, "batch_size": args.batch_size, "batches": args.batches,
                    "warmup": args.warmup, "poison": f"pgd eps={args.epsilon:.4f} steps=10", "seed": args.seed,
-                   "strategy": experiment.config.strategy.model_dump()},
+                   "strategy": experiment.config.strategy.model_dump(), "variants": strategies},
         "calibration": calibration.to_dict(),
         "environment": {**environment(), "device": str(experiment.device)},
         "clean": _time_streams(experiment, clean, args.warmup, strategies),
