@@ -104,14 +104,15 @@ def summarise(rows: Sequence[SeedRates]) -> dict:
     for when in ("early", "late"):
         values = [getattr(row, when) for row in rows]
         halves = [getattr(row, f"{when}_halves") for row in rows]
-        mean = sum(values) / len(values)
-        summary[when] = {**summarize(values), "interval": mean_interval(values),
-                         "in_band": BAND[0] * target <= mean <= BAND[1] * target,
-                         "halves_gap": summarize([abs(a - b) for a, b in halves]), "spread": spread(values, halves)}
+        over_seeds = summarize(values)
+        summary[when] = {**over_seeds, "interval": mean_interval(values),
+                         "in_band": BAND[0] * target <= over_seeds["mean"] <= BAND[1] * target,
+                         "halves_gap": summarize([abs(a - b) for a, b in halves]),
+                         "spread": spread(over_seeds["std"], halves)}
     return summary
 
 
-def spread(values: Sequence[float], halves: Sequence[tuple[float, float]]) -> dict:
+def spread(std: float, halves: Sequence[tuple[float, float]]) -> dict:
     """The std of the seeds' rates (the summary's, over seeds), split into the part their test pools explain and the
     rest, as {"pool": std, "beyond_pool": std}: the two variances add up to the std's square.
 
@@ -121,13 +122,12 @@ def spread(values: Sequence[float], halves: Sequence[tuple[float, float]]) -> di
     The rest is what differs between the seeds themselves (their trusted splits, burn-ins, streams): what a
     deployment meets, where the pool's part is the measurement's.
 
-    >>> spread([0.1, 0.3], [(0.0, 0.2), (0.2, 0.4)])  # each seed's halves 0.2 apart: all of the std 0.1 is the pool's
+    >>> spread(0.1, [(0.0, 0.2), (0.2, 0.4)])  # each seed's halves 0.2 apart: all of the std 0.1 is the pool's
     {'pool': 0.1, 'beyond_pool': 0.0}
-    >>> spread([0.1, 0.3], [(0.1, 0.1), (0.3, 0.3)])  # the halves agree: it is all the seeds'
+    >>> spread(0.1, [(0.1, 0.1), (0.3, 0.3)])  # the halves agree: it is all the seeds'
     {'pool': 0.0, 'beyond_pool': 0.1}
     """
-    mean = sum(values) / len(values)
-    variance = sum((v - mean) ** 2 for v in values) / len(values)
+    variance = std ** 2
     pool = sum((a - b) ** 2 for a, b in halves) / len(halves) / 4
     return {"pool": round(math.sqrt(min(pool, variance)), 4),
             "beyond_pool": round(math.sqrt(max(variance - pool, 0.0)), 4)}

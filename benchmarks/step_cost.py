@@ -23,10 +23,11 @@ import sys
 import time
 
 import torch
+from pydantic import ValidationError
 
 from attacker_sim.arena import VARIANTS
 from attacker_sim.attacks import Budget, PGDDelusive
-from service.core.config import ExperimentConfig
+from service.core.config import ExperimentConfig, StrategyConfig
 from service.core.data import DatasetNotFoundError
 from service.core.environment import environment
 from service.core.experiment import Experiment
@@ -104,8 +105,11 @@ def main(argv=None) -> int:
                         help="also time guard with an N-image lookahead probe (label guard-pN; the default is 256)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if any(n < 4 for n in args.probe_sizes):
-        parser.error(f"--probe-sizes must be >= 4 (strategy.gate_probe_samples), got {args.probe_sizes}")
+    for size in args.probe_sizes:  # the config's own bound on gate_probe_samples, before any burn-in
+        try:
+            StrategyConfig(gate_probe_samples=size)
+        except ValidationError as exc:
+            parser.error(f"--probe-sizes: {size} is not a strategy.gate_probe_samples: {exc.errors()[0]['msg']}")
     if "st" not in args.strategies:
         parser.error("--strategies must include st: every ratio is to st")
     variants = _variants(args.probe_sizes)

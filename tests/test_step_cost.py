@@ -30,4 +30,6 @@ def test_a_probe_size_times_guard_with_that_many_probe_images(step_cost, digits_
 def test_a_probe_too_small_to_judge_is_refused_naming_the_flag(step_cost, capsys):
     with pytest.raises(SystemExit) as exit_:
         step_cost.main(["--probe-sizes", "64", "3"])
-    assert exit_.value.code == 2 and "--probe-sizes must be >= 4" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--probe-sizes: 3 is not a strategy.gate_probe_samples" in error
+    assert "greater than or equal to 4" in error
