@@ -95,7 +95,8 @@ def _steps_per_strategy(config: ExperimentConfig, long_horizon: bool) -> int:
     attackers = len(launches) + int(arena.black_box) + len(arena.adaptive_betas) + 2 * int(arena.gate_evasion)
     drifts = len(arena.drifts) * (1 + int(bool(_late_drift_after(arena, launches))))
     return (length + attackers * attack_len + arena.slow_poison_count * arena.slow_poison_every
-            + drifts * arena.drift_batches + (arena.drift_batches + attack_len) * bool(arena.drift_attack))
+            + drifts * arena.drift_batches + (arena.drift_batches + attack_len) * bool(arena.drift_attack)
+            + arena.label_flip_batches * bool(arena.label_flip))
 
 
 def _late_drift_after(arena, launches: Sequence[int]) -> int:
@@ -125,6 +126,10 @@ def run_arena(config: ExperimentConfig, seeds: Sequence[int] | None = None, stra
     for seed in seeds:
         experiment = Experiment.prepare(config.model_copy(update={"seed": seed}), cache_dir=cache_dir,
                                         progress=progress)
+        classes = experiment.splits.stream.num_classes
+        if arena.label_flip and max(arena.label_flip) >= classes:
+            raise ValueError(f"arena.label_flip: {arena.label_flip} names a class that {config.data.dataset} does "
+                             f"not have (classes 0-{classes - 1})")
         data = scenarios.ScenarioData(experiment, experiment.test_tensors, experiment.splits.attacker_val.tensors())
         attackers = _attackers(experiment)
         for label, strategy in resolved.items():
@@ -201,6 +206,9 @@ def _run_strategy(experiment: Experiment, data: scenarios.ScenarioData, label: s
     if arena.drift_attack:
         outcomes.append(scenarios.drift_attack(fresh(), data, label, arena.drift_attack, arena.drift_batches,
                                                attackers["white"], on_step))
+    if arena.label_flip:
+        outcomes.append(scenarios.label_flip(fresh(), data, label, *arena.label_flip, arena.label_flip_batches,
+                                             on_step))
     for name, campaign in attackers.items():
         if name != "white":
             outcomes.append(scenarios.attack(fresh(), data, label, campaign, name, stream_offset=10,
@@ -230,7 +238,7 @@ def checks(board: Leaderboard, config: ExperimentConfig) -> dict[str, dict]:
         loss = black.start_acc.mean - black.final_acc.mean
         check("the black box is real (ST loses >= 10 points)", loss >= 0.10, f"ST loses {loss * 100:.1f} points")
     default = DEFAULT_STRATEGY
-    for scenario in [s for s in board.scenarios() if s.startswith("attack@")]:
+    for scenario in [s for s in board.scenarios() if s.startswith(("attack@", "label-flip:"))]:
         mine, st = board.row(scenario, default), board.row(scenario, "st")
         if not mine or not st:
             continue

@@ -96,7 +96,7 @@ def build_rows(outcomes: list[Outcome]) -> list[Row]:
         recovery, gain, share = [], [], []
         for run in runs:
             ref = st.get((scenario, run.seed))
-            attacked = run.poison_acc is not None
+            attacked = run.poison_acc is not None or run.poisons_flagged is not None  # campaigns, label flips
             if ref is not None and attacked and ref.start_acc - ref.final_acc >= MIN_ST_LOSS:
                 recovery.append((run.final_acc - ref.final_acc) / (ref.start_acc - ref.final_acc))
             if scenario.startswith("drift:"):

@@ -10,6 +10,8 @@ tuning on the defender's trusted split and tuning seeds, the arena on the test s
 - `drift`: honest data that drifts (`attacker_sim.drift`), accuracy on the drifted test set; from the start, and
   (the arena's `drift:<kind>@<batches>`) after a long clean stretch.
 - `drift_attack`: drift first, then the attack on the drifted stream.
+- `label_flip`: an attacker who controls labels, not images: every stream sample of one class is labelled as
+  another (`label-flip:<source>><target>`); accuracy on the unchanged test split.
 """
 
 from __future__ import annotations
@@ -259,3 +261,29 @@ def drift_attack(learner: OnlineLearner, data: ScenarioData, label: str, kind: s
     run = campaign.run(InProcessTarget(learner), stream, test, validation, label, data.seed, on_step=on_step,
                        trace=False)
     return Outcome.from_run(f"drift+attack:{kind}", run, learner.strategy.target_false_flag_rate())
+
+
+def label_flip(learner: OnlineLearner, data: ScenarioData, label: str, source: int, target: int, batches: int,
+               on_step: Callable[[], None] | None = None) -> Outcome:
+    """`batches` stream batches whose samples of class `source` are all labelled `target`: the plainest targeted
+    poisoning, with images as clean as the stream's (nothing for an input-side discrepancy to see). Accuracy on the
+    unchanged test split; `poisons_flagged` is the share of relabelled samples the defense flagged."""
+    judge = InProcessTarget(learner)
+    start = accuracy(judge, *data.test)
+    stream = data.stream(6)
+    flagged = relabelled = 0
+    seconds = []
+    for _ in range(batches):
+        x, y = next(stream)
+        poisoned = y == source
+        report = learner.step(x, torch.where(poisoned, torch.full_like(y, target), y))
+        flagged += int(np.asarray(report.flagged)[poisoned.numpy()].sum())
+        relabelled += int(poisoned.sum())
+        seconds.append(report.seconds["total"])
+        if on_step:
+            on_step()
+    return Outcome(f"label-flip:{source}>{target}", label, data.seed, start_acc=start,
+                   final_acc=accuracy(judge, *data.test),
+                   poisons_flagged=flagged / relabelled if relabelled else None,
+                   target_flag_rate=learner.strategy.target_false_flag_rate(),
+                   seconds_per_step=float(np.mean(seconds)))

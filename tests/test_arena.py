@@ -19,7 +19,7 @@ from service.core.config import StrategyConfig
 from tests.profiles import DIGITS_OVERRIDES
 
 TINY_ARENA = {"launch_after": [0, 12], "clean_batches": 4, "fresh_batches": 3, "slow_poison_every": 3,
-              "slow_poison_count": 2, "drift_batches": 6, "adaptive_betas": [1.0],
+              "slow_poison_count": 2, "drift_batches": 6, "label_flip_batches": 4, "adaptive_betas": [1.0],
               "strategies": ["st", "gc", "at", "dsc", "gc-paper"],
               "tuning": {"seeds": [1], "gc_clip_values": [0.01, 1.0], "gc_norms": ["inf"], "at_epsilons": [0.05],
                          "at_steps": [2]}}
@@ -46,7 +46,7 @@ def test_every_scenario_and_attacker_has_a_row_per_strategy(board):
     kinds = ["pixel_shift", "rotation", "brightness_contrast", "label_prior"]
     expected = {"clean", "attack@0", "attack@12", "slow-poison", *(f"drift:{kind}" for kind in kinds),
                 *(f"drift:{kind}@12" for kind in kinds),  # again after the longest launch time's clean stretch
-                "drift+attack:pixel_shift", "black-box", "adaptive:beta=1", "adaptive:gate"}
+                "drift+attack:pixel_shift", "label-flip:3>8", "black-box", "adaptive:beta=1", "adaptive:gate"}
     assert set(board.scenarios()) == expected
     long_horizon = {"attack@12", *(f"drift:{kind}@12" for kind in kinds)}  # not run for the *-paper variants
     for scenario in expected:
@@ -245,6 +245,33 @@ def test_slow_poison_spreads_poisons_between_clean_batches(digits_experiment):
     assert outcome.clean_flag_rate == 0.0 and outcome.batches == (learner.batches_applied - 1) // 3
 
 
+def test_a_label_flip_relabels_only_the_source_class_and_costs_st_that_class(digits_experiment):
+    data = scenarios.ScenarioData(digits_experiment, digits_experiment.test_tensors,
+                                  digits_experiment.splits.attacker_val.tensors())
+    x, y = data.test
+    learner = digits_experiment.new_learner(digits_experiment.config.strategy.model_copy(update={"name": "st"}))
+    before = learner.accuracy(x[y == 3], y[y == 3])
+    seen = []
+    step = learner.step
+    learner.step = lambda bx, by: (seen.append((bx, by)), step(bx, by))[1]
+    outcome = scenarios.label_flip(learner, data, "st", source=3, target=8, batches=40)
+    assert outcome.scenario == "label-flip:3>8" and len(seen) == 40 and outcome.poisons_flagged == 0.0
+    stream = data.stream(6)
+    for (bx, by), (cx, cy) in zip(seen, (next(stream) for _ in seen), strict=True):
+        assert torch.equal(bx, cx)  # the stream's own images, untouched
+        assert torch.equal(by, torch.where(cy == 3, 8, cy))  # every 3 labelled 8, every other label kept
+    assert learner.accuracy(x[y == 3], y[y == 3]) < before - 0.5  # ST learns the lie: most 3s are now 8s
+    assert outcome.final_acc < outcome.start_acc
+
+
+def test_a_label_flip_naming_one_class_twice_or_a_class_the_data_lacks_is_refused(tiny_config):
+    with pytest.raises(ValueError, match="label_flip must be"):
+        tiny_config.arena.model_validate({**TINY_ARENA, "label_flip": [3, 3]})
+    bad = tiny_config.model_copy(update={"arena": tiny_config.arena.model_copy(update={"label_flip": [3, 12]})})
+    with pytest.raises(ValueError, match=r"arena.label_flip: \[3, 12\] names a class"):
+        run_arena(bad, seeds=[0], strategies=["st"], progress=False)
+
+
 def test_tuning_refuses_nothing_silently_when_no_candidate_is_admissible(tiny_config, cache_dir):
     # a drift share no baseline can meet: the closest candidate is taken and the result says so
     strict = tiny_config.model_copy(update={"arena": tiny_config.arena.model_copy(update={
@@ -263,7 +290,7 @@ def test_demo_is_the_digits_arena_and_prints_the_leaderboard(cache_dir, tmp_path
     burnin = [f"burnin.{field}={value}" for field, value in DIGITS_OVERRIDES["burnin"].items()]  # the session's
     overrides = [*burnin, "campaign.max_batches=2", "arena.launch_after=[0]", "arena.clean_batches=3",
                  "arena.drifts=[]", "arena.drift_attack=null", "arena.black_box=false", "arena.adaptive_betas=[]",
-                 "arena.gate_evasion=false",
+                 "arena.gate_evasion=false", "arena.label_flip=null",
                  "arena.slow_poison_count=1", "arena.slow_poison_every=2"]
     argv = ["demo", "--seeds", "0", "--strategies", "st", "guard", "--out", str(tmp_path), "--no-progress",
             "--no-plots"]

@@ -253,6 +253,10 @@ class ArenaConfig(_Section):
                                                "stretch, from the learner as it stands there (drift:<kind>@<batches>)")
     drift_attack: str | None = Field("pixel_shift", description="drift kind of the drift-then-attack scenario")
     black_box: bool = True
+    label_flip: list[int] | None = Field(
+        default_factory=lambda: [3, 8], description="the label-flip scenario: [source, target] classes, every stream "
+                                                    "sample of source labelled target (null: not run)")
+    label_flip_batches: int = Field(50, ge=1, description="label-flip scenario: relabelled stream batches")
     adaptive_betas: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0],
                                         description="adaptive attacker (poisons and trigger) weights")
     gate_evasion: bool = Field(True, description="the attacker adaptive to guard's gate: campaign.max_batches "
@@ -265,6 +269,9 @@ class ArenaConfig(_Section):
             raise ValueError(f"launch_after must be >= 0, got {self.launch_after}")
         if any(b < 0 for b in self.adaptive_betas):
             raise ValueError(f"adaptive_betas must be >= 0, got {self.adaptive_betas}")
+        if self.label_flip is not None and (len(self.label_flip) != 2 or min(self.label_flip) < 0
+                                            or self.label_flip[0] == self.label_flip[1]):
+            raise ValueError(f"label_flip must be [source, target], two different classes >= 0, got {self.label_flip}")
         return self
 
 
