@@ -5,13 +5,13 @@ published JSON Schema, so a reader can validate a file without our code. Measure
 unless said otherwise):
 
 - `final_acc`: accuracy at the end of the scenario: after the trigger (attacks), after the drift (drift,
-  on the drifted test view), after `clean_batches` (clean oracle).
+  on the drifted test view), after the relabelled batches (label flip), after `clean_batches` (clean oracle).
 - `recovery`: share of ST's loss the strategy recovers in the same scenario and seed,
   (acc - acc_ST) / (start_ST - acc_ST); only where ST lost at least `MIN_ST_LOSS`.
 - `drift_gain`: final - start on the drifted test view; `drift_gain_share`: that over ST's gain, only
   where ST gained at least `MIN_ST_LOSS` (a drift ST hardly learns says nothing about a defense).
-- `poisons_flagged`: share of poisoned samples flagged; `clean_flag_rate`: share of clean samples
-  flagged (the realised false-flag rate, to compare with `target_flag_rate`), also over the first
+- `poisons_flagged`: share of poisoned samples flagged (label flip: of the relabelled ones); `clean_flag_rate`:
+  share of clean samples flagged (the realised false-flag rate, to compare with `target_flag_rate`), also over the first
   (`_early`) and last (`_late`) 100 batches of the long clean stream; `fresh_flag_rate_early`/`_late`: the
   share flagged of fresh clean batches (test-view data the model never learned) judged over the model states of
   those first and last 100 batches (`scenarios.FreshWindows`), nothing learned from them.
@@ -195,7 +195,8 @@ def markdown(board: Leaderboard) -> str:
               "(attacks), after the drift (drift kinds, on the drifted test set), after the clean batches "
               "(clean oracle). *batch*: accumulative batches before the attacker's monitor fired. *recovery of "
               "ST's loss*: (final - final_ST) / (start_ST - final_ST), where ST lost at least a point. *drift "
-              "gain share*: the drift gain over ST's. *poisons flagged*: share of poisoned samples flagged. "
+              "gain share*: the drift gain over ST's. *poisons flagged*: share of poisoned samples flagged (label "
+              "flips: of the relabelled ones). "
               "*clean flagged*: share of clean samples flagged (realised false-flag rate; target in brackets); "
               "*early / late*: over the first and last 100 batches of the long clean stream; *fresh early / late*: "
               "fresh clean test batches judged, not learned, over the model states of those batches. "

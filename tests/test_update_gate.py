@@ -11,6 +11,7 @@ from attacker_sim.arena import VARIANTS
 from attacker_sim.evaluation import build_campaign
 from service.core.config import StrategyConfig
 from service.core.defense.calibration import conformal_quantile
+from service.core.defense.eval_mode import training_mode_frozen_stats
 from service.core.defense.strategies import build_strategy
 from service.core.defense.update_gate import UpdateGate
 from service.core.learner import OnlineLearner
@@ -210,6 +211,61 @@ def test_skip_drops_a_flagged_update_entirely(digits_experiment):
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters(), strict=True))
 
 
+def _flipped_batch(experiment, source=3, target=8, size=50):
+    """A stream batch half of whose samples are `source` images labelled `target` (and which are they)."""
+    x, y = experiment.splits.stream.tensors()
+    liars = torch.nonzero(y == source).flatten()[: size // 2]
+    honest = torch.nonzero(y != source).flatten()[: size - len(liars)]
+    pick = torch.cat([liars, honest])
+    return x[pick], torch.where(y[pick] == source, target, y[pick]), torch.arange(len(pick)) < len(liars)
+
+
+def test_drop_leaves_the_relabelled_samples_out_of_a_flagged_update_and_keeps_the_rest(digits_experiment):
+    learner = _guard_learner(digits_experiment, gate_action="drop", gate_norm_cap="none")
+    x, y, lies = _flipped_batch(digits_experiment)
+    model = learner.model
+    model.train()
+    learner.optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    verdict = learner.strategy.gate.judge(model, learner.optimizer, batch=(x, y))
+    assert verdict.flagged and verdict.dropped
+    dropped = torch.zeros(len(x), dtype=torch.bool)
+    dropped[list(verdict.dropped)] = True
+    assert (dropped & lies).sum() >= 0.9 * dropped.sum()  # what it leaves out are the lies
+    assert (dropped & ~lies).sum() <= 0.1 * (~lies).sum()  # and it keeps the honest samples
+    # the update applied is the gradient of the kept samples (over the whole batch's size), scaled by the verdict
+    params = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        applied = [p.grad.clone() for p in params]
+    with training_mode_frozen_stats(model):
+        kept = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x[~dropped]), y[~dropped],
+                                                                     reduction="sum") / len(x), params)
+    for a, k in zip(applied, kept, strict=True):
+        assert torch.allclose(a, verdict.scale * k, atol=1e-6)
+    # the learner hands guard its batch: a step takes the same decision
+    report = _guard_learner(digits_experiment, gate_action="drop", gate_norm_cap="none").step(x, y)
+    assert report.gate.dropped == verdict.dropped and report.update_scale == pytest.approx(verdict.scale)
+
+
+def test_drop_applies_more_of_a_flagged_batchs_honest_samples_than_shrink(digits_experiment):
+    """On the same flagged batch: shrink scales every sample's part down to bring the probe's increase to the
+    threshold; drop leaves out the samples that push the probe uphill most (the lies) and applies more of the honest
+    part, its own increase judged again."""
+    x, y, lies = _flipped_batch(digits_experiment)
+    verdicts = {}
+    for action in ("shrink", "drop"):
+        learner = _guard_learner(digits_experiment, gate_action=action, gate_norm_cap="none")
+        model = learner.model
+        model.train()
+        learner.optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        verdicts[action] = learner.strategy.gate.judge(model, learner.optimizer, batch=(x, y))
+    shrink, drop = verdicts["shrink"], verdicts["drop"]
+    assert shrink.flagged and drop.flagged and shrink.increase == pytest.approx(drop.increase)
+    honest_kept = int((~lies).sum()) - sum(not lies[i] for i in drop.dropped)
+    assert drop.scale * honest_kept > 2 * shrink.scale * int((~lies).sum())
+
+
 def test_cap_leaves_a_flagged_update_to_the_norm_cap_alone(digits_experiment):
     """gate_action=cap: the trigger is still flagged (and reported), and scaled exactly as the cap scales any update,
     where shrink takes it further down."""
@@ -374,6 +430,15 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, lookahead_from="buffer")
     with pytest.raises(ValueError, match="gate_lookahead_from"):
         StrategyConfig(name="guard", gate_lookahead_from="buffer")
+    with pytest.raises(ValueError, match="gate_action 'drop' is guard's"):
+        StrategyConfig(name="dsc", flag_action="gate", gate_action="drop")
+    gate = UpdateGate(x, y, batch_size=2, action="drop")
+    gate.threshold, gate.calibrations = -1.0, 1  # every update over it, no calibration due
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="action 'drop' needs the batch"):
+        gate.judge(model, optimizer)
 
 
 def test_conformal_quantile_is_finite_sample_valid():

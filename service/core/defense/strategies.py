@@ -291,6 +291,7 @@ class TrustedUpdateGuard(Strategy):
         if trusted is None:
             raise ValueError("strategy 'guard' needs the trusted split (trusted=(x, y)) to calibrate its gate")
         self.gate = _gate(config, trusted, batch_size, seed)
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_context(cls, config: StrategyConfig, context: StrategyContext) -> Strategy:
@@ -300,8 +301,13 @@ class TrustedUpdateGuard(Strategy):
         if self.gate.due(optimizer):
             self.gate.calibrate(model, optimizer)  # the calibration the next judge would take, on the same draws
 
+    def loss(self, model, prepared, x, y):
+        self._batch = (prepared.x, y)  # gate_action 'drop' takes the gradient again on the samples it keeps
+        return super().loss(model, prepared, x, y)
+
     def before_optimizer_step(self, model, optimizer):
-        return self.gate.judge(model, optimizer)
+        batch, self._batch = self._batch, None
+        return self.gate.judge(model, optimizer, batch=batch)
 
     def threshold(self, batch_index: int) -> float | None:
         return self.gate.threshold  # None until the first update calibrates it

@@ -86,7 +86,7 @@ from service.core.defense.calibration import conformal_quantile
 from service.core.defense.eval_mode import eval_mode, training_mode_frozen_stats
 from service.core.randomness import CALIBRATION, key_seed, seeded_draws
 
-ACTIONS = ("shrink", "skip", "cap")
+ACTIONS = ("shrink", "skip", "cap", "drop")
 NORMS = {"2": 2.0, "inf": float("inf")}  # the update norms the cap can bound
 CAP_ANCHORS = ("current", "first")  # the cap follows every calibration, or stays at the first one's
 # the threshold's level: 1 - target; chosen across halves of the split at every calibration; or at the first only
@@ -105,6 +105,7 @@ class GateVerdict:
     scale: float  # the share of the batch's gradient that was applied
     norm: float | None = None  # the gradient's norm, when the gate caps norms
     cap: float | None = None
+    dropped: tuple[int, ...] = ()  # action 'drop': the batch's samples left out of the update (indices)
 
 
 class UpdateGate:
@@ -353,28 +354,80 @@ class UpdateGate:
         gate can measure on its own data)."""
         return self._lookahead(model, optimizer)[3]
 
-    def judge(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GateVerdict:
+    def judge(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+              batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> GateVerdict:
         """Judge the update in the parameters' `.grad` and scale it in place: onto the norm cap (when the gate has
-        one), and, if the update is above the threshold, by the action's choice (the smaller scale wins)."""
+        one), and, if the update is above the threshold, by the action's choice (the smaller scale wins). The
+        action `drop` needs the `batch` (x, y) the gradient was taken on: it takes it again without the samples it
+        drops (`_drop_uphill`), and judges what is left as `shrink` would."""
         if self.due(optimizer):
             self.calibrate(model, optimizer)  # autograd.grad: the batch's .grad is left as it is
         self.updates_since_calibration += 1
-        norm, scale = self._cap_scale(model)
         params, grads, base, increase = self._lookahead(model, optimizer)
-        flagged = increase > self.threshold
-        if flagged and self.action != "cap":
+        flagged, judged, dropped = increase > self.threshold, increase, ()
+        if flagged and self.action == "drop":
+            if batch is None:
+                raise ValueError("the gate's action 'drop' needs the batch the update was taken on")
+            dropped = tuple(torch.nonzero(~self._drop_uphill(model, params, *batch, increase)).flatten().tolist())
+            params, grads, base, judged = self._lookahead(model, optimizer)
+        norm, scale = self._cap_scale(model)
+        if judged > self.threshold and self.action != "cap":
             shrink = 0.0
-            if self.action == "shrink":
-                probe_scale = self.threshold / increase
+            if self.action in ("shrink", "drop"):
+                probe_scale = self.threshold / judged
                 at_probe = self._statistic(self._losses_after_step(model, optimizer, params, grads, probe_scale)
                                            - base)
-                shrink = _chord_scale(self.threshold, probe_scale, at_probe, increase)
+                shrink = _chord_scale(self.threshold, probe_scale, at_probe, judged)
             scale = min(scale, shrink)
         if scale != 1.0:
             with torch.no_grad():
                 for p in params:
                     p.grad.mul_(scale)
-        return GateVerdict(increase, self.threshold, flagged, scale, norm, self.cap)
+        return GateVerdict(increase, self.threshold, flagged, scale, norm, self.cap, dropped)
+
+    def _drop_uphill(self, model: nn.Module, params, x: torch.Tensor, y: torch.Tensor,
+                     increase: float) -> torch.Tensor:
+        """Take the batch's gradient again without the samples whose own descent raises the probe loss most, until
+        the rest's first-order increase is at the threshold; returns which samples were kept.
+
+        Sample i's share of the probe's first-order increase is -lr * <g_i, u> / N, u the gradient of the probe's
+        loss; <g_i, u> is the derivative of sample i's loss along u, taken by one finite difference (two forwards of
+        the batch, no per-sample gradients). The shares are scaled to sum to the measured increase, and the largest
+        go first. Honest drift raises the probe loss across a batch and keeps most of it; a batch that carries a
+        few lies (labels flipped, say) carries them in its largest shares."""
+        device = _device(model)
+        x, y = x.to(device), y.to(device)
+        probe_x, probe_y = self.trusted[0][self.probe].to(device), self.trusted[1][self.probe].to(device)
+        with eval_mode(model):
+            uphill = torch.autograd.grad(F.cross_entropy(model(probe_x), probe_y), params)
+            length = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u) for u in uphill])))
+            step = 1e-3 / max(length, 1e-12)
+            with torch.no_grad():
+                before = F.cross_entropy(model(x), y, reduction="none")
+                for p, u in zip(params, uphill, strict=True):
+                    p.add_(step * u)
+                after = F.cross_entropy(model(x), y, reduction="none")
+                for p, u in zip(params, uphill, strict=True):
+                    p.sub_(step * u)
+        shares = (before - after).cpu()  # proportional to each sample's share of the increase; > 0: uphill
+        keep = torch.ones(len(x), dtype=torch.bool)
+        total = float(shares.sum())
+        if total > 0:
+            excess = total * (1.0 - self.threshold / increase)  # what the largest shares must take away
+            for i in shares.argsort(descending=True).tolist():
+                if excess <= 0 or shares[i] <= 0:
+                    break
+                keep[i], excess = False, excess - float(shares[i])
+        if int(keep.sum()) < 2:  # a batch of one has no batch statistics to normalise with: nothing is kept
+            for p in params:
+                p.grad.zero_()
+            return torch.zeros(len(x), dtype=torch.bool)
+        with training_mode_frozen_stats(model):  # the update's own forward already moved the running statistics
+            losses = F.cross_entropy(model(x[keep.to(device)]), y[keep.to(device)], reduction="none")
+            grads = torch.autograd.grad(losses.sum() / len(x), params)
+        for p, g in zip(params, grads, strict=True):
+            p.grad.copy_(g)
+        return keep
 
     # -- persistence: the calibration state travels with the learner's checkpoint ---------------------
     def state(self) -> dict:
