@@ -21,6 +21,7 @@ from service.core.defense.correction import CorrectionResult, ReversePGD
 from service.core.defense.detector import DiscrepancyDetector
 from service.core.defense.eval_mode import eval_mode
 from service.core.defense.rolling_auxiliary import REASONS, PromotionDecision, RollingAuxiliary
+from service.core.defense.running_statistics import Statistics, snapshot
 from service.core.defense.update_gate import GateVerdict, UpdateGate
 from service.core.models.trunk import split_mode_invariant
 from service.core.strategy_registry import STRATEGY_NAMES
@@ -292,6 +293,7 @@ class TrustedUpdateGuard(Strategy):
             raise ValueError("strategy 'guard' needs the trusted split (trusted=(x, y)) to calibrate its gate")
         self.gate = _gate(config, trusted, batch_size, seed)
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._statistics: Statistics | None = None
 
     @classmethod
     def from_context(cls, config: StrategyConfig, context: StrategyContext) -> Strategy:
@@ -303,11 +305,12 @@ class TrustedUpdateGuard(Strategy):
 
     def loss(self, model, prepared, x, y):
         self._batch = (prepared.x, y)  # gate_action 'drop' takes the gradient again on the samples it keeps
+        self._statistics = snapshot(model)  # BatchNorm's, before this forward moves them: the gate judges the move
         return super().loss(model, prepared, x, y)
 
     def before_optimizer_step(self, model, optimizer):
-        batch, self._batch = self._batch, None
-        return self.gate.judge(model, optimizer, batch=batch)
+        (batch, statistics), self._batch, self._statistics = (self._batch, self._statistics), None, None
+        return self.gate.judge(model, optimizer, batch=batch, statistics=statistics)
 
     def threshold(self, batch_index: int) -> float | None:
         return self.gate.threshold  # None until the first update calibrates it

@@ -1,0 +1,151 @@
+"""BatchNorm's running statistics are part of what guard judges and acts on: a skipped batch moves none of them, a
+learned one moves them as BatchNorm does, and the lookahead sees a move of the statistics alone."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from service.core.config import StrategyConfig
+from service.core.defense.eval_mode import training_mode_frozen_stats
+from service.core.defense.running_statistics import after_batch, move_size, snapshot
+from service.core.defense.strategies import build_strategy
+from service.core.learner import OnlineLearner
+
+
+def _blobs(n, generator):
+    centers = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    y = torch.randint(0, 3, (n,), generator=generator)
+    return centers[y] + torch.randn(n, 4, generator=generator), y
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    generator = torch.Generator().manual_seed(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(100):  # a model that has learned the blobs, statistics included
+        x, y = _blobs(32, generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model
+
+
+def _learner(action="shrink", cap="inf"):
+    trusted = _blobs(64, torch.Generator().manual_seed(2))
+    strategy = build_strategy(StrategyConfig(name="guard", gate_action=action, gate_norm_cap=cap), trusted=trusted,
+                              batch_size=32)
+    spec = {"name": "blobs", "num_classes": 3, "input_shape": [4]}
+    return OnlineLearner(_model(), None, strategy, model_spec=spec, lr=0.1, momentum=0.0).ready()
+
+
+def _means(model):
+    return [mean for mean, _ in snapshot(model)]
+
+
+def test_the_move_a_frozen_forward_reports_is_the_move_batchnorm_makes():
+    model, x = _model(), _blobs(32, torch.Generator().manual_seed(3))[0]
+    with training_mode_frozen_stats(model):
+        _, reported = after_batch(model, lambda: model(x))
+    model.train()
+    model(x)  # BatchNorm's own update
+    for (mean, var), (own_mean, own_var) in zip(reported, snapshot(model), strict=True):
+        assert torch.allclose(mean, own_mean, atol=1e-6) and torch.allclose(var, own_var, atol=1e-6)
+
+
+def test_a_learned_batch_moves_the_statistics_as_batchnorm_does_and_a_skipped_one_moves_none():
+    x, y = _blobs(32, torch.Generator().manual_seed(4))
+    learned = _learner("skip", cap="none")  # no cap: the statistics' move is left whole too
+    expected = copy.deepcopy(learned.model).train()
+    expected(x)
+    report = learned.step(x, y)
+    assert not report.gate.flagged
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(_means(learned.model), _means(expected), strict=True))
+    skipped = _learner("skip")
+    before = _means(skipped.model)
+    skipped.strategy.gate.threshold = -1.0  # every update over it (no recalibration is due)
+    report = skipped.step(x, y)
+    assert report.gate.flagged and report.update_scale == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(_means(skipped.model), before, strict=True))
+
+
+def test_a_shrunk_batch_moves_the_statistics_part_of_the_way():
+    x, y = _blobs(32, torch.Generator().manual_seed(5))
+    y = (y + 1) % 3  # wrong labels: the update raises the probe's loss
+    learner = _learner("shrink", cap="none")
+    before = _means(learner.model)
+    full = copy.deepcopy(learner.model).train()
+    full(x)
+    learner.strategy.gate.threshold = 1e-6  # just above nothing: the update is shrunk, not dropped
+    report = learner.step(x, y)
+    assert report.gate.flagged and 0.0 < report.update_scale < 1.0
+    for now, old, whole in zip(_means(learner.model), before, _means(full), strict=True):
+        share = ((now - old) / (whole - old))[(whole - old).abs() > 1e-6]
+        assert torch.allclose(share, share[0].expand_as(share), atol=1e-4) and 0.0 <= float(share[0]) < 1.0
+
+
+def _judged(learner, x, y, tell: bool, gradient: bool = True):
+    """The gate's verdict on the batch's update, on copies (the learner is left as it was); `tell`: the gate is told
+    where the running statistics were before the batch's forward; `gradient=False`: the update moves the statistics
+    only (its gradient zeroed)."""
+    model, gate = copy.deepcopy(learner.model), copy.deepcopy(learner.strategy.gate)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learner.optimizer.param_groups[0]["lr"])
+    before = snapshot(model)
+    model.train()
+    nn.functional.cross_entropy(model(x), y).backward()
+    if not gradient:
+        for p in model.parameters():
+            p.grad.zero_()
+    return gate.judge(model, optimizer, statistics=before if tell else None), model, before
+
+
+def test_the_lookahead_measures_what_the_batchs_move_of_the_statistics_does_to_the_probe():
+    learner = _learner("shrink")
+    gate = learner.strategy.gate
+    x, y = torch.full((32, 4), 8.0), torch.zeros(32, dtype=torch.long)  # far-off inputs: a large move
+    blind, _, _ = _judged(learner, x, y, tell=False, gradient=False)
+    seen, _, _ = _judged(learner, x, y, tell=True, gradient=False)
+    moved_to = copy.deepcopy(learner.model)
+    moved_to.train()
+    moved_to(x)  # the statistics the batch moves them to, the weights as they were
+    probe_x, probe_y = gate.trusted[0][gate.probe], gate.trusted[1][gate.probe]
+
+    def probe_loss(m):
+        m.eval()
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(m(probe_x), probe_y))
+
+    original = copy.deepcopy(learner.model)
+    assert blind.increase == pytest.approx(0.0, abs=1e-7)  # a zero gradient, and the move unseen
+    assert seen.increase == pytest.approx(probe_loss(moved_to) - probe_loss(original), rel=1e-4, abs=1e-7)
+    assert seen.increase != pytest.approx(0.0, abs=1e-5)
+
+
+def test_no_batch_moves_the_statistics_further_than_clean_batches_at_the_caps_level():
+    learner = _learner("shrink")
+    gate = learner.strategy.gate
+    assert gate.statistics_cap is not None and gate.statistics_cap > 0
+    before = snapshot(learner.model)
+    far = copy.deepcopy(learner.model).train()
+    x, y = torch.full((32, 4), 8.0), torch.zeros(32, dtype=torch.long)
+    far(x)
+    assert move_size(before, snapshot(far)) > 10 * gate.statistics_cap  # what BatchNorm alone would do
+    learner.step(x, y)
+    assert move_size(before, snapshot(learner.model)) == pytest.approx(gate.statistics_cap, rel=1e-4)
+    restored = _learner("shrink").strategy.gate
+    restored.restore(gate.state())  # the cap travels with the checkpoint
+    assert restored.statistics_cap == gate.statistics_cap
+
+
+def test_a_model_without_batchnorm_is_judged_as_before():
+    trusted = _blobs(64, torch.Generator().manual_seed(2))
+    strategy = build_strategy(StrategyConfig(name="guard"), trusted=trusted, batch_size=32)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    learner = OnlineLearner(model, None, strategy, model_spec={"name": "blobs", "num_classes": 3, "input_shape": [4]},
+                            lr=0.1, momentum=0.0).ready()
+    assert snapshot(model) == []  # what the strategy hands the gate: nothing to move
+    x, y = _blobs(32, torch.Generator().manual_seed(4))
+    assert _judged(learner, x, y, tell=True)[0] == _judged(learner, x, y, tell=False)[0]
