@@ -249,8 +249,8 @@ class UpdateGate:
         if self.cap is None or self.cap_anchor == "current":
             self.cap = measured
             # BatchNorm's running statistics, capped as the gradient is: no batch moves them further than the clean
-            # trusted batches at the cap's level do (a batch of far-off inputs, under the threshold every time, took
-            # the statistics, and a digits model, from 98% to 43% in 30 batches)
+            # trusted batches at the cap's level do (30 batches of white images, never flagged, took the statistics,
+            # and a BatchNorm digits model with them, from 98% to 42%; docs/results.md)
             has_statistics = bool(snapshot(model))
             self.statistics_cap = (float(torch.quantile(torch.tensor(moves), self.cap_level))
                                    if self.norm_cap and has_statistics else None)
@@ -391,8 +391,9 @@ class UpdateGate:
         one), and, if the update is above the threshold, by the action's choice (the smaller scale wins). The
         action `drop` needs the `batch` (x, y) the gradient was taken on: it takes it again without the samples it
         drops (`_drop_uphill`), and judges what is left as `shrink` would. `statistics`: BatchNorm's running
-        statistics as they were before the batch's forward moved them; the move is then judged with the update and
-        scaled as the action scales the update (a skipped batch moves none; the cap leaves it whole)."""
+        statistics as they were before the batch's forward moved them; the move is then judged with the update,
+        scaled as the action scales the update (a skipped batch moves none, action 'cap' leaves it whole) and capped
+        at `statistics_cap` whatever the verdict."""
         moves = (statistics, snapshot(model)) if statistics else None
         if self.due(optimizer):
             with moved(model, *(moves or (None, None)), 0.0):  # from the model as it was before the batch
