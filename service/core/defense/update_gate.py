@@ -63,12 +63,13 @@ seeds 2000-2003, 0.2 is the lowest level that learns every drift kind, early and
 whole update, so its verdict and its false-flag rate are the ones it was calibrated for.
 
 A model with BatchNorm also learns through its running statistics, which the batch's forward moves before any
-verdict. The gate is handed them as they were before (`judge(statistics=...)`), measures the lookahead's two points
-with the statistics before and after the batch (the calibration's clean updates too), moves them only as far as the
-action lets the update go (a skipped batch moves none), and caps the move as it caps the gradient: no further than
-clean trusted batches' moves at the cap's level, measured with the cap (`running_statistics`). Without it, 30 batches
-of white images, never flagged, took a BatchNorm digits CNN from 98% to 42% under guard; with it, to 67%: capped
-moves in one direction still add up (docs/results.md, thirteenth session).
+verdict. The gate is handed them as they were before (`judge(statistics=...)`), moves them only as far as the action
+lets the update go (a skipped batch moves none), and caps the move as it caps the gradient: no further than clean
+trusted batches' moves at the cap's level, measured with the cap (`running_statistics`). The verdict stays on the
+weights: judging the move too put the threshold of a briefly trained ResNet-18 at 0 (a clean trusted batch's move
+towards fresh statistics lowers the probe's loss) and flagged half its clean batches. Without the cap, 30 batches of
+white images, never flagged, took a BatchNorm digits CNN from 98% to 42% under guard; with it, to 67%: capped moves
+in one direction still add up (docs/results.md, thirteenth session).
 
 >>> import torch
 >>> _ = torch.manual_seed(0)
@@ -190,11 +191,10 @@ class UpdateGate:
             return F.cross_entropy(model(x.to(_device(model))), y.to(_device(model)), reduction="none").cpu()
 
     def _losses_after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, params, grads,
-                           scale: float, moves: tuple[Statistics, Statistics] | None = None) -> torch.Tensor:
+                           scale: float) -> torch.Tensor:
         """Per-sample probe losses after the optimizer's step with the gradient scaled by `scale` (0: the step
         without the batch: momentum and weight decay only; with `lookahead_from="model"` both are left out, and
-        scale 0 is the model as it stands), and BatchNorm's running statistics moved `scale` of the way from the
-        first of `moves` to the second (the batch's own move: `running_statistics`); all is put back."""
+        scale 0 is the model as it stands); the parameters are put back."""
         saved = [p.detach().clone() for p in params]
         group = optimizer.param_groups[0]
         lr, momentum, decay = group["lr"], group.get("momentum", 0.0), group.get("weight_decay", 0.0)
@@ -208,8 +208,7 @@ class UpdateGate:
                     step = momentum * buffer + step
                 p.sub_(lr * step)
         try:
-            with moved(model, *(moves or (None, None)), scale):
-                return self._probe_losses(model)
+            return self._probe_losses(model)
         finally:
             with torch.no_grad():
                 for p, value in zip(params, saved, strict=True):
@@ -279,8 +278,7 @@ class UpdateGate:
         for pick, grads, after in self._clean_gradients(model, params, count, pool):
             keep = torch.ones(len(self.trusted[0]), dtype=torch.bool)
             keep[pick] = False
-            changes.append((self._losses_after_step(model, optimizer, params, grads, 1.0, (before, after))
-                            - base)[keep[self.probe]])
+            changes.append((self._losses_after_step(model, optimizer, params, grads, 1.0) - base)[keep[self.probe]])
             if self.norm_cap and norms is not None:
                 norms.append(self._norm(grads))
             if moves is not None:
@@ -354,14 +352,13 @@ class UpdateGate:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, NORMS[self.norm_cap])
                                                             for g in grads]), NORMS[self.norm_cap]))
 
-    def _lookahead(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   moves: tuple[Statistics, Statistics] | None = None):
-        """The update in the parameters' `.grad` (and the batch's move of the running statistics) as (params, grads,
-        base, delta(1)): `base` holds the per-sample probe losses where the step goes without the batch."""
+    def _lookahead(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        """The update in the parameters' `.grad` as (params, grads, base, delta(1)): `base` holds the per-sample
+        probe losses where the step goes without the batch."""
         params = [p for p in model.parameters() if p.grad is not None]
         grads = [p.grad.detach() for p in params]
-        base = self._losses_after_step(model, optimizer, params, grads, 0.0, moves)
-        increase = self._statistic(self._losses_after_step(model, optimizer, params, grads, 1.0, moves) - base)
+        base = self._losses_after_step(model, optimizer, params, grads, 0.0)
+        increase = self._statistic(self._losses_after_step(model, optimizer, params, grads, 1.0) - base)
         return params, grads, base, increase
 
     def _statistic(self, changes: torch.Tensor) -> float:
@@ -391,29 +388,29 @@ class UpdateGate:
         one), and, if the update is above the threshold, by the action's choice (the smaller scale wins). The
         action `drop` needs the `batch` (x, y) the gradient was taken on: it takes it again without the samples it
         drops (`_drop_uphill`), and judges what is left as `shrink` would. `statistics`: BatchNorm's running
-        statistics as they were before the batch's forward moved them; the move is then judged with the update,
-        scaled as the action scales the update (a skipped batch moves none, action 'cap' leaves it whole) and capped
-        at `statistics_cap` whatever the verdict."""
+        statistics as they were before the batch's forward moved them; their move is scaled as the action scales the
+        update (a skipped batch moves none, action 'cap' leaves it whole) and capped at `statistics_cap` whatever the
+        verdict. The verdict is on the weights' update alone, as the threshold was calibrated."""
         moves = (statistics, snapshot(model)) if statistics else None
         if self.due(optimizer):
             with moved(model, *(moves or (None, None)), 0.0):  # from the model as it was before the batch
                 self.calibrate(model, optimizer)  # autograd.grad: the batch's .grad is left as it is
         self.updates_since_calibration += 1
-        params, grads, base, increase = self._lookahead(model, optimizer, moves)
+        params, grads, base, increase = self._lookahead(model, optimizer)
         flagged, judged, dropped = increase > self.threshold, increase, ()
         if flagged and self.action == "drop":
             if batch is None:
                 raise ValueError("the gate's action 'drop' needs the batch the update was taken on")
             dropped = tuple(torch.nonzero(~self._drop_uphill(model, params, *batch, increase)).flatten().tolist())
-            params, grads, base, judged = self._lookahead(model, optimizer, moves)
+            params, grads, base, judged = self._lookahead(model, optimizer)
         norm, scale = self._cap_scale(model)
         acted = 1.0  # the action's own scale, without the cap's
         if judged > self.threshold and self.action != "cap":
             acted = 0.0
             if self.action in ("shrink", "drop"):
                 probe_scale = self.threshold / judged
-                at_probe = self._statistic(self._losses_after_step(model, optimizer, params, grads, probe_scale,
-                                                                   moves) - base)
+                at_probe = self._statistic(self._losses_after_step(model, optimizer, params, grads, probe_scale)
+                                           - base)
                 acted = _chord_scale(self.threshold, probe_scale, at_probe, judged)
             scale = min(scale, acted)
         if scale != 1.0:
