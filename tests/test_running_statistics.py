@@ -83,7 +83,8 @@ def test_a_shrunk_batch_moves_the_statistics_part_of_the_way():
     assert report.gate.flagged and 0.0 < report.update_scale < 1.0
     for now, old, whole in zip(_means(learner.model), before, _means(full), strict=True):
         share = ((now - old) / (whole - old))[(whole - old).abs() > 1e-6]
-        assert torch.allclose(share, share[0].expand_as(share), atol=1e-4) and 0.0 <= float(share[0]) < 1.0
+        # every channel the same share of its move: the update's own (no cap here)
+        assert torch.allclose(share, torch.full_like(share, report.update_scale), atol=1e-4)
 
 
 def _judged(learner, x, y, tell: bool):
@@ -94,7 +95,7 @@ def _judged(learner, x, y, tell: bool):
     before = snapshot(model)
     model.train()
     nn.functional.cross_entropy(model(x), y).backward()
-    return gate.judge(model, optimizer, statistics=before if tell else None), model, before
+    return gate.judge(model, optimizer, statistics=before if tell else None)
 
 
 def test_the_verdict_is_on_the_weights_alone_as_the_threshold_was_calibrated():
@@ -103,8 +104,8 @@ def test_the_verdict_is_on_the_weights_alone_as_the_threshold_was_calibrated():
     ResNet-18, whose clean trusted moves all lowered the probe's loss)."""
     learner = _learner("shrink")
     x, y = _blobs(32, torch.Generator().manual_seed(6))
-    told, _, _ = _judged(learner, x, torch.roll(y, 1), tell=True)
-    blind, _, _ = _judged(learner, x, torch.roll(y, 1), tell=False)
+    told = _judged(learner, x, torch.roll(y, 1), tell=True)
+    blind = _judged(learner, x, torch.roll(y, 1), tell=False)
     assert (told.increase, told.flagged, told.scale) == (blind.increase, blind.flagged, blind.scale)
 
 
@@ -133,4 +134,4 @@ def test_a_model_without_batchnorm_is_judged_as_before():
                             lr=0.1, momentum=0.0).ready()
     assert snapshot(model) == []  # what the strategy hands the gate: nothing to move
     x, y = _blobs(32, torch.Generator().manual_seed(4))
-    assert _judged(learner, x, y, tell=True)[0] == _judged(learner, x, y, tell=False)[0]
+    assert _judged(learner, x, y, tell=True) == _judged(learner, x, y, tell=False)
