@@ -2,10 +2,9 @@
 with them moved part of the way.
 
 A batch moves the running statistics in the forward that takes its gradient, before any defense has judged it, and
-eval-mode predictions read them. So the update gate treats the move as part of the update: the lookahead measures its
-two points with the statistics before and after the batch, and the action scales the move as it scales the gradient
-(a skipped batch moves nothing). Only BatchNorm layers that track running statistics take part; a model without them
-is left as it is.
+eval-mode predictions read them. So the update gate treats the move as part of the update: the action scales it as it
+scales the gradient (a skipped batch moves nothing), and it is capped at what clean trusted batches move them
+(`move_size`). Only BatchNorm layers that keep running statistics take part; a model without them is left as it is.
 """
 
 from __future__ import annotations

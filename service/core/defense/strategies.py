@@ -305,7 +305,7 @@ class TrustedUpdateGuard(Strategy):
 
     def loss(self, model, prepared, x, y):
         self._batch = (prepared.x, y)  # gate_action 'drop' takes the gradient again on the samples it keeps
-        self._statistics = snapshot(model)  # BatchNorm's, before this forward moves them: the gate judges the move
+        self._statistics = snapshot(model)  # BatchNorm's, before this forward moves them: the gate scales the move
         return super().loss(model, prepared, x, y)
 
     def before_optimizer_step(self, model, optimizer):

@@ -93,7 +93,15 @@ from torch.nn import functional as F
 
 from service.core.defense.calibration import conformal_quantile
 from service.core.defense.eval_mode import eval_mode, training_mode_frozen_stats
-from service.core.defense.running_statistics import Statistics, after_batch, move_size, moved, put, snapshot
+from service.core.defense.running_statistics import (
+    Statistics,
+    after_batch,
+    move_size,
+    moved,
+    put,
+    snapshot,
+    tracking_norms,
+)
 from service.core.randomness import CALIBRATION, key_seed, seeded_draws
 
 ACTIONS = ("shrink", "skip", "cap", "drop")
@@ -250,9 +258,8 @@ class UpdateGate:
             # BatchNorm's running statistics, capped as the gradient is: no batch moves them further than the clean
             # trusted batches at the cap's level do (30 batches of white images, never flagged, took the statistics,
             # and a BatchNorm digits model with them, from 98% to 42%; docs/results.md)
-            has_statistics = bool(snapshot(model))
             self.statistics_cap = (float(torch.quantile(torch.tensor(moves), self.cap_level))
-                                   if self.norm_cap and has_statistics else None)
+                                   if self.norm_cap and tracking_norms(model) else None)
         self.increases = [*self.increases, increases][-self.calibration_window:]
         values = torch.tensor([value for calibration in self.increases for value in calibration])
         if self.level_rule == "cross_half" or (self.level_rule == "cross_half_first" and not self.calibrations):
@@ -274,7 +281,7 @@ class UpdateGate:
         default the whole split), each on the probe samples not in its batch (cross-fitting: a stream batch is
         never in the probe either); their gradients' norms are appended to `norms` when the gate caps norms."""
         changes = []
-        before = snapshot(model)
+        before = snapshot(model) if moves is not None else None  # only where the moves' sizes are asked for
         for pick, grads, after in self._clean_gradients(model, params, count, pool):
             keep = torch.ones(len(self.trusted[0]), dtype=torch.bool)
             keep[pick] = False
