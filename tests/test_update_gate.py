@@ -28,7 +28,7 @@ def _judge_only(learner, x, y):
     model.train()
     learner.optimizer.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(model(x.to(learner.device)), y.to(learner.device)).backward()
-    return learner.strategy.gate.judge(model, learner.optimizer)
+    return learner.strategy.gate.judge(model, learner.optimizer, batch=(x, y))  # the batch: for action 'drop'
 
 
 def _blobs(n, generator):
@@ -224,10 +224,7 @@ def test_drop_leaves_the_relabelled_samples_out_of_a_flagged_update_and_keeps_th
     learner = _guard_learner(digits_experiment, gate_action="drop", gate_norm_cap="none")
     x, y, lies = _flipped_batch(digits_experiment)
     model = learner.model
-    model.train()
-    learner.optimizer.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    verdict = learner.strategy.gate.judge(model, learner.optimizer, batch=(x, y))
+    verdict = _judge_only(learner, x, y)
     assert verdict.flagged and verdict.dropped
     dropped = torch.zeros(len(x), dtype=torch.bool)
     dropped[list(verdict.dropped)] = True
@@ -255,11 +252,7 @@ def test_drop_applies_more_of_a_flagged_batchs_honest_samples_than_shrink(digits
     verdicts = {}
     for action in ("shrink", "drop"):
         learner = _guard_learner(digits_experiment, gate_action=action, gate_norm_cap="none")
-        model = learner.model
-        model.train()
-        learner.optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        verdicts[action] = learner.strategy.gate.judge(model, learner.optimizer, batch=(x, y))
+        verdicts[action] = _judge_only(learner, x, y)
     shrink, drop = verdicts["shrink"], verdicts["drop"]
     assert shrink.flagged and drop.flagged and shrink.increase == pytest.approx(drop.increase)
     honest_kept = int((~lies).sum()) - sum(not lies[i] for i in drop.dropped)
