@@ -54,6 +54,9 @@ VARIANTS: dict[str, dict] = {
     # a flagged update loses the samples that push the trusted probe uphill most, not its size (2026-11-27: a label
     # flip held better, the drift kept)
     "guard-drop": {"name": "guard", "gate_action": "drop"},
+    # each sample's label judged by its nearest trusted samples in the model's feature space; contradicted ones are left
+    # out of the update (2026-11-27: against the label flip every defense lost)
+    "guard-labels": {"name": "guard", "label_check": True},
     "guard-uncapped": {"name": "guard", "gate_norm_cap": "none"},
     "guard-median": {"name": "guard", "gate_cap_level": 0.5},  # the cap at the median: the default until 2026-11-26
     # the default until the late-drift rows (2026-11-26): the cap at the 0.1 level, recalibrated on the current model

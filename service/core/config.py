@@ -137,6 +137,22 @@ class StrategyConfig(_Section):
                                      "depends on the momentum buffer's phase); the same without momentum and decay")
     gate_probe_samples: int = Field(256, ge=4, description="guard: trusted samples the lookahead measures each "
                                     "update on (its cost per update is two forwards of them)")
+    label_check: bool = Field(False, description="guard: count, over recent batches, the stream samples that look "
+                              "like each trusted class (most of their nearest trusted samples, in the model's feature "
+                              "space, carry it) by their labels; where most samples looking like class a carry label "
+                              "b, leave those samples out of the update (against label flips; "
+                              "service/core/defense/label_check.py, docs/results.md)")
+    label_check_neighbours: int = Field(3, ge=1, description="guard, label_check: nearest trusted samples whose "
+                                                             "majority label is the class a sample looks like")
+    label_check_radius_level: float = Field(0.95, gt=0, le=1, description="guard, label_check: quantile of the "
+                                            "trusted samples' distances to their nearest other trusted sample "
+                                            "within which a sample is counted (further out, e.g. drifted: not)")
+    label_check_window: int = Field(20, ge=1, description="guard, label_check: stream batches over which the "
+                                                          "samples that look like each trusted class are counted")
+    label_check_share: float = Field(0.5, gt=0, le=1, description="guard, label_check: share of the samples looking "
+                                     "like trusted class a, labelled b, at which (a, b) is a lied-about pair")
+    label_check_min_count: int = Field(10, ge=1, description="guard, label_check: samples of a pair in the window "
+                                                             "before it can be a lied-about one")
     gate_norm_cap: Literal["none", "2", "inf"] = Field(
         "inf", description="guard: cap every update's gradient norm at the gate_cap_level quantile of the norms of "
                            "clean trusted updates, measured as gate_cap_anchor says ('none': no cap)")
@@ -160,6 +176,9 @@ class StrategyConfig(_Section):
         if self.gate_action == "drop" and self.name != "guard":
             raise ValueError(f"gate_action 'drop' is guard's (it takes the batch's gradient again); strategy "
                              f"{self.name!r} takes shrink, skip or cap")
+        if self.label_check and self.name != "guard":
+            raise ValueError(f"label_check is guard's (it leaves samples out of guard's update); strategy "
+                             f"{self.name!r} has none")
         if self.auxiliary_max_age is not None and self.auxiliary_max_age < self.auxiliary_window:
             raise ValueError(f"auxiliary_max_age {self.auxiliary_max_age} is shorter than auxiliary_window "
                              f"{self.auxiliary_window}")

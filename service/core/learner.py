@@ -45,6 +45,7 @@ class StepReport:
     discrepancy_after: np.ndarray | None = None
     flagged: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     correction_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    left_out: np.ndarray | None = None  # per sample: left out of the update before it was taken (guard's label check)
     seconds: dict[str, float] = field(default_factory=dict)
     model_version: int = 0
     update_scale: float = 1.0  # share of the batch's gradient applied (the guard's gate may shrink it)
@@ -56,6 +57,12 @@ class StepReport:
         return int(self.flagged.sum())
 
     @property
+    def left_out_count(self) -> int:
+        """Samples left out of the update: by the strategy before it (label check) or by the gate's 'drop'."""
+        before = int(self.left_out.sum()) if self.left_out is not None else 0
+        return before + (len(self.gate.dropped) if self.gate is not None else 0)
+
+    @property
     def corrected_count(self) -> int:
         return int((self.correction_steps > 0).sum())
 
@@ -64,7 +71,7 @@ class StepReport:
         before = self.discrepancy_before
         return {
             "batch_index": self.batch_index, "samples": self.samples, "strategy": self.strategy,
-            "flagged": self.flagged_count, "corrected": self.corrected_count,
+            "flagged": self.flagged_count, "corrected": self.corrected_count, "left_out": self.left_out_count,
             "correction_steps": int(self.correction_steps.sum()),
             "discrepancy_mean": float(before.mean()) if before is not None and len(before) else None,
             "discrepancy_max": float(before.max()) if before is not None and len(before) else None,
@@ -115,7 +122,7 @@ class OnlineLearner:
         """Take now the work the next update would take first (guard's calibration when one is due: the first,
         with its anchored cap of 256 gradients, or one at the end of an interval), and return the learner: copies
         of it then step exactly as the learner would have."""
-        self.strategy.ready(self.model, self.optimizer)
+        self.strategy.ready(self.model, self.optimizer, self.batches_applied)
         return self
 
     @property
@@ -181,6 +188,9 @@ class OnlineLearner:
             if correction is None:  # the gate is the strategy's only verdict, on the whole update
                 report.flagged = np.full(len(x), verdict.flagged)
                 report.threshold = verdict.threshold
+        if prepared.left_out is not None:  # samples the strategy left out of the update are flagged ones too
+            report.left_out = prepared.left_out.cpu().numpy()
+            report.flagged = report.flagged | report.left_out
         report.promotion = self.strategy.after_step(self.model, self.auxiliary, self.batches_applied,
                                                     float(report.flagged.mean()))
         report.model_version = self.model_version

@@ -109,6 +109,10 @@ class WorkerMetrics:
                                registry=r)
         self.corrected = Counter("dscguard_samples_corrected_total", "Samples changed by correction steps",
                                  registry=r)
+        self.left_out = Counter("dscguard_samples_left_out_total", "Samples left out of the update they came in: "
+                                "guard's label check (a label the nearest trusted samples all contradict) and its "
+                                "gate's 'drop' action (the samples that pushed a flagged update uphill most)",
+                                registry=r)
         self.correction_steps = Histogram("dscguard_correction_steps", "Correction steps taken per flagged sample",
                                           buckets=CORRECTION_STEP_BUCKETS, registry=r)
         self.threshold = Gauge("dscguard_threshold", "Discrepancy threshold the next batch is judged against",
@@ -175,6 +179,7 @@ class WorkerMetrics:
             self.correction_steps.observe(steps)
         self.flagged.inc(report.flagged_count)
         self.corrected.inc(report.corrected_count)
+        self.left_out.inc(report.left_out_count)
         self.loss.set(report.loss)
         if threshold_next is not None:
             self.threshold.set(threshold_next)

@@ -20,6 +20,7 @@ from service.core.defense.calibration import Calibration
 from service.core.defense.correction import CorrectionResult, ReversePGD
 from service.core.defense.detector import DiscrepancyDetector
 from service.core.defense.eval_mode import eval_mode
+from service.core.defense.label_check import NeighbourLabelCheck
 from service.core.defense.rolling_auxiliary import REASONS, PromotionDecision, RollingAuxiliary
 from service.core.defense.running_statistics import Statistics, snapshot
 from service.core.defense.update_gate import GateVerdict, UpdateGate
@@ -49,6 +50,7 @@ class PreparedBatch:
     correction: CorrectionResult | None = None
     threshold: float | None = None
     features: torch.Tensor | None = None  # mode-invariant trunk output of the received x, with its graph
+    left_out: torch.Tensor | None = None  # per sample: True where the strategy leaves it out of the update (guard)
 
 
 class Strategy:
@@ -74,9 +76,10 @@ class Strategy:
     def loss(self, model: nn.Module, prepared: PreparedBatch, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(prepared.x), y)
 
-    def ready(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Do now what the next update would do first (guard: its gate's calibration when one is due, the first
-        included), so that a learner made ready once can be copied for many batches without paying it again."""
+    def ready(self, model: nn.Module, optimizer: torch.optim.Optimizer, applied: int) -> None:
+        """Do now what the next update (after `applied` ones) would do first (guard: its gate's calibration when one
+        is due, the first included, and its label check's trusted features), so that a learner made ready once can
+        be copied for many batches without paying it again."""
 
     def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> GateVerdict | None:
         """Hook between backward and the optimizer step (gradient clipping and the update gate live here)."""
@@ -292,6 +295,13 @@ class TrustedUpdateGuard(Strategy):
         if trusted is None:
             raise ValueError("strategy 'guard' needs the trusted split (trusted=(x, y)) to calibrate its gate")
         self.gate = _gate(config, trusted, batch_size, seed)
+        self.label_check = None
+        if config.label_check:
+            self.label_check = NeighbourLabelCheck(
+                *self.gate.trusted, neighbours=config.label_check_neighbours,
+                radius_level=config.label_check_radius_level, refresh_every=config.gate_recalibrate_every,
+                window=config.label_check_window, share=config.label_check_share,
+                min_count=config.label_check_min_count)
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._statistics: Statistics | None = None
 
@@ -299,14 +309,28 @@ class TrustedUpdateGuard(Strategy):
     def from_context(cls, config: StrategyConfig, context: StrategyContext) -> Strategy:
         return cls(config, context.trusted, context.batch_size, context.seed)
 
-    def ready(self, model, optimizer):
+    def ready(self, model, optimizer, applied):
+        if self.label_check is not None and self.label_check.due(applied):
+            self.label_check.refresh(model, applied)
         if self.gate.due(optimizer):
             self.gate.calibrate(model, optimizer)  # the calibration the next judge would take, on the same draws
 
+    def prepare(self, model, auxiliary, x, y, batch_index):
+        if self.label_check is None:
+            return PreparedBatch(x)
+        if self.label_check.due(batch_index):
+            self.label_check.refresh(model, batch_index)
+        return PreparedBatch(x, left_out=self.label_check.judge(model, x, y))
+
     def loss(self, model, prepared, x, y):
-        self._batch = (prepared.x, y)  # gate_action 'drop' takes the gradient again on the samples it keeps
+        kept = slice(None) if prepared.left_out is None else ~prepared.left_out
+        self._batch = (prepared.x[kept], y[kept])  # gate_action 'drop' takes the gradient again on what it keeps
         self._statistics = snapshot(model)  # BatchNorm's, before this forward moves them: the gate scales the move
-        return super().loss(model, prepared, x, y)
+        if prepared.left_out is None:
+            return super().loss(model, prepared, x, y)
+        # the whole batch goes forward (BatchNorm normalises it as received); the left-out samples carry no gradient
+        losses = F.cross_entropy(model(prepared.x), y, reduction="none")
+        return (losses * kept).sum() / kept.sum().clamp(min=1)
 
     def before_optimizer_step(self, model, optimizer):
         (batch, statistics), self._batch, self._statistics = (self._batch, self._statistics), None, None
@@ -319,18 +343,23 @@ class TrustedUpdateGuard(Strategy):
         return self.config.gate_target_false_flag_rate
 
     def state(self) -> dict:
-        return {"gate": self.gate.state()}
+        return {"gate": self.gate.state(), **({"label_check": self.label_check.state()} if self.label_check else {})}
 
     def health(self, applied: int) -> dict:
+        checked = {} if self.label_check is None else {"label_check_radius": self.label_check.radius,
+                                                        "label_check_lied_pairs": self.label_check.lied_pairs()}
         return {"gate_threshold": self.gate.threshold, "gate_cap": self.gate.cap, "gate_level": self.gate.level,
-                "gate_calibrations": self.gate.calibrations}
+                "gate_calibrations": self.gate.calibrations, **checked}
 
     def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         if state.get("gate"):
             self.gate.restore(state["gate"])
+        if self.label_check is not None and state.get("label_check"):
+            self.label_check.restore(state["label_check"], tensors)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"trusted_x": self.gate.trusted[0], "trusted_y": self.gate.trusted[1]}
+        return {"trusted_x": self.gate.trusted[0], "trusted_y": self.gate.trusted[1],
+                **(self.label_check.tensors() if self.label_check is not None else {})}
 
 
 def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed: int) -> UpdateGate:

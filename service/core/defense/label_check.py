@@ -1,0 +1,172 @@
+"""Stream labels against the trusted split's: when most of the stream samples that look like trusted class a carry
+label b, the pair (a, b) is lied about, and its samples are left out of the update while the evidence lasts.
+
+A label flip (every 3 of the stream labelled 8) sends images as clean as the stream's, so nothing on the input side
+sees it, and the update gate sees each batch's share of the lie only: a shrunk update still carries a threshold's worth
+of it, and once the model has partly learned the lie the later batches no longer raise the trusted probe's loss
+(docs/results.md, thirteenth session). The labels themselves are what a lie changes, and the trusted split's labels
+are the defender's own. So each sample is placed among the trusted samples in the feature space of the model as it
+stood at the last refresh (the input of its last linear layer; the model's output where it has none): it *looks like*
+class a when most of its `neighbours` nearest trusted samples carry a. Samples whose nearest trusted sample lies within
+`radius` (the `radius_level` quantile of the trusted samples' distances to their nearest other trusted sample) are
+counted over the last `window` batches by (looks like, labelled). A pair (a, b != a) is lied about when at least
+`min_count` of them, and at least `share` of all counted samples looking like a, carry b; then every sample of the batch
+that looks like a and is labelled b is left out, wherever it lies.
+
+Why pairs and not single samples: judged one by one (left out when its nearest trusted samples all carry another label),
+a rule tried first held the flip on three of four development seeds but left out the hard cases of honest drift too
+(a rotated digit placed among another class), and rotation was learned at 77% of ST's gain against guard's 93%. Honest
+drift and honest label noise put a minority of other labels among the samples that look like a class; a flip puts a
+majority. Far-out samples (a shifted digit the model no longer places near anything trusted) count for no pair. The
+trusted features and the model that places samples are taken again every `refresh_every` updates.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+
+import torch
+from torch import nn
+
+from service.core.defense.eval_mode import eval_mode
+
+_CHUNK = 1024  # rows of a distance matrix at a time: memory bounded for a large trusted split
+
+
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of `model`'s last linear layer for `x` (its output where it has no linear layer), in eval mode."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    captured: list[torch.Tensor] = []
+    hook = linears[-1].register_forward_hook(lambda _m, args, _out: captured.append(args[0])) if linears else None
+    try:
+        with eval_mode(model), torch.no_grad():
+            output = model(x)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return (captured[-1] if captured else output).flatten(1).float()
+
+
+def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, skip_self: bool = False):
+    """(distances, indices) of each query's `k` nearest keys, chunked; `skip_self`: queries are keys, row i skips i."""
+    distances, indices = [], []
+    for start in range(0, len(queries), _CHUNK):
+        d = torch.cdist(queries[start:start + _CHUNK], keys)
+        if skip_self:
+            rows = torch.arange(len(d), device=d.device)
+            d[rows, rows + start] = float("inf")
+        found = d.topk(k, dim=1, largest=False)
+        distances.append(found.values)
+        indices.append(found.indices)
+    return torch.cat(distances), torch.cat(indices)
+
+
+class NeighbourLabelCheck:
+    """The trusted split's labels as the judge of each stream sample's label (see the module's docstring).
+
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
+    >>> with torch.no_grad():
+    ...     _ = model[1].weight.copy_(torch.eye(2)), model[1].bias.zero_()
+    >>> x = torch.tensor([[0., 0.], [0.1, 0.], [0., 0.1], [5., 5.], [5.1, 5.], [5., 5.1]])
+    >>> check = NeighbourLabelCheck(x, torch.tensor([0, 0, 0, 1, 1, 1]), neighbours=2, radius_level=1.0,
+    ...                             min_count=2)
+    >>> check.refresh(model)
+    >>> lie = torch.tensor([[0.05, 0.05], [0.02, 0.]])  # two samples like the trusted 0s, labelled 1
+    >>> check.judge(model, lie, torch.tensor([1, 1])).tolist()  # most samples like 0s are labelled 1: a lie
+    [True, True]
+    >>> check.lied_pairs()
+    [(0, 1)]
+    >>> check.judge(model, torch.tensor([[5.05, 5.05], [0.05, 0.]]), torch.tensor([1, 0])).tolist()  # honest
+    [False, False]
+    """
+
+    def __init__(self, trusted_x: torch.Tensor, trusted_y: torch.Tensor, *, neighbours: int = 3,
+                 radius_level: float = 0.95, refresh_every: int = 100, window: int = 20, share: float = 0.5,
+                 min_count: int = 10):
+        if not 1 <= neighbours < len(trusted_x):
+            raise ValueError(f"label_check_neighbours must be in [1, {len(trusted_x) - 1}] for a trusted split of "
+                             f"{len(trusted_x)} samples, got {neighbours}")
+        if not 0 < radius_level <= 1:
+            raise ValueError(f"label_check_radius_level must be in (0, 1], got {radius_level}")
+        if not 0 < share <= 1:
+            raise ValueError(f"label_check_share must be in (0, 1], got {share}")
+        if window < 1 or min_count < 1:
+            raise ValueError(f"label_check_window and label_check_min_count must be >= 1, got {window} and "
+                             f"{min_count}")
+        self.trusted_x, self.trusted_y = trusted_x, trusted_y
+        self.neighbours, self.radius_level, self.refresh_every = neighbours, radius_level, refresh_every
+        self.window, self.share, self.min_count = window, share, min_count
+        self.trusted_features: torch.Tensor | None = None
+        self.model: nn.Module | None = None  # the model as it stood at the refresh: both sides are placed by it
+        self._saved: dict[str, torch.Tensor] | None = None  # its weights from a checkpoint, until a model is at hand
+        self.radius: float | None = None
+        self.refreshed_at: int | None = None  # the update whose model the trusted features were taken from
+        # per judged batch of the window: (looks like, labelled, count) of its samples within the radius
+        self.recent: deque[list[tuple[int, int, int]]] = deque(maxlen=window)
+
+    def due(self, applied: int) -> bool:
+        return self.refreshed_at is None or applied - self.refreshed_at >= self.refresh_every
+
+    def refresh(self, model: nn.Module, applied: int = 0) -> None:
+        """Place the trusted split in the feature space of `model` as it stands, and measure the radius there."""
+        self.model, self._saved = copy.deepcopy(model).eval(), None
+        device = next(model.parameters()).device
+        self.trusted_features = features(self.model, self.trusted_x.to(device))
+        own, _ = _nearest(self.trusted_features, self.trusted_features, 1, skip_self=True)
+        self.radius = float(torch.quantile(own[:, 0], self.radius_level))
+        self.refreshed_at = applied
+
+    def judge(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per sample of (x, y): True where it is left out. The batch joins the window first; then a sample is left
+        out when the trusted samples it looks like (most of its nearest carry class a) make a lied-about pair
+        (a, its label)."""
+        if self.trusted_features is None:
+            raise RuntimeError("the label check judges after refresh(model)")
+        if self.model is None:  # restored from a checkpoint: the refresh's model, rebuilt from its saved weights
+            self.model = copy.deepcopy(model).eval()
+            self.model.load_state_dict(self._saved)
+            self._saved = None
+        distances, indices = _nearest(features(self.model, x), self.trusted_features, self.neighbours)
+        labels = self.trusted_y.to(indices.device)[indices]
+        looks = labels.mode(dim=1).values
+        looks = torch.where(2 * (labels == looks[:, None]).sum(dim=1) > self.neighbours, looks, -1)  # -1: no majority
+        y = y.to(looks.device)
+        counted = (looks >= 0) & (distances[:, 0] <= self.radius)
+        pairs, counts = torch.stack([looks[counted], y[counted]], dim=1).unique(dim=0, return_counts=True)
+        self.recent.append([(int(a), int(b), int(n)) for (a, b), n in zip(pairs.tolist(), counts, strict=True)])
+        left_out = torch.zeros(len(y), dtype=torch.bool, device=looks.device)
+        for a, b in self.lied_pairs():
+            left_out |= (looks == a) & (y == b)
+        return left_out
+
+    def lied_pairs(self) -> list[tuple[int, int]]:
+        """(a, b), a != b: over the window, at least `min_count` samples within the radius that look like trusted
+        class a were labelled b, and they are at least `share` of the samples looking like a."""
+        looked: dict[int, int] = {}
+        labelled: dict[tuple[int, int], int] = {}
+        for batch in self.recent:
+            for a, b, n in batch:
+                looked[a] = looked.get(a, 0) + n
+                labelled[(a, b)] = labelled.get((a, b), 0) + n
+        return sorted((a, b) for (a, b), n in labelled.items()
+                      if a != b and n >= self.min_count and n >= self.share * looked[a])
+
+    def state(self) -> dict:
+        return {"radius": self.radius, "refreshed_at": self.refreshed_at, "recent": [list(map(list, batch))
+                                                                                    for batch in self.recent]}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.trusted_features is None:
+            return {}
+        weights = self._saved if self.model is None else self.model.state_dict()
+        return {"label_check_features": self.trusted_features.cpu(),
+                **{f"label_check_model.{name}": value.cpu() for name, value in weights.items()}}
+
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.radius, self.refreshed_at = state.get("radius"), state.get("refreshed_at")
+        self.recent = deque((list(map(tuple, batch)) for batch in state.get("recent", [])), maxlen=self.window)
+        self.trusted_features = tensors.get("label_check_features")
+        prefix = "label_check_model."
+        self._saved = {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
+        self.model = None

@@ -1,0 +1,152 @@
+"""guard's label check: a sample whose nearest trusted samples all carry another label, and which sits as close to them
+as trusted samples sit to each other, is left out of the update; honest samples and far-out (drifted) ones are kept."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from attacker_sim.drift import build_drift
+from service.core.config import StrategyConfig
+from service.core.defense.label_check import NeighbourLabelCheck
+from service.core.defense.strategies import build_strategy
+from service.core.learner import OnlineLearner
+
+CENTERS = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0]])
+SPEC = {"name": "blobs", "num_classes": 3, "input_shape": [4]}
+
+
+def _blobs(n, seed, shift=0.0):
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    return CENTERS[y] + torch.randn(n, 4, generator=generator) + shift, y
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(100):  # a model that has learned the blobs
+        x, y = _blobs(32, 100 + step)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model
+
+
+def _learner(label_check=True, **settings):
+    config = StrategyConfig(name="guard", label_check=label_check, **settings)
+    strategy = build_strategy(config, trusted=_blobs(90, 1), batch_size=32)
+    return OnlineLearner(_model(), None, strategy, model_spec=SPEC, lr=0.1, momentum=0.0).ready()
+
+
+def _flip(y, source=0, target=1):
+    return torch.where(y == source, torch.full_like(y, target), y)
+
+
+def test_samples_that_look_like_one_class_and_mostly_carry_another_label_are_left_out_and_honest_ones_kept():
+    x, y = _blobs(64, 2)
+    learner = _learner()
+    report = learner.step(x, _flip(y))
+    lies = (y == 0).numpy()
+    assert learner.strategy.label_check.lied_pairs() == [(0, 1)]
+    assert report.left_out[lies].mean() >= 0.9  # the relabelled samples look like the trusted 0s
+    assert not report.left_out[~lies].any()  # honest labels are not in a lied-about pair
+    assert (report.flagged[report.left_out]).all()  # a sample left out is a flagged one in every count
+    honest = _learner().step(x, y)
+    assert not honest.left_out.any()
+
+
+def test_a_minority_of_other_labels_among_lookalikes_is_honest_confusion_and_kept():
+    x, y = _blobs(200, 3)
+    zeros = torch.nonzero(y == 0).flatten()
+    relabel = zeros[: int(0.3 * len(zeros))]  # under the share: 30% of what looks like 0 labelled 1
+    y[relabel] = 1
+    learner = _learner()
+    report = learner.step(x, y)
+    assert learner.strategy.label_check.lied_pairs() == [] and not report.left_out.any()
+
+
+def test_the_update_is_the_gradient_of_the_kept_samples_only():
+    x, y = _blobs(32, 4)
+    y = _flip(y)
+    learner = _learner(gate_norm_cap="none", label_check_min_count=5)
+    learner.strategy.gate.threshold = float("inf")  # nothing flagged: the update is applied whole
+    expected = copy.deepcopy(learner.model)
+    kept = ~learner.strategy.label_check.judge(learner.model, x, y)
+    learner.strategy.label_check.recent.clear()  # the step judges the batch again, from the same window
+    optimizer = torch.optim.SGD(expected.parameters(), lr=0.1)
+    nn.functional.cross_entropy(expected(x[kept]), y[kept]).backward()
+    optimizer.step()
+    report = learner.step(x, y)
+    assert not report.gate.flagged and report.left_out.sum() == (~kept).sum() > 0
+    for a, b in zip(learner.model.parameters(), expected.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_samples_far_from_the_trusted_data_count_for_no_pair_whatever_they_look_like():
+    learner = _learner()
+    far_x, far_y = _blobs(64, 5)
+    far_x = far_x * 4  # the blobs, four times further out: each still looks most like its own class's samples
+    report = learner.step(far_x, (far_y + 1) % 3)  # every label another class's
+    assert learner.strategy.label_check.lied_pairs() == [] and not report.left_out.any()
+
+
+def _digits_learner(experiment, label_check):
+    return experiment.new_learner(StrategyConfig(name="guard", label_check=label_check)).ready()
+
+
+def test_a_label_flip_is_learned_without_the_check_and_not_with_it(digits_experiment):
+    test_x, test_y = digits_experiment.test_tensors
+    threes = test_y == 3
+
+    def class_accuracy_after_flip(label_check):
+        learner = _digits_learner(digits_experiment, label_check)
+        for x, y in digits_experiment.stream_batches(50, seed=11):
+            learner.step(x, _flip(y, 3, 8))
+        return learner.accuracy(test_x[threes], test_y[threes])
+
+    start = _digits_learner(digits_experiment, False).accuracy(test_x[threes], test_y[threes])
+    assert class_accuracy_after_flip(False) < start - 0.5  # guard's gate alone lets most of the lie in
+    # a few of the stream's 3s have an 8 among their nearest trusted samples, pass the check and are learned as 8s
+    assert class_accuracy_after_flip(True) >= start - 0.2
+
+
+def test_an_honest_drift_is_still_learned_with_the_check(digits_experiment):
+    drift = build_drift("pixel_shift")
+    test = drift.test_view(*digits_experiment.test_tensors, seed=0)
+
+    def gain(label_check):
+        learner = _digits_learner(digits_experiment, label_check)
+        before = learner.accuracy(*test)
+        for x, y in drift.batches(*digits_experiment.splits.stream.tensors(), 50, 30, seed=12):
+            learner.step(x, y)
+        return learner.accuracy(*test) - before
+
+    without = gain(False)
+    assert without > 0.1  # the shift costs accuracy, and learning it wins much of it back
+    assert gain(True) >= 0.8 * without
+
+
+def test_a_restored_learner_judges_and_steps_as_the_original(digits_experiment, tmp_path):
+    learner = _digits_learner(digits_experiment, True)
+    batches = [(x, _flip(y, 3, 8)) for x, y in digits_experiment.stream_batches(4, seed=13)]
+    for x, y in batches[:3]:  # the window that makes (3, 8) a lied-about pair travels with the checkpoint
+        learner.step(x, y)
+    learner.save(tmp_path / "ckpt")
+    restored = OnlineLearner.load(tmp_path / "ckpt")
+    assert restored.strategy.label_check.lied_pairs() == learner.strategy.label_check.lied_pairs() == [(3, 8)]
+    original, again = learner.step(*batches[3]), restored.step(*batches[3])
+    assert original.left_out.any() and (original.left_out == again.left_out).all()
+    for a, b in zip(learner.model.parameters(), restored.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_label_check_settings_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="label_check is guard's"):
+        StrategyConfig(name="gc", label_check=True)
+    with pytest.raises(ValueError, match="label_check_neighbours"):
+        NeighbourLabelCheck(*_blobs(8, 8), neighbours=8)
+    with pytest.raises(ValueError, match="label_check_radius_level"):
+        NeighbourLabelCheck(*_blobs(8, 8), radius_level=0.0)
