@@ -54,9 +54,8 @@ VARIANTS: dict[str, dict] = {
     # a flagged update loses the samples that push the trusted probe uphill most, not its size (2026-11-27: a label
     # flip held better, the drift kept)
     "guard-drop": {"name": "guard", "gate_action": "drop"},
-    # each sample's label judged by its nearest trusted samples in the model's feature space; contradicted ones are left
-    # out of the update (2026-11-27: against the label flip every defense lost)
-    "guard-labels": {"name": "guard", "label_check": True},
+    # without the label check (the default until 2026-11-27, when the label flip was the one row every defense lost)
+    "guard-nolabels": {"name": "guard", "label_check": False},
     "guard-uncapped": {"name": "guard", "gate_norm_cap": "none"},
     "guard-median": {"name": "guard", "gate_cap_level": 0.5},  # the cap at the median: the default until 2026-11-26
     # the default until the late-drift rows (2026-11-26): the cap at the 0.1 level, recalibrated on the current model
@@ -214,7 +213,7 @@ def _run_strategy(experiment: Experiment, data: scenarios.ScenarioData, label: s
                                                attackers["white"], on_step))
     if arena.label_flip:
         outcomes.append(scenarios.label_flip(fresh(), data, label, *arena.label_flip, arena.label_flip_batches,
-                                             on_step))
+                                             on_step, fraction=arena.label_flip_fraction))
     for name, campaign in attackers.items():
         if name != "white":
             outcomes.append(scenarios.attack(fresh(), data, label, campaign, name, stream_offset=10,

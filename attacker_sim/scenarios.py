@@ -28,7 +28,7 @@ from attacker_sim.drift import build_drift
 from attacker_sim.targets import InProcessTarget
 from service.core.experiment import Experiment
 from service.core.learner import OnlineLearner
-from service.core.randomness import FRESH_JUDGE, key_seed
+from service.core.randomness import FRESH_JUDGE, LABEL_FLIP, key_seed
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 WINDOW = 100  # stream batches in the early and the late stretch of a long clean stream
@@ -264,25 +264,29 @@ def drift_attack(learner: OnlineLearner, data: ScenarioData, label: str, kind: s
 
 
 def label_flip(learner: OnlineLearner, data: ScenarioData, label: str, source: int, target: int, batches: int,
-               on_step: Callable[[], None] | None = None) -> Outcome:
-    """`batches` stream batches whose samples of class `source` are all labelled `target`: the plainest targeted
-    poisoning, with images as clean as the stream's (nothing for an input-side discrepancy to see). Accuracy on the
-    unchanged test split; `poisons_flagged` is the share of relabelled samples the defense flagged."""
+               on_step: Callable[[], None] | None = None, fraction: float = 1.0) -> Outcome:
+    """`batches` stream batches whose samples of class `source` are labelled `target` (each with probability
+    `fraction`, drawn with the seed: an attacker who lies about part of a class to stay under a label check's share):
+    the plainest targeted poisoning, with images as clean as the stream's (nothing for an input-side discrepancy to
+    see). Accuracy on the unchanged test split; `poisons_flagged` is the share of relabelled samples the defense
+    flagged."""
     judge = InProcessTarget(learner)
     start = accuracy(judge, *data.test)
     stream = data.stream(6)
+    draws = torch.Generator().manual_seed(key_seed(data.seed, LABEL_FLIP, 0))
     flagged = relabelled = 0
     seconds = []
     for _ in range(batches):
         x, y = next(stream)
-        poisoned = y == source
+        poisoned = (y == source) & (torch.rand(len(y), generator=draws) < fraction)
         report = learner.step(x, torch.where(poisoned, torch.full_like(y, target), y))
         flagged += int(np.asarray(report.flagged)[poisoned.numpy()].sum())
         relabelled += int(poisoned.sum())
         seconds.append(report.seconds["total"])
         if on_step:
             on_step()
-    return Outcome(f"label-flip:{source}>{target}", label, data.seed, start_acc=start,
+    name = f"label-flip:{source}>{target}" + (f"x{fraction:g}" if fraction < 1 else "")
+    return Outcome(name, label, data.seed, start_acc=start,
                    final_acc=accuracy(judge, *data.test),
                    poisons_flagged=flagged / relabelled if relabelled else None,
                    target_flag_rate=learner.strategy.target_false_flag_rate(),

@@ -264,6 +264,25 @@ def test_a_label_flip_relabels_only_the_source_class_and_costs_st_that_class(dig
     assert outcome.final_acc < outcome.start_acc
 
 
+def test_a_partial_label_flip_relabels_about_its_fraction_of_the_source_class_and_names_it(digits_experiment):
+    data = scenarios.ScenarioData(digits_experiment, digits_experiment.test_tensors,
+                                  digits_experiment.splits.attacker_val.tensors())
+    learner = digits_experiment.new_learner(digits_experiment.config.strategy.model_copy(update={"name": "st"}))
+    seen = []
+    step = learner.step
+    learner.step = lambda bx, by: (seen.append(by), step(bx, by))[1]
+    outcome = scenarios.label_flip(learner, data, "st", source=3, target=8, batches=40, fraction=0.4)
+    assert outcome.scenario == "label-flip:3>8x0.4"
+    stream = data.stream(6)
+    originals = torch.cat([next(stream)[1] for _ in seen])
+    labels = torch.cat(seen)
+    threes = originals == 3
+    assert torch.equal(labels[~threes], originals[~threes])  # only 3s are relabelled, and only as 8s
+    assert set(labels[threes].tolist()) == {3, 8}
+    share = (labels[threes] == 8).float().mean().item()
+    assert abs(share - 0.4) < 3 * (0.4 * 0.6 / threes.sum().item()) ** 0.5  # within three binomial std
+
+
 def test_a_label_flip_naming_one_class_twice_or_a_class_the_data_lacks_is_refused(tiny_config):
     with pytest.raises(ValueError, match="label_flip must be"):
         tiny_config.arena.model_validate({**TINY_ARENA, "label_flip": [3, 3]})

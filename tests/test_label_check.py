@@ -144,8 +144,6 @@ def test_a_restored_learner_judges_and_steps_as_the_original(digits_experiment, 
 
 
 def test_bad_label_check_settings_are_refused_naming_the_field():
-    with pytest.raises(ValueError, match="label_check is guard's"):
-        StrategyConfig(name="gc", label_check=True)
     with pytest.raises(ValueError, match="label_check_neighbours"):
         NeighbourLabelCheck(*_blobs(8, 8), neighbours=8)
     with pytest.raises(ValueError, match="label_check_radius_level"):

@@ -137,11 +137,11 @@ class StrategyConfig(_Section):
                                      "depends on the momentum buffer's phase); the same without momentum and decay")
     gate_probe_samples: int = Field(256, ge=4, description="guard: trusted samples the lookahead measures each "
                                     "update on (its cost per update is two forwards of them)")
-    label_check: bool = Field(False, description="guard: count, over recent batches, the stream samples that look "
+    label_check: bool = Field(True, description="guard: count, over recent batches, the stream samples that look "
                               "like each trusted class (most of their nearest trusted samples, in the model's feature "
                               "space, carry it) by their labels; where most samples looking like class a carry label "
-                              "b, leave those samples out of the update (against label flips; "
-                              "service/core/defense/label_check.py, docs/results.md)")
+                              "b, leave those samples out of the update (against label flips; off until "
+                              "2026-11-27; service/core/defense/label_check.py, docs/results.md)")
     label_check_neighbours: int = Field(3, ge=1, description="guard, label_check: nearest trusted samples whose "
                                                              "majority label is the class a sample looks like")
     label_check_radius_level: float = Field(0.95, gt=0, le=1, description="guard, label_check: quantile of the "
@@ -176,9 +176,6 @@ class StrategyConfig(_Section):
         if self.gate_action == "drop" and self.name != "guard":
             raise ValueError(f"gate_action 'drop' is guard's (it takes the batch's gradient again); strategy "
                              f"{self.name!r} takes shrink, skip or cap")
-        if self.label_check and self.name != "guard":
-            raise ValueError(f"label_check is guard's (it leaves samples out of guard's update); strategy "
-                             f"{self.name!r} has none")
         if self.auxiliary_max_age is not None and self.auxiliary_max_age < self.auxiliary_window:
             raise ValueError(f"auxiliary_max_age {self.auxiliary_max_age} is shorter than auxiliary_window "
                              f"{self.auxiliary_window}")
@@ -281,6 +278,9 @@ class ArenaConfig(_Section):
         default_factory=lambda: [3, 8], description="the label-flip scenario: [source, target] classes, every stream "
                                                     "sample of source labelled target (null: not run)")
     label_flip_batches: int = Field(50, ge=1, description="label-flip scenario: relabelled stream batches")
+    label_flip_fraction: float = Field(1.0, gt=0, le=1, description="label-flip scenario: share of the source "
+                                       "class's samples relabelled (each drawn with the seed); under 1 the "
+                                       "scenario is named label-flip:<source>><target>x<fraction>")
     adaptive_betas: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0],
                                         description="adaptive attacker (poisons and trigger) weights")
     gate_evasion: bool = Field(True, description="the attacker adaptive to guard's gate: campaign.max_batches "

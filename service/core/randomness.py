@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 # what the draws are for: the second part of every key, so that no two purposes share a sequence (ATTACK: the
-# simulated attacker's run against a target)
-UPDATE, CALIBRATION, FRESH_JUDGE, ATTACK = 0, 1, 2, 3
+# simulated attacker's run against a target; LABEL_FLIP: which samples a partial label flip relabels)
+UPDATE, CALIBRATION, FRESH_JUDGE, ATTACK, LABEL_FLIP = 0, 1, 2, 3, 4
 
 
 def key_seed(*key: int) -> int:

@@ -161,7 +161,7 @@ class NeighbourLabelCheck:
             return {}
         weights = self._saved if self.model is None else self.model.state_dict()
         return {"label_check_features": self.trusted_features.cpu(),
-                **{f"label_check_model.{name}": value.cpu() for name, value in weights.items()}}
+                **{f"label_check_model.{name}": value.detach().cpu().clone() for name, value in weights.items()}}
 
     def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         self.radius, self.refreshed_at = state.get("radius"), state.get("refreshed_at")
