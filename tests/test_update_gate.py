@@ -178,13 +178,14 @@ def test_metrics_count_the_gate_flagging_apart_from_the_cap():
                 GateVerdict(0.05, 0.1, False, 0.5, 2.0, 1.0),  # not flagged, capped
                 GateVerdict(0.05, 0.1, False, 1.0, 0.5, 1.0)]  # applied whole
     left_out = [None, None, np.array([True, False, False, False])]  # the label check left one sample out
-    for i, (verdict, before) in enumerate(zip(verdicts, left_out, strict=True)):
+    relabelled = [None, None, np.array([False, True, True, False])]  # and relabelled two
+    for i, (verdict, before, changed) in enumerate(zip(verdicts, left_out, relabelled, strict=True)):
         report = StepReport(batch_index=i, samples=4, strategy="guard", loss=0.1, grad_norm=1.0, gate=verdict,
-                            update_scale=verdict.scale, left_out=before)
+                            update_scale=verdict.scale, left_out=before, relabelled=changed)
         metrics.observe_step(report, verdict.threshold, {})
     text = generate_latest(metrics.registry).decode()
     assert "dscguard_updates_shrunk_total 1.0" in text and "dscguard_updates_capped_total 1.0" in text
-    assert "dscguard_samples_left_out_total 3.0" in text
+    assert "dscguard_samples_left_out_total 3.0" in text and "dscguard_samples_relabelled_total 2.0" in text
     assert "dscguard_gate_cap 1.0" in text
 
 

@@ -140,8 +140,9 @@ class StrategyConfig(_Section):
     label_check: bool = Field(True, description="guard: count, over recent batches, the stream samples that look "
                               "like each trusted class (most of their nearest trusted samples, in the model's feature "
                               "space, carry it) by their labels; where most samples looking like class a carry label "
-                              "b, leave those samples out of the update (against label flips; off until "
-                              "2026-11-27; service/core/defense/label_check.py, docs/results.md)")
+                              "b, learn those samples as a and leave out the ones labelled b that look like neither "
+                              "(against label flips; off until 2026-11-27; service/core/defense/label_check.py, "
+                              "docs/results.md)")
     label_check_neighbours: int = Field(3, ge=1, description="guard, label_check: nearest trusted samples whose "
                                                              "majority label is the class a sample looks like")
     label_check_radius_level: float = Field(0.95, gt=0, le=1, description="guard, label_check: quantile of the "

@@ -46,6 +46,7 @@ class StepReport:
     flagged: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     correction_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     left_out: np.ndarray | None = None  # per sample: left out of the update before it was taken (guard's label check)
+    relabelled: np.ndarray | None = None  # per sample: learned with the label its trusted lookalikes carry (the same)
     seconds: dict[str, float] = field(default_factory=dict)
     model_version: int = 0
     update_scale: float = 1.0  # share of the batch's gradient applied (the guard's gate may shrink it)
@@ -63,6 +64,10 @@ class StepReport:
         return before + (len(self.gate.dropped) if self.gate is not None else 0)
 
     @property
+    def relabelled_count(self) -> int:
+        return int(self.relabelled.sum()) if self.relabelled is not None else 0
+
+    @property
     def corrected_count(self) -> int:
         return int((self.correction_steps > 0).sum())
 
@@ -72,6 +77,7 @@ class StepReport:
         return {
             "batch_index": self.batch_index, "samples": self.samples, "strategy": self.strategy,
             "flagged": self.flagged_count, "corrected": self.corrected_count, "left_out": self.left_out_count,
+            "relabelled": self.relabelled_count,
             "correction_steps": int(self.correction_steps.sum()),
             "discrepancy_mean": float(before.mean()) if before is not None and len(before) else None,
             "discrepancy_max": float(before.max()) if before is not None and len(before) else None,
@@ -188,9 +194,10 @@ class OnlineLearner:
             if correction is None:  # the gate is the strategy's only verdict, on the whole update
                 report.flagged = np.full(len(x), verdict.flagged)
                 report.threshold = verdict.threshold
-        if prepared.left_out is not None:  # samples the strategy left out of the update are flagged ones too
-            report.left_out = prepared.left_out.cpu().numpy()
-            report.flagged = report.flagged | report.left_out
+        if prepared.labels is not None:  # samples whose label the strategy changed or left out are flagged ones too
+            report.left_out = prepared.labels.left_out.cpu().numpy()
+            report.relabelled = prepared.labels.relabelled.cpu().numpy()
+            report.flagged = report.flagged | report.left_out | report.relabelled
         report.promotion = self.strategy.after_step(self.model, self.auxiliary, self.batches_applied,
                                                     float(report.flagged.mean()))
         report.model_version = self.model_version

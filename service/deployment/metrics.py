@@ -113,6 +113,9 @@ class WorkerMetrics:
                                 "guard's label check (a label the nearest trusted samples all contradict) and its "
                                 "gate's 'drop' action (the samples that pushed a flagged update uphill most)",
                                 registry=r)
+        self.relabelled = Counter("dscguard_samples_relabelled_total", "Samples guard's label check learned with "
+                                  "the label of the trusted class they look like, their own label being the lied-"
+                                  "about one of a pair", registry=r)
         self.correction_steps = Histogram("dscguard_correction_steps", "Correction steps taken per flagged sample",
                                           buckets=CORRECTION_STEP_BUCKETS, registry=r)
         self.threshold = Gauge("dscguard_threshold", "Discrepancy threshold the next batch is judged against",
@@ -180,6 +183,7 @@ class WorkerMetrics:
         self.flagged.inc(report.flagged_count)
         self.corrected.inc(report.corrected_count)
         self.left_out.inc(report.left_out_count)
+        self.relabelled.inc(report.relabelled_count)
         self.loss.set(report.loss)
         if threshold_next is not None:
             self.threshold.set(threshold_next)

@@ -20,7 +20,7 @@ from service.core.defense.calibration import Calibration
 from service.core.defense.correction import CorrectionResult, ReversePGD
 from service.core.defense.detector import DiscrepancyDetector
 from service.core.defense.eval_mode import eval_mode
-from service.core.defense.label_check import NeighbourLabelCheck
+from service.core.defense.label_check import LabelVerdict, NeighbourLabelCheck
 from service.core.defense.rolling_auxiliary import REASONS, PromotionDecision, RollingAuxiliary
 from service.core.defense.running_statistics import Statistics, snapshot
 from service.core.defense.update_gate import GateVerdict, UpdateGate
@@ -50,7 +50,7 @@ class PreparedBatch:
     correction: CorrectionResult | None = None
     threshold: float | None = None
     features: torch.Tensor | None = None  # mode-invariant trunk output of the received x, with its graph
-    left_out: torch.Tensor | None = None  # per sample: True where the strategy leaves it out of the update (guard)
+    labels: LabelVerdict | None = None  # guard's label check: the labels learned, relabelled and left-out samples
 
 
 class Strategy:
@@ -321,13 +321,15 @@ class TrustedUpdateGuard(Strategy):
             return PreparedBatch(x)
         if self.label_check.due(batch_index):
             self.label_check.refresh(model, batch_index)
-        return PreparedBatch(x, left_out=self.label_check.judge(model, x, y))
+        return PreparedBatch(x, labels=self.label_check.judge(model, x, y))
 
     def loss(self, model, prepared, x, y):
-        kept = slice(None) if prepared.left_out is None else ~prepared.left_out
+        verdict = prepared.labels
+        y = y if verdict is None else verdict.labels
+        kept = slice(None) if verdict is None else ~verdict.left_out
         self._batch = (prepared.x[kept], y[kept])  # gate_action 'drop' takes the gradient again on what it keeps
         self._statistics = snapshot(model)  # BatchNorm's, before this forward moves them: the gate scales the move
-        if prepared.left_out is None:
+        if verdict is None:
             return super().loss(model, prepared, x, y)
         # the whole batch goes forward (BatchNorm normalises it as received); the left-out samples carry no gradient
         losses = F.cross_entropy(model(prepared.x), y, reduction="none")
