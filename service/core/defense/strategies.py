@@ -284,8 +284,8 @@ class TrustedUpdateGuard(Strategy):
     update is shrunk until it no longer raises the trusted probe loss beyond the threshold (or dropped,
     `gate_action="skip"`), and every update is capped at the `gate_cap_level` quantile (0.2) of the norms of clean
     trusted updates (`gate_norm_cap`). Honest batches, drifted ones included, are learned at most at the pace of the
-    smaller clean batches. Before the update, the label check (`label_check`, `NeighbourLabelCheck`) leaves out the
-    samples of a lied-about pair: where most recent stream samples that look like trusted class a carry label b.
+    smaller clean batches. Before the update, the label check (`label_check`, `NeighbourLabelCheck`) finds lied-about
+    pairs (most recent stream samples that look like trusted class a carry label b) and learns their samples as a.
     """
 
     name = "guard"
