@@ -46,7 +46,7 @@ class StepReport:
     flagged: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     correction_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     left_out: np.ndarray | None = None  # per sample: left out of the update before it was taken (guard's label check)
-    relabelled: np.ndarray | None = None  # per sample: learned with the label its trusted lookalikes carry (the same)
+    relabelled: np.ndarray | None = None  # per sample: learned with its trusted lookalikes' label (guard's label check)
     seconds: dict[str, float] = field(default_factory=dict)
     model_version: int = 0
     update_scale: float = 1.0  # share of the batch's gradient applied (the guard's gate may shrink it)

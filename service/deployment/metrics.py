@@ -110,8 +110,9 @@ class WorkerMetrics:
         self.corrected = Counter("dscguard_samples_corrected_total", "Samples changed by correction steps",
                                  registry=r)
         self.left_out = Counter("dscguard_samples_left_out_total", "Samples left out of the update they came in: "
-                                "guard's label check (a label the nearest trusted samples all contradict) and its "
-                                "gate's 'drop' action (the samples that pushed a flagged update uphill most)",
+                                "guard's label check (labelled as a lied-about pair's label, looking like neither "
+                                "class of the pair) and its gate's 'drop' action (the samples that pushed a flagged "
+                                "update uphill most)",
                                 registry=r)
         self.relabelled = Counter("dscguard_samples_relabelled_total", "Samples guard's label check learned with "
                                   "the label of the trusted class they look like, their own label being the lied-"

@@ -120,8 +120,10 @@ class NeighbourLabelCheck:
         # per judged batch of the window: (looks like, labelled, count) of its samples within the radius
         self.recent: deque[list[tuple[int, int, int]]] = deque(maxlen=window)
 
-    def due(self, applied: int) -> bool:
-        return self.refreshed_at is None or applied - self.refreshed_at >= self.refresh_every
+    def ready(self, model: nn.Module, applied: int) -> None:
+        """Refresh from `model` when `refresh_every` updates have passed since the last refresh (or there was none)."""
+        if self.refreshed_at is None or applied - self.refreshed_at >= self.refresh_every:
+            self.refresh(model, applied)
 
     def refresh(self, model: nn.Module, applied: int = 0) -> None:
         """Place the trusted split in the feature space of `model` as it stands, and measure the radius there."""

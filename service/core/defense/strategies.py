@@ -311,16 +311,15 @@ class TrustedUpdateGuard(Strategy):
         return cls(config, context.trusted, context.batch_size, context.seed)
 
     def ready(self, model, optimizer, applied):
-        if self.label_check is not None and self.label_check.due(applied):
-            self.label_check.refresh(model, applied)
+        if self.label_check is not None:
+            self.label_check.ready(model, applied)
         if self.gate.due(optimizer):
             self.gate.calibrate(model, optimizer)  # the calibration the next judge would take, on the same draws
 
     def prepare(self, model, auxiliary, x, y, batch_index):
         if self.label_check is None:
             return PreparedBatch(x)
-        if self.label_check.due(batch_index):
-            self.label_check.refresh(model, batch_index)
+        self.label_check.ready(model, batch_index)
         return PreparedBatch(x, labels=self.label_check.judge(model, x, y))
 
     def loss(self, model, prepared, x, y):
