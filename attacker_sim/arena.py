@@ -56,6 +56,9 @@ VARIANTS: dict[str, dict] = {
     "guard-drop": {"name": "guard", "gate_action": "drop"},
     # without the label check (the default until 2026-11-27, when the label flip was the one row every defense lost)
     "guard-nolabels": {"name": "guard", "label_check": False},
+    # the label check with lied-about pairs only (the default until 2026-11-28, when a class relabelled at random
+    # went through it)
+    "guard-pairs": {"name": "guard", "label_check_class_share": None},
     "guard-uncapped": {"name": "guard", "gate_norm_cap": "none"},
     "guard-median": {"name": "guard", "gate_cap_level": 0.5},  # the cap at the median: the default until 2026-11-26
     # the default until the late-drift rows (2026-11-26): the cap at the 0.1 level, recalibrated on the current model
@@ -101,7 +104,7 @@ def _steps_per_strategy(config: ExperimentConfig, long_horizon: bool) -> int:
     drifts = len(arena.drifts) * (1 + int(bool(_late_drift_after(arena, launches))))
     return (length + attackers * attack_len + arena.slow_poison_count * arena.slow_poison_every
             + drifts * arena.drift_batches + (arena.drift_batches + attack_len) * bool(arena.drift_attack)
-            + arena.label_flip_batches * bool(arena.label_flip))
+            + arena.label_flip_batches * bool(arena.label_flip) * (1 + int(arena.label_flip_spread)))
 
 
 def _late_drift_after(arena, launches: Sequence[int]) -> int:
@@ -159,7 +162,7 @@ def _settings(strategy: StrategyConfig) -> dict:
                 "guard": ["gate_action", "gate_target_false_flag_rate", "gate_calibration_updates",
                           "gate_recalibrate_every", "gate_calibration_window", "gate_norm_cap", "gate_cap_level",
                           "gate_cap_anchor", "gate_cap_updates", "gate_probe_samples", "gate_probe_winsor",
-                          "gate_level_rule"]}
+                          "gate_level_rule", "label_check", "label_check_share", "label_check_class_share"]}
     return {"name": strategy.name, **{k: getattr(strategy, k) for k in relevant[strategy.name]}}
 
 
@@ -212,8 +215,10 @@ def _run_strategy(experiment: Experiment, data: scenarios.ScenarioData, label: s
         outcomes.append(scenarios.drift_attack(fresh(), data, label, arena.drift_attack, arena.drift_batches,
                                                attackers["white"], on_step))
     if arena.label_flip:
-        outcomes.append(scenarios.label_flip(fresh(), data, label, *arena.label_flip, arena.label_flip_batches,
-                                             on_step, fraction=arena.label_flip_fraction))
+        source, target = arena.label_flip
+        for lie in [target, None] if arena.label_flip_spread else [target]:
+            outcomes.append(scenarios.label_flip(fresh(), data, label, source, lie, arena.label_flip_batches,
+                                                 on_step, fraction=arena.label_flip_fraction))
     for name, campaign in attackers.items():
         if name != "white":
             outcomes.append(scenarios.attack(fresh(), data, label, campaign, name, stream_offset=10,

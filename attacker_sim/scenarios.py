@@ -11,7 +11,8 @@ tuning on the defender's trusted split and tuning seeds, the arena on the test s
   (the arena's `drift:<kind>@<batches>`) after a long clean stretch.
 - `drift_attack`: drift first, then the attack on the drifted stream.
 - `label_flip`: an attacker who controls labels, not images: every stream sample of one class is labelled as
-  another (`label-flip:<source>><target>`); accuracy on the unchanged test split.
+  another (`label-flip:<source>><target>`), or as any other, drawn for each sample (`label-flip:<source>>*`);
+  accuracy on the unchanged test split.
 """
 
 from __future__ import annotations
@@ -263,29 +264,36 @@ def drift_attack(learner: OnlineLearner, data: ScenarioData, label: str, kind: s
     return Outcome.from_run(f"drift+attack:{kind}", run, learner.strategy.target_false_flag_rate())
 
 
-def label_flip(learner: OnlineLearner, data: ScenarioData, label: str, source: int, target: int, batches: int,
+def label_flip(learner: OnlineLearner, data: ScenarioData, label: str, source: int, target: int | None, batches: int,
                on_step: Callable[[], None] | None = None, fraction: float = 1.0) -> Outcome:
     """`batches` stream batches whose samples of class `source` are labelled `target` (each with probability
-    `fraction`, drawn with the seed: an attacker who lies about part of a class to stay under a label check's share):
-    the plainest targeted poisoning, with images as clean as the stream's (nothing for an input-side discrepancy to
-    see). Accuracy on the unchanged test split; `poisons_flagged` is the share of relabelled samples the defense
-    flagged."""
+    `fraction`, drawn with the seed: an attacker who lies about part of a class to stay under a label check's share;
+    `target` None: each lie labelled a class drawn from all the others, so that no other class carries most of
+    them): the plainest targeted poisoning, with images as clean as the stream's (nothing for an input-side
+    discrepancy to see). Accuracy on the unchanged test split; `poisons_flagged` is the share of relabelled samples
+    the defense flagged."""
     judge = InProcessTarget(learner)
     start = accuracy(judge, *data.test)
     stream = data.stream(6)
     draws = torch.Generator().manual_seed(key_seed(data.seed, LABEL_FLIP, 0))
     flagged = relabelled = 0
     seconds = []
+    classes = data.experiment.splits.stream.num_classes
     for _ in range(batches):
         x, y = next(stream)
         poisoned = (y == source) & (torch.rand(len(y), generator=draws) < fraction)
-        report = learner.step(x, torch.where(poisoned, torch.full_like(y, target), y))
+        if target is None:  # one of the classes other than the source, uniformly
+            other = torch.randint(classes - 1, y.shape, generator=draws)
+            lies = other + (other >= source).long()
+        else:
+            lies = torch.full_like(y, target)
+        report = learner.step(x, torch.where(poisoned, lies, y))
         flagged += int(np.asarray(report.flagged)[poisoned.numpy()].sum())
         relabelled += int(poisoned.sum())
         seconds.append(report.seconds["total"])
         if on_step:
             on_step()
-    name = f"label-flip:{source}>{target}" + (f"x{fraction:g}" if fraction < 1 else "")
+    name = f"label-flip:{source}>{'*' if target is None else target}" + (f"x{fraction:g}" if fraction < 1 else "")
     return Outcome(name, label, data.seed, start_acc=start,
                    final_acc=accuracy(judge, *data.test),
                    poisons_flagged=flagged / relabelled if relabelled else None,

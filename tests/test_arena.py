@@ -46,7 +46,8 @@ def test_every_scenario_and_attacker_has_a_row_per_strategy(board):
     kinds = ["pixel_shift", "rotation", "brightness_contrast", "label_prior"]
     expected = {"clean", "attack@0", "attack@12", "slow-poison", *(f"drift:{kind}" for kind in kinds),
                 *(f"drift:{kind}@12" for kind in kinds),  # again after the longest launch time's clean stretch
-                "drift+attack:pixel_shift", "label-flip:3>8", "black-box", "adaptive:beta=1", "adaptive:gate"}
+                "drift+attack:pixel_shift", "label-flip:3>8", "label-flip:3>*", "black-box", "adaptive:beta=1",
+                "adaptive:gate"}
     assert set(board.scenarios()) == expected
     long_horizon = {"attack@12", *(f"drift:{kind}@12" for kind in kinds)}  # not run for the *-paper variants
     for scenario in expected:
@@ -281,6 +282,25 @@ def test_a_partial_label_flip_relabels_about_its_fraction_of_the_source_class_an
     assert set(labels[threes].tolist()) == {3, 8}
     share = (labels[threes] == 8).float().mean().item()
     assert abs(share - 0.4) < 3 * (0.4 * 0.6 / threes.sum().item()) ** 0.5  # within three binomial std
+
+
+def test_a_spread_label_flip_labels_each_source_sample_as_some_other_class(digits_experiment):
+    data = scenarios.ScenarioData(digits_experiment, digits_experiment.test_tensors,
+                                  digits_experiment.splits.attacker_val.tensors())
+    learner = digits_experiment.new_learner(digits_experiment.config.strategy.model_copy(update={"name": "st"}))
+    seen = []
+    step = learner.step
+    learner.step = lambda bx, by: (seen.append(by), step(bx, by))[1]
+    outcome = scenarios.label_flip(learner, data, "st", source=3, target=None, batches=40)
+    assert outcome.scenario == "label-flip:3>*"
+    stream = data.stream(6)
+    originals = torch.cat([next(stream)[1] for _ in seen])
+    labels = torch.cat(seen)
+    threes = originals == 3
+    assert torch.equal(labels[~threes], originals[~threes]) and not (labels[threes] == 3).any()
+    counts = torch.bincount(labels[threes], minlength=10)
+    assert (counts[torch.arange(10) != 3] > 0).all()  # every other class carries some of the lie
+    assert counts.max() < 0.5 * threes.sum()  # and none carries most of it: no pair for a label check's share
 
 
 def test_a_label_flip_naming_one_class_twice_or_a_class_the_data_lacks_is_refused(tiny_config):

@@ -1,5 +1,6 @@
-"""guard's label check: a sample whose nearest trusted samples all carry another label, and which sits as close to them
-as trusted samples sit to each other, is left out of the update; honest samples and far-out (drifted) ones are kept."""
+"""guard's label check: where most stream samples that look like a trusted class carry one other label (a pair), or
+nearly all of them carry other labels (a class), they are learned as the class they look like; honest samples, a
+minority of honest confusion and far-out (drifted) ones are kept as labelled."""
 
 import copy
 
@@ -50,7 +51,7 @@ def test_a_lied_about_pair_is_learned_as_the_trusted_class_and_honest_labels_are
     lies, odd = y == 0, torch.nonzero(y == 2).flatten()[:3]  # every 0 labelled 1; three 2s labelled 1 as well
     labels = _flip(y)
     labels[odd] = 1
-    learner = _learner()
+    learner = _learner(label_check_class_share=None)  # the pairs alone (the class rule: the next test)
     report = learner.step(x, labels)
     assert learner.strategy.label_check.lied_pairs() == [(0, 1)]  # three of the 2s' lookalikes: no pair of theirs
     assert report.relabelled[lies.numpy()].mean() >= 0.9  # the lies look like the trusted 0s: learned as 0s
@@ -69,8 +70,29 @@ def test_a_minority_of_other_labels_among_lookalikes_is_honest_confusion_and_kep
     y[zeros[: int(0.3 * len(zeros))]] = 1  # under the share: 30% of what looks like 0 labelled 1
     learner = _learner()
     report = learner.step(x, y)
-    assert learner.strategy.label_check.lied_pairs() == []
+    assert learner.strategy.label_check.lied_pairs() == [] and learner.strategy.label_check.lied_classes() == []
     assert not (report.left_out.any() or report.relabelled.any())
+
+
+def test_a_class_relabelled_at_random_forms_no_pair_but_is_learned_as_the_class_it_looks_like():
+    x, y = _blobs(200, 9)
+    draw = torch.rand(len(y), generator=torch.Generator().manual_seed(9))
+    lies = (y == 0) & (draw >= 0.04)
+    # 96% of the 0s labelled 1 or 2 by turns: each pair under the share (0.5), the class over its bar (0.85 of the way
+    # from the trusted 0s' own confusion to all)
+    turns = torch.zeros_like(y)
+    turns[lies] = 1 + torch.arange(int(lies.sum())) % 2
+    labels = torch.where(lies, turns, y)
+    learner = _learner()
+    report = learner.step(x, labels)
+    check = learner.strategy.label_check
+    assert check.lied_pairs() == [] and check.lied_classes() == [0]
+    assert learner.strategy.health(learner.batches_applied)["label_check_lied_classes"] == [0]  # in /v1/status
+    assert report.relabelled[lies.numpy()].mean() >= 0.9
+    # honest samples that look like a 0 (the blobs overlap) are learned as 0s too, while the class is lied about
+    assert report.relabelled[(~lies).numpy()].mean() < 0.05
+    pairs_only = _learner(label_check_class_share=None)
+    assert not pairs_only.step(x, labels).relabelled.any()  # the pairs alone let it through
 
 
 def test_the_update_is_the_gradient_of_the_kept_samples_with_the_verdicts_labels():
@@ -97,7 +119,8 @@ def test_samples_far_from_the_trusted_data_count_for_no_pair_whatever_they_look_
     far_x, far_y = _blobs(64, 5)
     far_x = far_x * 4  # the blobs, four times further out: each still looks most like its own class's samples
     report = learner.step(far_x, (far_y + 1) % 3)  # every label another class's
-    assert learner.strategy.label_check.lied_pairs() == []
+    check = learner.strategy.label_check
+    assert check.lied_pairs() == [] and check.lied_classes() == []
     assert not (report.left_out.any() or report.relabelled.any())
 
 
@@ -157,3 +180,28 @@ def test_bad_label_check_settings_are_refused_naming_the_field():
         NeighbourLabelCheck(*_blobs(8, 8), neighbours=8)
     with pytest.raises(ValueError, match="label_check_radius_level"):
         NeighbourLabelCheck(*_blobs(8, 8), radius_level=0.0)
+    with pytest.raises(ValueError, match="label_check_class_share"):
+        NeighbourLabelCheck(*_blobs(8, 8), class_share=1.5)
+
+
+def test_a_class_the_trusted_split_itself_confuses_needs_more_of_its_lookalikes_mislabelled():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.zero_()
+    grid = torch.tensor([[i * 0.1, j * 0.1] for i in range(3) for j in range(3)])  # nine samples around (0.1, 0.1)
+    trusted_x = torch.cat([grid, grid + 5.0])
+    confused = torch.tensor([0, 0, 1, 0, 0, 0, 1, 0, 1])  # three corners carry 1 among 0s: class 0's own confusion
+    trusted_y = torch.cat([confused, torch.ones(9, dtype=torch.long)])
+    check = NeighbourLabelCheck(trusted_x, trusted_y, neighbours=3, radius_level=1.0, min_count=5)
+    check.refresh(model)
+    own = check.confusion[0]
+    assert 0 < own < 0.5 and check.class_bar(0) == pytest.approx(own + check.class_share * (1 - own))
+    near = grid[4] + 0.01 * torch.randn(20, 2, generator=torch.Generator().manual_seed(0))  # all look like a 0
+    labels = torch.zeros(20, dtype=torch.long)
+    labels[:17] = torch.tensor([1, 2] * 8 + [1])  # 85% carry other labels: the class share, under class 0's bar
+    check.judge(model, near, labels)
+    assert check.class_bar(0) > 0.85 == check.class_share and check.lied_classes() == []
+    labels[17:] = 2  # every one: the window (both batches, 37 of 40) is over the bar
+    check.judge(model, near, labels)
+    assert check.lied_classes() == [0]

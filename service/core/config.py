@@ -140,9 +140,10 @@ class StrategyConfig(_Section):
     label_check: bool = Field(True, description="guard: count, over recent batches, the stream samples that look "
                               "like each trusted class (most of their nearest trusted samples, in the model's feature "
                               "space, carry it) by their labels; where most samples looking like class a carry label "
-                              "b, learn those samples as a and leave out the ones labelled b that look like neither "
-                              "(against label flips; off until 2026-11-27; service/core/defense/label_check.py, "
-                              "docs/results.md)")
+                              "b, learn those samples as a and leave out the ones labelled b that look like neither; "
+                              "where nearly all carry other labels (label_check_class_share), learn every lookalike "
+                              "of a as a (against label flips; off until 2026-11-27; "
+                              "service/core/defense/label_check.py, docs/results.md)")
     label_check_neighbours: int = Field(3, ge=1, description="guard, label_check: nearest trusted samples whose "
                                                              "majority label is the class a sample looks like")
     label_check_radius_level: float = Field(0.95, gt=0, le=1, description="guard, label_check: quantile of the "
@@ -152,8 +153,13 @@ class StrategyConfig(_Section):
                                                           "samples that look like each trusted class are counted")
     label_check_share: float = Field(0.5, gt=0, le=1, description="guard, label_check: share of the samples looking "
                                      "like trusted class a, labelled b, at which (a, b) is a lied-about pair")
-    label_check_min_count: int = Field(10, ge=1, description="guard, label_check: samples of a pair in the window "
-                                                             "before it can be a lied-about one")
+    label_check_class_share: float | None = Field(
+        0.85, gt=0, le=1, description="guard, label_check: class a is lied about, and its lookalikes are learned as a, "
+                                      "when the share of them labelled anything but a is this far from the trusted "
+                                      "split's own such share to all of them (a class spread over many labels; null: "
+                                      "pairs only)")
+    label_check_min_count: int = Field(10, ge=1, description="guard, label_check: samples of a pair (or a class's "
+                                                             "other labels) in the window before it can be lied about")
     gate_norm_cap: Literal["none", "2", "inf"] = Field(
         "inf", description="guard: cap every update's gradient norm at the gate_cap_level quantile of the norms of "
                            "clean trusted updates, measured as gate_cap_anchor says ('none': no cap)")
@@ -278,6 +284,10 @@ class ArenaConfig(_Section):
     label_flip: list[int] | None = Field(
         default_factory=lambda: [3, 8], description="the label-flip scenario: [source, target] classes, every stream "
                                                     "sample of source labelled target (null: not run)")
+    label_flip_spread: bool = Field(True, description="the label-flip scenario again with every source sample "
+                                                      "labelled a class drawn from all the others "
+                                                      "(label-flip:<source>>*): no single other label carries most "
+                                                      "of the lie")
     label_flip_batches: int = Field(50, ge=1, description="label-flip scenario: relabelled stream batches")
     label_flip_fraction: float = Field(1.0, gt=0, le=1, description="label-flip scenario: share of the source "
                                        "class's samples relabelled (each drawn with the seed); under 1 the "

@@ -285,7 +285,8 @@ class TrustedUpdateGuard(Strategy):
     `gate_action="skip"`), and every update is capped at the `gate_cap_level` quantile (0.2) of the norms of clean
     trusted updates (`gate_norm_cap`). Honest batches, drifted ones included, are learned at most at the pace of the
     smaller clean batches. Before the update, the label check (`label_check`, `NeighbourLabelCheck`) finds lied-about
-    pairs (most recent stream samples that look like trusted class a carry label b) and learns their samples as a.
+    pairs (most recent stream samples that look like trusted class a carry label b) and lied-about classes (nearly all
+    of them carry other labels) and learns their samples as a.
     """
 
     name = "guard"
@@ -302,7 +303,7 @@ class TrustedUpdateGuard(Strategy):
                 *self.gate.trusted, neighbours=config.label_check_neighbours,
                 radius_level=config.label_check_radius_level, refresh_every=config.gate_recalibrate_every,
                 window=config.label_check_window, share=config.label_check_share,
-                min_count=config.label_check_min_count)
+                class_share=config.label_check_class_share, min_count=config.label_check_min_count)
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._statistics: Statistics | None = None
 
@@ -349,7 +350,8 @@ class TrustedUpdateGuard(Strategy):
 
     def health(self, applied: int) -> dict:
         checked = {} if self.label_check is None else {"label_check_radius": self.label_check.radius,
-                                                        "label_check_lied_pairs": self.label_check.lied_pairs()}
+                                                        "label_check_lied_pairs": self.label_check.lied_pairs(),
+                                                        "label_check_lied_classes": self.label_check.lied_classes()}
         return {"gate_threshold": self.gate.threshold, "gate_cap": self.gate.cap, "gate_level": self.gate.level,
                 "gate_calibrations": self.gate.calibrations, **checked}
 
