@@ -93,6 +93,12 @@ def test_a_class_relabelled_at_random_forms_no_pair_but_is_learned_as_the_class_
     assert report.relabelled[(~lies).numpy()].mean() < 0.05
     pairs_only = _learner(label_check_class_share=None)
     assert not pairs_only.step(x, labels).relabelled.any()  # the pairs alone let it through
+    far_x, far_y = _blobs(64, 10)
+    zeros = far_y == 0
+    both = torch.cat([x[lies][:10], far_x[zeros] * 4])  # near 0s, and 0s four times further out, labelled 1 or 2
+    verdict = check.judge(learner.model, both, 1 + torch.arange(len(both)) % 2)
+    assert check.lied_pairs() == [] and check.lied_classes() == [0]
+    assert verdict.relabelled[:10].all() and not verdict.relabelled[10:].any()  # only within the radius
 
 
 def test_the_update_is_the_gradient_of_the_kept_samples_with_the_verdicts_labels():
