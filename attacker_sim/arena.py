@@ -104,7 +104,8 @@ def _steps_per_strategy(config: ExperimentConfig, long_horizon: bool) -> int:
     drifts = len(arena.drifts) * (1 + int(bool(_late_drift_after(arena, launches))))
     return (length + attackers * attack_len + arena.slow_poison_count * arena.slow_poison_every
             + drifts * arena.drift_batches + (arena.drift_batches + attack_len) * bool(arena.drift_attack)
-            + arena.label_flip_batches * bool(arena.label_flip) * (1 + int(arena.label_flip_spread)))
+            + (arena.label_flip_batches + arena.drift_batches * bool(arena.label_flip_drift)) * bool(arena.label_flip)
+            * (1 + int(arena.label_flip_spread)))
 
 
 def _late_drift_after(arena, launches: Sequence[int]) -> int:
@@ -219,6 +220,9 @@ def _run_strategy(experiment: Experiment, data: scenarios.ScenarioData, label: s
         for lie in [target, None] if arena.label_flip_spread else [target]:
             outcomes.append(scenarios.label_flip(fresh(), data, label, source, lie, arena.label_flip_batches,
                                                  on_step, fraction=arena.label_flip_fraction))
+            if arena.label_flip_drift:
+                outcomes.append(scenarios.label_flip(fresh(), data, label, source, lie, arena.drift_batches, on_step,
+                                                     fraction=arena.label_flip_fraction, drift=arena.label_flip_drift))
     for name, campaign in attackers.items():
         if name != "white":
             outcomes.append(scenarios.attack(fresh(), data, label, campaign, name, stream_offset=10,
@@ -259,6 +263,10 @@ def checks(board: Leaderboard, config: ExperimentConfig) -> dict[str, dict]:
                   recovered >= 0.5, f"{mine.final_acc.mean:.1%}; recovers {recovered:.0%}")
             continue
         best = max(b.final_acc.mean for b in baselines)
+        if not mine.recovery:  # ST lost nothing to recover (a lie told on drift ST learns anyway): the first half only
+            check(f"{default} at {scenario}: within 1 point of the best tuned baseline (ST lost nothing)",
+                  mine.final_acc.mean >= best - 0.01, f"{mine.final_acc.mean:.1%} vs best tuned {best:.1%}")
+            continue
         check(f"{default} at {scenario}: within 1 point of the best tuned baseline and recovers >= half of ST's loss",
               mine.final_acc.mean >= best - 0.01 and recovered >= 0.5,
               f"{mine.final_acc.mean:.1%} vs best tuned {best:.1%}; recovers {recovered:.0%}")

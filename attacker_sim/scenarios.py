@@ -265,16 +265,19 @@ def drift_attack(learner: OnlineLearner, data: ScenarioData, label: str, kind: s
 
 
 def label_flip(learner: OnlineLearner, data: ScenarioData, label: str, source: int, target: int | None, batches: int,
-               on_step: Callable[[], None] | None = None, fraction: float = 1.0) -> Outcome:
+               on_step: Callable[[], None] | None = None, fraction: float = 1.0, drift: str | None = None) -> Outcome:
     """`batches` stream batches whose samples of class `source` are labelled `target` (each with probability
     `fraction`, drawn with the seed: an attacker who lies about part of a class to stay under a label check's share;
     `target` None: each lie labelled a class drawn from all the others, so that no other class carries most of
     them): the plainest targeted poisoning, with images as clean as the stream's (nothing for an input-side
     discrepancy to see). Accuracy on the unchanged test split; `poisons_flagged` is the share of relabelled samples
-    the defense flagged."""
+    the defense flagged. `drift`: the lie told on the drift scenario's honest drifted batches instead (the same
+    batches as `drift:<kind>`, accuracy on its drifted test view; `label-flip:...@drift:<kind>`), where a label check
+    that relabels what looks like the lied-about class also meets honest samples of other classes that drift has made
+    look like it."""
+    stream, test = data.drifted(drift, offset=3, count=batches) if drift else (data.stream(6), data.test)
     judge = InProcessTarget(learner)
-    start = accuracy(judge, *data.test)
-    stream = data.stream(6)
+    start = accuracy(judge, *test)
     draws = torch.Generator().manual_seed(key_seed(data.seed, LABEL_FLIP, 0))
     flagged = relabelled = 0
     seconds = []
@@ -294,8 +297,8 @@ def label_flip(learner: OnlineLearner, data: ScenarioData, label: str, source: i
         if on_step:
             on_step()
     name = f"label-flip:{source}>{'*' if target is None else target}" + (f"x{fraction:g}" if fraction < 1 else "")
-    return Outcome(name, label, data.seed, start_acc=start,
-                   final_acc=accuracy(judge, *data.test),
+    return Outcome(f"{name}@drift:{drift}" if drift else name, label, data.seed, start_acc=start,
+                   final_acc=accuracy(judge, *test),
                    poisons_flagged=flagged / relabelled if relabelled else None,
                    target_flag_rate=learner.strategy.target_false_flag_rate(),
                    seconds_per_step=float(np.mean(seconds)))

@@ -46,8 +46,8 @@ def test_every_scenario_and_attacker_has_a_row_per_strategy(board):
     kinds = ["pixel_shift", "rotation", "brightness_contrast", "label_prior"]
     expected = {"clean", "attack@0", "attack@12", "slow-poison", *(f"drift:{kind}" for kind in kinds),
                 *(f"drift:{kind}@12" for kind in kinds),  # again after the longest launch time's clean stretch
-                "drift+attack:pixel_shift", "label-flip:3>8", "label-flip:3>*", "black-box", "adaptive:beta=1",
-                "adaptive:gate"}
+                "drift+attack:pixel_shift", "label-flip:3>8", "label-flip:3>*", "label-flip:3>8@drift:pixel_shift",
+                "label-flip:3>*@drift:pixel_shift", "black-box", "adaptive:beta=1", "adaptive:gate"}
     assert set(board.scenarios()) == expected
     long_horizon = {"attack@12", *(f"drift:{kind}@12" for kind in kinds)}  # not run for the *-paper variants
     for scenario in expected:
@@ -301,6 +301,21 @@ def test_a_spread_label_flip_labels_each_source_sample_as_some_other_class(digit
     counts = torch.bincount(labels[threes], minlength=10)
     assert (counts[torch.arange(10) != 3] > 0).all()  # every other class carries some of the lie
     assert counts.max() < 0.5 * threes.sum()  # and none carries most of it: no pair for a label check's share
+
+
+def test_a_label_flip_on_drift_lies_on_the_drift_scenarios_batches_and_is_judged_on_its_view(digits_experiment):
+    data = scenarios.ScenarioData(digits_experiment, digits_experiment.test_tensors,
+                                  digits_experiment.splits.attacker_val.tensors())
+    learner = digits_experiment.new_learner(digits_experiment.config.strategy.model_copy(update={"name": "st"}))
+    seen = []
+    step = learner.step
+    learner.step = lambda bx, by: (seen.append((bx, by)), step(bx, by))[1]
+    outcome = scenarios.label_flip(learner, data, "st", source=3, target=8, batches=6, drift="pixel_shift")
+    assert outcome.scenario == "label-flip:3>8@drift:pixel_shift" and len(seen) == 6
+    stream, test = data.drifted("pixel_shift", offset=3, count=6)  # the drift scenario's own batches
+    for (bx, by), (dx, dy) in zip(seen, stream, strict=True):
+        assert torch.equal(bx, dx) and torch.equal(by, torch.where(dy == 3, 8, dy))
+    assert outcome.final_acc == pytest.approx(learner.accuracy(*test))  # on the drifted view, not the test split
 
 
 def test_a_label_flip_naming_one_class_twice_or_a_class_the_data_lacks_is_refused(tiny_config):

@@ -288,6 +288,11 @@ class ArenaConfig(_Section):
                                                       "labelled a class drawn from all the others "
                                                       "(label-flip:<source>>*): no single other label carries most "
                                                       "of the lie")
+    label_flip_drift: str | None = Field("pixel_shift", description="the label-flip scenarios again, told on the "
+                                         "honest batches of this drift kind (label-flip:...@drift:<kind>; "
+                                         "drift_batches long): a label check that relabels what looks like the "
+                                         "lied-about class meets drifted honest samples that look like it (null: not "
+                                         "run)")
     label_flip_batches: int = Field(50, ge=1, description="label-flip scenario: relabelled stream batches")
     label_flip_fraction: float = Field(1.0, gt=0, le=1, description="label-flip scenario: share of the source "
                                        "class's samples relabelled (each drawn with the seed); under 1 the "
