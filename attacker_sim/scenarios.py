@@ -12,7 +12,8 @@ tuning on the defender's trusted split and tuning seeds, the arena on the test s
 - `drift_attack`: drift first, then the attack on the drifted stream.
 - `label_flip`: an attacker who controls labels, not images: every stream sample of one class is labelled as
   another (`label-flip:<source>><target>`), or as any other, drawn for each sample (`label-flip:<source>>*`);
-  accuracy on the unchanged test split.
+  accuracy on the unchanged test split; or told on a drift's honest batches (`label-flip:...@drift:<kind>`),
+  accuracy on the drifted test view.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ class StrategyConfig(_Section):
                               "space, carry it) by their labels; where most samples looking like class a carry label "
                               "b, learn those samples as a and leave out the ones labelled b that look like neither; "
                               "where nearly all carry other labels (label_check_class_share), learn every lookalike "
-                              "of a as a (against label flips; off until 2026-11-27; "
+                              "of a within the radius as a (against label flips; off until 2026-11-27; "
                               "service/core/defense/label_check.py, docs/results.md)")
     label_check_neighbours: int = Field(3, ge=1, description="guard, label_check: nearest trusted samples whose "
                                                              "majority label is the class a sample looks like")
