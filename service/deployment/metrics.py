@@ -116,7 +116,7 @@ class WorkerMetrics:
                                 registry=r)
         self.relabelled = Counter("dscguard_samples_relabelled_total", "Samples guard's label check learned with "
                                   "the label of the trusted class they look like, their own label being the lied-"
-                                  "about one of a pair", registry=r)
+                                  "about one of a pair or their class being lied about", registry=r)
         self.correction_steps = Histogram("dscguard_correction_steps", "Correction steps taken per flagged sample",
                                           buckets=CORRECTION_STEP_BUCKETS, registry=r)
         self.threshold = Gauge("dscguard_threshold", "Discrepancy threshold the next batch is judged against",

@@ -184,42 +184,41 @@ class NeighbourLabelCheck:
         self.recent.append([(int(a), int(b), int(n)) for (a, b), n in zip(pairs.tolist(), counts, strict=True)])
         labels, relabelled = y.clone(), torch.zeros(len(y), dtype=torch.bool, device=looks.device)
         left_out = torch.zeros_like(relabelled)
-        for a, b in self.lied_pairs():
+        pairs, classes = self.lies()
+        for a, b in pairs:
             lookalikes = (y == b) & (looks == a)
             labels[lookalikes], relabelled = a, relabelled | lookalikes
             left_out |= (y == b) & (looks != b) & (looks != a)
-        for a in self.lied_classes():
+        for a in classes:
             lookalikes = (y != a) & (looks == a) & counted  # near enough to be sure: honest drift lies further out
             labels[lookalikes], relabelled = a, relabelled | lookalikes
         return LabelVerdict(labels, relabelled, left_out & ~relabelled)
 
-    def _tally(self) -> tuple[dict[int, int], dict[tuple[int, int], int]]:
-        """Over the window: counted samples that look like each class a, and those of them labelled b, by (a, b)."""
-        looked: dict[int, int] = {}
-        labelled: dict[tuple[int, int], int] = {}
+    def lies(self) -> tuple[list[tuple[int, int]], list[int]]:
+        """The lied-about pairs and classes, from one count of the window (`lied_pairs`, `lied_classes`)."""
+        looked: dict[int, int] = {}  # counted samples that look like class a
+        labelled: dict[tuple[int, int], int] = {}  # of them, labelled b
         for batch in self.recent:
             for a, b, n in batch:
                 looked[a] = looked.get(a, 0) + n
                 labelled[(a, b)] = labelled.get((a, b), 0) + n
-        return looked, labelled
+        pairs = sorted((a, b) for (a, b), n in labelled.items()
+                       if a != b and n >= self.min_count and n >= self.share * looked[a])
+        others = {a: n - labelled.get((a, a), 0) for a, n in looked.items()}
+        classes = [] if self.class_share is None else sorted(
+            a for a, n in others.items() if n >= self.min_count and n >= self.class_bar(a) * looked[a])
+        return pairs, classes
 
     def lied_pairs(self) -> list[tuple[int, int]]:
         """(a, b), a != b: over the window, at least `min_count` samples within the radius that look like trusted
         class a were labelled b, and they are at least `share` of the samples looking like a."""
-        looked, labelled = self._tally()
-        return sorted((a, b) for (a, b), n in labelled.items()
-                      if a != b and n >= self.min_count and n >= self.share * looked[a])
+        return self.lies()[0]
 
     def lied_classes(self) -> list[int]:
         """Classes a whose counted lookalikes over the window carry other labels, whichever, in at least
         `class_bar(a)` of them (and at least `min_count`): a lie spread over many labels, each under the pair's
         share."""
-        if self.class_share is None:
-            return []
-        looked, labelled = self._tally()
-        others = {a: n - labelled.get((a, a), 0) for a, n in looked.items()}
-        return sorted(a for a, n in others.items()
-                      if n >= self.min_count and n >= self.class_bar(a) * looked[a])
+        return self.lies()[1]
 
     def class_bar(self, a: int) -> float:
         """The share of class a's counted lookalikes carrying other labels at which a is lied about: `class_share` of
@@ -229,8 +228,8 @@ class NeighbourLabelCheck:
         return own + self.class_share * (1.0 - own)
 
     def state(self) -> dict:
-        return {"radius": self.radius, "refreshed_at": self.refreshed_at, "recent": [list(map(list, batch))
-                                                                                    for batch in self.recent]}
+        # the radius and the confusion are not kept: they are measured again from the saved trusted features
+        return {"refreshed_at": self.refreshed_at, "recent": [list(map(list, batch)) for batch in self.recent]}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.trusted_features is None:
@@ -240,11 +239,11 @@ class NeighbourLabelCheck:
                 **{f"label_check_model.{name}": value.detach().cpu().clone() for name, value in weights.items()}}
 
     def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
-        self.radius, self.refreshed_at = state.get("radius"), state.get("refreshed_at")
+        self.refreshed_at = state.get("refreshed_at")
         self.recent = deque((list(map(tuple, batch)) for batch in state.get("recent", [])), maxlen=self.window)
         self.trusted_features = tensors.get("label_check_features")
         if self.trusted_features is not None:
-            self._measure_trusted()  # the radius and the confusion, again from the features (as the refresh measured)
+            self._measure_trusted()  # the radius and the confusion, as the refresh measured them from these features
         prefix = "label_check_model."
         self._saved = {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
         self.model = None
