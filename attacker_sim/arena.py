@@ -7,7 +7,8 @@ of that one long stream), the slow poison, every benign drift kind from the star
 longest clean stretch (`drift:<kind>@<batches>`, with `arena.late_drift`), drift then attack, the black-box
 attacker with a surrogate it trained on its own data, the adaptive attacker (poisons and trigger) for
 each beta, and the attacker adaptive to guard's gate (`adaptive:gate`: after the poisons it sends
-campaign.max_batches triggers, each blended to stay under its own copy of the gate). The baselines `gc`
+campaign.max_batches triggers, each blended to stay under its own copy of the gate), the label flips and the
+backdoor (`scenarios.label_flip`, `scenarios.backdoor`). The baselines `gc`
 and `at` are tuned first by `attacker_sim.tuning`'s rule on the tuning seeds and the trusted split; the
 research code's constants stay as `gc-paper` and `at-paper`.
 
@@ -105,7 +106,7 @@ def _steps_per_strategy(config: ExperimentConfig, long_horizon: bool) -> int:
     return (length + attackers * attack_len + arena.slow_poison_count * arena.slow_poison_every
             + drifts * arena.drift_batches + (arena.drift_batches + attack_len) * bool(arena.drift_attack)
             + (arena.label_flip_batches + arena.drift_batches * bool(arena.label_flip_drift)) * bool(arena.label_flip)
-            * (1 + int(arena.label_flip_spread)))
+            * (1 + int(arena.label_flip_spread)) + arena.backdoor_batches * (arena.backdoor_target is not None))
 
 
 def _late_drift_after(arena, launches: Sequence[int]) -> int:
@@ -139,6 +140,9 @@ def run_arena(config: ExperimentConfig, seeds: Sequence[int] | None = None, stra
         if arena.label_flip and max(arena.label_flip) >= classes:
             raise ValueError(f"arena.label_flip: {arena.label_flip} names a class that {config.data.dataset} does "
                              f"not have (classes 0-{classes - 1})")
+        if arena.backdoor_target is not None and arena.backdoor_target >= classes:
+            raise ValueError(f"arena.backdoor_target: {arena.backdoor_target} is a class that {config.data.dataset} "
+                             f"does not have (classes 0-{classes - 1})")
         data = scenarios.ScenarioData(experiment, experiment.test_tensors, experiment.splits.attacker_val.tensors())
         attackers = _attackers(experiment)
         for label, strategy in resolved.items():
@@ -223,6 +227,9 @@ def _run_strategy(experiment: Experiment, data: scenarios.ScenarioData, label: s
             if arena.label_flip_drift:
                 outcomes.append(scenarios.label_flip(fresh(), data, label, source, lie, arena.drift_batches, on_step,
                                                      fraction=arena.label_flip_fraction, drift=arena.label_flip_drift))
+    if arena.backdoor_target is not None:
+        outcomes.append(scenarios.backdoor(fresh(), data, label, arena.backdoor_target, arena.backdoor_fraction,
+                                           arena.backdoor_batches, on_step))
     for name, campaign in attackers.items():
         if name != "white":
             outcomes.append(scenarios.attack(fresh(), data, label, campaign, name, stream_offset=10,
@@ -270,6 +277,16 @@ def checks(board: Leaderboard, config: ExperimentConfig) -> dict[str, dict]:
         check(f"{default} at {scenario}: within 1 point of the best tuned baseline and recovers >= half of ST's loss",
               mine.final_acc.mean >= best - 0.01 and recovered >= 0.5,
               f"{mine.final_acc.mean:.1%} vs best tuned {best:.1%}; recovers {recovered:.0%}")
+    for scenario in [s for s in board.scenarios() if s.startswith("backdoor:")]:
+        mine, st = board.row(scenario, default), board.row(scenario, "st")
+        if not mine or not st or st.attack_success is None:
+            continue
+        success, st_success = mine.attack_success.mean, st.attack_success.mean
+        gap = st.final_acc.mean - mine.final_acc.mean
+        check(f"{default} at {scenario}: attack success at most half of ST's, clean accuracy within 1 point of ST's",
+              success <= 0.5 * st_success and gap <= 0.01,
+              f"attack success {success:.1%} vs ST's {st_success:.1%}; clean accuracy {mine.final_acc.mean:.1%} vs "
+              f"ST's {st.final_acc.mean:.1%}")
     for scenario in drifts:
         row = board.row(scenario, default)
         if row and row.drift_gain_share:

@@ -15,6 +15,8 @@ unless said otherwise):
   (`_early`) and last (`_late`) 100 batches of the long clean stream; `fresh_flag_rate_early`/`_late`: the
   share flagged of fresh clean batches (test-view data the model never learned) judged over the model states of
   those first and last 100 batches (`scenarios.FreshWindows`), nothing learned from them.
+- `attack_success` (backdoor): the share of the test split's inputs of other classes that, stamped with the
+  backdoor's square, the model classifies as the attacker's target; `final_acc` there is clean accuracy.
 - `batches`: accumulative batches before the trigger; `seconds_per_step`: wall time of one step.
 """
 
@@ -28,7 +30,8 @@ from attacker_sim.report import Stat, plus_minus, summarize
 from attacker_sim.scenarios import Outcome
 
 MIN_ST_LOSS = 0.01  # recovery (and drift-gain share) are undefined where ST itself moved less than a point
-SCHEMA_VERSION = 4  # 2: promotions_refused; 3: fresh_flag_rate_early/late; 4: those over windows, not at one state
+SCHEMA_VERSION = 5  # 2: promotions_refused; 3: fresh_flag_rate_early/late; 4: those over windows, not at one state;
+# 5: attack_success (the backdoor)
 
 
 class Row(BaseModel):
@@ -46,6 +49,7 @@ class Row(BaseModel):
     drift_gain: Stat | None = None
     drift_gain_share: Stat | None = None
     poisons_flagged: Stat | None = None
+    attack_success: Stat | None = None
     clean_flag_rate: Stat | None = None
     clean_flag_rate_early: Stat | None = None
     clean_flag_rate_late: Stat | None = None
@@ -110,6 +114,7 @@ def build_rows(outcomes: list[Outcome]) -> list[Row]:
             poison_acc=_stat(r.poison_acc for r in runs), batches=_stat(r.batches for r in runs),
             recovery=_stat(recovery), drift_gain=_stat(gain), drift_gain_share=_stat(share),
             poisons_flagged=_stat(r.poisons_flagged for r in runs),
+            attack_success=_stat(r.attack_success for r in runs),
             clean_flag_rate=_stat(r.clean_flag_rate for r in runs),
             clean_flag_rate_early=_stat(r.clean_flag_rate_early for r in runs),
             clean_flag_rate_late=_stat(r.clean_flag_rate_late for r in runs),
@@ -135,9 +140,22 @@ def summary_columns(board: Leaderboard) -> list[tuple[str, str]]:
             columns.append((scenario, "clean oracle"))
         elif scenario.startswith("drift:"):
             columns.append((scenario, f"drift gain {scenario.split(':', 1)[1]}"))
+        elif scenario.startswith("backdoor:"):
+            columns.append((scenario, f"{scenario}: clean / attack success"))
         else:
             columns.append((scenario, scenario))
     return columns
+
+
+def _summary_cell(scenario: str, row: Row | None) -> str:
+    """A summary cell: the drift gain (drift), clean accuracy / attack success (backdoor), else final accuracy."""
+    if row is None:
+        return "–"
+    if scenario.startswith("drift:"):
+        return plus_minus(row.drift_gain)
+    if row.attack_success is not None:
+        return f"{plus_minus(row.final_acc)} / {plus_minus(row.attack_success)}"
+    return plus_minus(row.final_acc)
 
 
 def markdown(board: Leaderboard) -> str:
@@ -154,19 +172,20 @@ def markdown(board: Leaderboard) -> str:
         cells = []
         for scenario, _ in columns:
             row = board.row(scenario, strategy)
-            cells.append(plus_minus(row.drift_gain if scenario.startswith("drift:") else row.final_acc) if row else "–")
+            cells.append(_summary_cell(scenario, row))
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     lines += ["", "## Every row", "",
               "| scenario | strategy | start | final | batch | recovery of ST's loss | drift gain share | "
-              "poisons flagged | clean flagged (target) | early / late | fresh early / late | promotions refused | "
-              "ms/step |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "poisons flagged | attack success | clean flagged (target) | early / late | fresh early / late | "
+              "promotions refused | ms/step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in board.rows:
         target = f" ({row.target_flag_rate:.0%})" if row.target_flag_rate is not None else ""
         lines.append("| " + " | ".join([
             row.scenario, row.strategy, plus_minus(row.start_acc), plus_minus(row.final_acc),
             plus_minus(row.batches, 1.0), plus_minus(row.recovery, 100, 0), plus_minus(row.drift_gain_share, 100, 0),
-            plus_minus(row.poisons_flagged, 100, 0), plus_minus(row.clean_flag_rate, 100, 0) + target,
+            plus_minus(row.poisons_flagged, 100, 0), plus_minus(row.attack_success),
+            plus_minus(row.clean_flag_rate, 100, 0) + target,
             _early_late(row.clean_flag_rate_early, row.clean_flag_rate_late),
             _early_late(row.fresh_flag_rate_early, row.fresh_flag_rate_late),
             plus_minus(row.promotions_refused, 1.0, 1), plus_minus(row.seconds_per_step, 1000, 1)]) + " |")
@@ -196,7 +215,9 @@ def markdown(board: Leaderboard) -> str:
               "(clean oracle). *batch*: accumulative batches before the attacker's monitor fired. *recovery of "
               "ST's loss*: (final - final_ST) / (start_ST - final_ST), where ST lost at least a point. *drift "
               "gain share*: the drift gain over ST's. *poisons flagged*: share of poisoned samples flagged (label "
-              "flips: of the relabelled ones). "
+              "flips: of the relabelled ones; backdoor: of the stamped ones). *attack success* (backdoor): share of "
+              "the other classes' test inputs that, stamped, are classified as the target; its *final* is clean "
+              "accuracy. "
               "*clean flagged*: share of clean samples flagged (realised false-flag rate; target in brackets); "
               "*early / late*: over the first and last 100 batches of the long clean stream; *fresh early / late*: "
               "fresh clean test batches judged, not learned, over the model states of those batches. "

@@ -14,6 +14,10 @@ tuning on the defender's trusted split and tuning seeds, the arena on the test s
   another (`label-flip:<source>><target>`), or as any other, drawn for each sample (`label-flip:<source>>*`);
   accuracy on the unchanged test split; or told on a drift's honest batches (`label-flip:...@drift:<kind>`),
   accuracy on the drifted test view.
+- `backdoor`: an attacker who stamps a small square on part of the stream's samples of every other class and labels
+  them its target class (`backdoor:*><target>x<fraction>`, `attacker_sim.attacks.backdoor`): clean accuracy on the
+  test split, and the attack's success, the share of the test split's other classes that the square sends to the
+  target.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attacker_sim.attacks.backdoor import stamp
 from attacker_sim.campaign import AccumulativeCampaign, RunResult, accuracy
 from attacker_sim.drift import build_drift
 from attacker_sim.targets import InProcessTarget
 from service.core.experiment import Experiment
 from service.core.learner import OnlineLearner
-from service.core.randomness import FRESH_JUDGE, LABEL_FLIP, key_seed
+from service.core.randomness import BACKDOOR, FRESH_JUDGE, LABEL_FLIP, key_seed
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 WINDOW = 100  # stream batches in the early and the late stretch of a long clean stream
@@ -48,6 +53,7 @@ class Outcome:
     poison_acc: float | None = None
     batches: int | None = None  # accumulative batches before the trigger
     poisons_flagged: float | None = None  # share of poisoned samples the defense flagged
+    attack_success: float | None = None  # backdoor: share of stamped test inputs of other classes sent to the target
     clean_flag_rate: float | None = None  # share of clean samples flagged (the realised false-flag rate)
     clean_flag_rate_early: float | None = None
     clean_flag_rate_late: float | None = None
@@ -301,5 +307,37 @@ def label_flip(learner: OnlineLearner, data: ScenarioData, label: str, source: i
     return Outcome(f"{name}@drift:{drift}" if drift else name, label, data.seed, start_acc=start,
                    final_acc=accuracy(judge, *test),
                    poisons_flagged=flagged / relabelled if relabelled else None,
+                   target_flag_rate=learner.strategy.target_false_flag_rate(),
+                   seconds_per_step=float(np.mean(seconds)))
+
+
+def backdoor(learner: OnlineLearner, data: ScenarioData, label: str, target: int, fraction: float, batches: int,
+             on_step: Callable[[], None] | None = None) -> Outcome:
+    """`batches` stream batches in which each sample of a class other than `target` is, with probability
+    `fraction` (drawn with the seed), stamped with the backdoor's square and labelled `target`. `final_acc`: clean
+    accuracy on the test split after them; `attack_success`: the share of the test split's samples of other classes
+    that, stamped, the model then classifies as `target`; `poisons_flagged`: the share of stamped samples flagged."""
+    stream, test = data.stream(7), data.test
+    judge = InProcessTarget(learner)
+    others = test[1] != target
+    triggered = (stamp(test[0][others]), torch.full((int(others.sum()),), target, dtype=test[1].dtype))
+    start = accuracy(judge, *test)
+    draws = torch.Generator().manual_seed(key_seed(data.seed, BACKDOOR, 0))
+    flagged = stamped = 0
+    seconds = []
+    for _ in range(batches):
+        x, y = next(stream)
+        poisoned = (y != target) & (torch.rand(len(y), generator=draws) < fraction)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        report = learner.step(torch.where(poisoned.view(shape), stamp(x), x),
+                              torch.where(poisoned, torch.full_like(y, target), y))
+        flagged += int(np.asarray(report.flagged)[poisoned.numpy()].sum())
+        stamped += int(poisoned.sum())
+        seconds.append(report.seconds["total"])
+        if on_step:
+            on_step()
+    return Outcome(f"backdoor:*>{target}x{fraction:g}", label, data.seed, start_acc=start,
+                   final_acc=accuracy(judge, *test), poisons_flagged=flagged / stamped if stamped else None,
+                   attack_success=accuracy(judge, *triggered),
                    target_flag_rate=learner.strategy.target_false_flag_rate(),
                    seconds_per_step=float(np.mean(seconds)))

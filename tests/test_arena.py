@@ -12,6 +12,7 @@ import torch
 
 from attacker_sim import scenarios
 from attacker_sim.arena import DEFAULT_STRATEGY, VARIANTS, checks, resolve_strategies, run_arena, write_leaderboard
+from attacker_sim.attacks.backdoor import stamp
 from attacker_sim.evaluation import build_campaign
 from attacker_sim.leaderboard import Leaderboard
 from attacker_sim.tuning import TUNED, tune_baselines
@@ -19,7 +20,8 @@ from service.core.config import StrategyConfig
 from tests.profiles import DIGITS_OVERRIDES
 
 TINY_ARENA = {"launch_after": [0, 12], "clean_batches": 4, "fresh_batches": 3, "slow_poison_every": 3,
-              "slow_poison_count": 2, "drift_batches": 6, "label_flip_batches": 4, "adaptive_betas": [1.0],
+              "slow_poison_count": 2, "drift_batches": 6, "label_flip_batches": 4, "backdoor_batches": 4,
+              "adaptive_betas": [1.0],
               "strategies": ["st", "gc", "at", "dsc", "gc-paper"],
               "tuning": {"seeds": [1], "gc_clip_values": [0.01, 1.0], "gc_norms": ["inf"], "at_epsilons": [0.05],
                          "at_steps": [2]}}
@@ -47,7 +49,8 @@ def test_every_scenario_and_attacker_has_a_row_per_strategy(board):
     expected = {"clean", "attack@0", "attack@12", "slow-poison", *(f"drift:{kind}" for kind in kinds),
                 *(f"drift:{kind}@12" for kind in kinds),  # again after the longest launch time's clean stretch
                 "drift+attack:pixel_shift", "label-flip:3>8", "label-flip:3>*", "label-flip:3>8@drift:pixel_shift",
-                "label-flip:3>*@drift:pixel_shift", "black-box", "adaptive:beta=1", "adaptive:gate"}
+                "label-flip:3>*@drift:pixel_shift", "backdoor:*>0x0.1", "black-box", "adaptive:beta=1",
+                "adaptive:gate"}
     assert set(board.scenarios()) == expected
     long_horizon = {"attack@12", *(f"drift:{kind}@12" for kind in kinds)}  # not run for the *-paper variants
     for scenario in expected:
@@ -314,6 +317,63 @@ def test_a_label_flip_naming_one_class_twice_or_a_class_the_data_lacks_is_refuse
         run_arena(bad, seeds=[0], strategies=["st"], progress=False)
 
 
+def test_a_backdoor_stamps_about_its_fraction_of_the_other_classes_as_the_target_and_st_learns_it(digits_experiment):
+    data = scenarios.ScenarioData(digits_experiment, digits_experiment.test_tensors,
+                                  digits_experiment.splits.attacker_val.tensors())
+    st = digits_experiment.config.strategy.model_copy(update={"name": "st"})
+    x, y = digits_experiment.test_tensors
+    triggered = stamp(x[y != 0]), torch.zeros(int((y != 0).sum()), dtype=y.dtype)
+    before = digits_experiment.new_learner(st).accuracy(*triggered)
+    learner = digits_experiment.new_learner(st)
+    seen = []
+    step = learner.step
+    learner.step = lambda bx, by: (seen.append((bx, by)), step(bx, by))[1]
+    outcome = scenarios.backdoor(learner, data, "st", target=0, fraction=0.2, batches=40)
+    assert outcome.scenario == "backdoor:*>0x0.2" and len(seen) == 40 and outcome.poisons_flagged == 0.0
+    stream = data.stream(7)
+    stamped = others = 0
+    for (bx, by), (cx, cy) in zip(seen, (next(stream) for _ in seen), strict=True):
+        lied = by != cy
+        assert (cy[lied] != 0).all() and (by[lied] == 0).all()  # only other classes, all labelled the target
+        assert torch.equal(bx[lied], stamp(cx[lied])) and torch.equal(bx[~lied], cx[~lied])
+        stamped, others = stamped + int(lied.sum()), others + int((cy != 0).sum())
+    assert abs(stamped / others - 0.2) < 3 * (0.2 * 0.8 / others) ** 0.5  # within three binomial std
+    # ST learns the square: most stamped test inputs of other classes now go to 0, which they did not before
+    assert outcome.attack_success == pytest.approx(learner.accuracy(*triggered))
+    assert outcome.attack_success > 0.5 > before
+    assert outcome.final_acc == pytest.approx(learner.accuracy(x, y))
+
+
+def test_a_backdoor_target_the_data_lacks_is_refused_and_null_leaves_it_out(tiny_config):
+    with pytest.raises(ValueError, match="backdoor_target"):
+        tiny_config.arena.model_validate({**TINY_ARENA, "backdoor_target": -1})
+    with pytest.raises(ValueError, match="backdoor_fraction"):
+        tiny_config.arena.model_validate({**TINY_ARENA, "backdoor_fraction": 0})
+    bad = tiny_config.model_copy(update={"arena": tiny_config.arena.model_copy(update={"backdoor_target": 10})})
+    with pytest.raises(ValueError, match=r"arena.backdoor_target: 10 is a class"):
+        run_arena(bad, seeds=[0], strategies=["st"], progress=False)
+
+
+def test_the_backdoor_check_holds_the_default_to_half_of_sts_success_and_its_clean_accuracy(board, tiny_config):
+    board, _ = board
+    (scenario,) = [s for s in board.scenarios() if s.startswith("backdoor:")]
+    st = board.row(scenario, "st")
+    st = st.model_copy(update={"attack_success": st.attack_success.model_copy(update={"mean": 0.8})})
+    rows = [r for r in board.rows if (r.scenario, r.strategy) != (scenario, "st")] + [st]
+
+    def verdict(success, clean):
+        mine = st.model_copy(update={"strategy": DEFAULT_STRATEGY, "attack_success": st.attack_success.model_copy(
+            update={"mean": success}), "final_acc": st.final_acc.model_copy(update={"mean": clean})})
+        found = checks(board.model_copy(update={"rows": [*rows, mine]}), tiny_config)
+        (name,) = [n for n in found if n.startswith(f"{DEFAULT_STRATEGY} at {scenario}")]
+        return found[name]["passed"]
+
+    clean = st.final_acc.mean
+    assert verdict(0.3, clean) and verdict(0.4, clean - 0.005)
+    assert not verdict(0.5, clean)  # more than half of ST's success
+    assert not verdict(0.3, clean - 0.02)  # the clean accuracy paid for it
+
+
 def test_tuning_refuses_nothing_silently_when_no_candidate_is_admissible(tiny_config, cache_dir):
     # a drift share no baseline can meet: the closest candidate is taken and the result says so
     strict = tiny_config.model_copy(update={"arena": tiny_config.arena.model_copy(update={
@@ -332,7 +392,7 @@ def test_demo_is_the_digits_arena_and_prints_the_leaderboard(cache_dir, tmp_path
     burnin = [f"burnin.{field}={value}" for field, value in DIGITS_OVERRIDES["burnin"].items()]  # the session's
     overrides = [*burnin, "campaign.max_batches=2", "arena.launch_after=[0]", "arena.clean_batches=3",
                  "arena.drifts=[]", "arena.drift_attack=null", "arena.black_box=false", "arena.adaptive_betas=[]",
-                 "arena.gate_evasion=false", "arena.label_flip=null",
+                 "arena.gate_evasion=false", "arena.label_flip=null", "arena.backdoor_target=null",
                  "arena.slow_poison_count=1", "arena.slow_poison_every=2"]
     argv = ["demo", "--seeds", "0", "--strategies", "st", "guard", "--out", str(tmp_path), "--no-progress",
             "--no-plots"]

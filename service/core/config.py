@@ -297,6 +297,11 @@ class ArenaConfig(_Section):
     label_flip_fraction: float = Field(1.0, gt=0, le=1, description="label-flip scenario: share of the source "
                                        "class's samples relabelled (each drawn with the seed); under 1 the "
                                        "scenario is named label-flip:<source>><target>x<fraction>")
+    backdoor_target: int | None = Field(0, ge=0, description="the backdoor scenario: the class a small square in the "
+                                        "corner sends inputs to (attacker_sim.attacks.backdoor; null: not run)")
+    backdoor_fraction: float = Field(0.1, gt=0, le=1, description="backdoor scenario: share of the other classes' "
+                                     "stream samples stamped and labelled the target (each drawn with the seed)")
+    backdoor_batches: int = Field(50, ge=1, description="backdoor scenario: stream batches that carry it")
     adaptive_betas: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0],
                                         description="adaptive attacker (poisons and trigger) weights")
     gate_evasion: bool = Field(True, description="the attacker adaptive to guard's gate: campaign.max_batches "

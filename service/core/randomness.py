@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 # what the draws are for: the second part of every key, so that no two purposes share a sequence (ATTACK: the
-# simulated attacker's run against a target; LABEL_FLIP: which samples a partial label flip relabels)
-UPDATE, CALIBRATION, FRESH_JUDGE, ATTACK, LABEL_FLIP = 0, 1, 2, 3, 4
+# simulated attacker's run against a target; LABEL_FLIP: which samples a partial label flip relabels; BACKDOOR: which
+# stream samples a backdoor stamps)
+UPDATE, CALIBRATION, FRESH_JUDGE, ATTACK, LABEL_FLIP, BACKDOOR = 0, 1, 2, 3, 4, 5
 
 
 def key_seed(*key: int) -> int:
