@@ -55,6 +55,9 @@ VARIANTS: dict[str, dict] = {
     # a flagged update loses the samples that push the trusted probe uphill most, not its size (2026-11-27: a label
     # flip held better, the drift kept)
     "guard-drop": {"name": "guard", "gate_action": "drop"},
+    # a flagged update loses the samples the label check finds lying (a backdoor's stamped samples look like their
+    # own class, labelled the target; 2026-11-28)
+    "guard-drop-lies": {"name": "guard", "gate_action": "drop_lies"},
     # without the label check (the default until 2026-11-27, when the label flip was the one row every defense lost)
     "guard-nolabels": {"name": "guard", "label_check": False},
     # the label check with lied-about pairs only (the default until 2026-11-28, when a class relabelled at random

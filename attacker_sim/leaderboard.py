@@ -7,7 +7,8 @@ unless said otherwise):
 - `final_acc`: accuracy at the end of the scenario: after the trigger (attacks), after the drift (drift,
   on the drifted test view), after the relabelled batches (label flip), after `clean_batches` (clean oracle).
 - `recovery`: share of ST's loss the strategy recovers in the same scenario and seed,
-  (acc - acc_ST) / (start_ST - acc_ST); only where ST lost at least `MIN_ST_LOSS`.
+  (acc - acc_ST) / (start_ST - acc_ST); only where ST lost at least `MIN_ST_LOSS`, and not for the backdoor (its
+  `attack_success` says what it took).
 - `drift_gain`: final - start on the drifted test view; `drift_gain_share`: that over ST's gain, only
   where ST gained at least `MIN_ST_LOSS` (a drift ST hardly learns says nothing about a defense).
 - `poisons_flagged`: share of poisoned samples flagged (label flip: of the relabelled ones); `clean_flag_rate`:
@@ -100,7 +101,8 @@ def build_rows(outcomes: list[Outcome]) -> list[Row]:
         recovery, gain, share = [], [], []
         for run in runs:
             ref = st.get((scenario, run.seed))
-            attacked = run.poison_acc is not None or run.poisons_flagged is not None  # campaigns, label flips
+            # campaigns and label flips; not a backdoor, whose clean accuracy is not what it attacks
+            attacked = (run.poison_acc is not None or run.poisons_flagged is not None) and run.attack_success is None
             if ref is not None and attacked and ref.start_acc - ref.final_acc >= MIN_ST_LOSS:
                 recovery.append((run.final_acc - ref.final_acc) / (ref.start_acc - ref.final_acc))
             if scenario.startswith("drift:"):

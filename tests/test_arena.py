@@ -91,6 +91,24 @@ def test_measures_follow_their_definitions(board):
     assert board.row("clean", "dsc").clean_flag_rate is not None
 
 
+def test_a_backdoor_row_reports_its_attack_success_and_no_recovery_of_clean_accuracy():
+    """ST losing clean accuracy to a label flip gives a recovery; to a backdoor it does not: there the attack's aim is
+    its success, and a recovery of a point's clean loss read 230% in a development run."""
+    from attacker_sim.leaderboard import build_rows
+    from attacker_sim.scenarios import Outcome
+
+    def rows(scenario, success):
+        runs = [Outcome(scenario, "st", 0, start_acc=0.97, final_acc=0.95, poisons_flagged=0.0,
+                        attack_success=success and 0.9),
+                Outcome(scenario, "guard", 0, start_acc=0.97, final_acc=0.96, poisons_flagged=0.5,
+                        attack_success=success and 0.3)]
+        return {r.strategy: r for r in build_rows(runs)}
+
+    flip, backdoor = rows("label-flip:3>8", None), rows("backdoor:*>0x0.1", True)
+    assert flip["guard"].recovery.mean == pytest.approx(0.5) and flip["guard"].attack_success is None
+    assert backdoor["guard"].recovery is None and backdoor["guard"].attack_success.mean == pytest.approx(0.3)
+
+
 def test_the_default_is_held_to_the_best_tuned_baseline_and_never_to_itself(board, tiny_config):
     """The attack bar compares the default with the tuned baselines in the run; where none ran, the check says so
     and judges only the recovery (it used to compare the default with itself, a check that could not fail)."""

@@ -263,6 +263,38 @@ def test_drop_applies_more_of_a_flagged_batchs_honest_samples_than_shrink(digits
     assert drop.scale * honest_kept > 2 * shrink.scale * int((~lies).sum())
 
 
+def test_drop_lies_leaves_what_the_label_check_finds_lying_out_of_a_flagged_update(digits_experiment):
+    """A backdoor's batch (half of it stamped with a square and labelled 0): the label check finds most stamped
+    samples lying (they look like their own class) and few honest ones; a flagged update is taken again without
+    exactly those, and the rest judged as shrink would."""
+    from attacker_sim.attacks.backdoor import stamp
+
+    x, y = digits_experiment.splits.stream.tensors()
+    stamped = torch.nonzero(y != 0).flatten()[:25]
+    honest = torch.nonzero(y == 0).flatten()[:5].tolist() + torch.nonzero(y != 0).flatten()[25:45].tolist()
+    bx = torch.cat([stamp(x[stamped]), x[honest]])
+    by = torch.cat([torch.zeros(len(stamped), dtype=y.dtype), y[honest]])
+    poisoned = torch.arange(len(by)) < len(stamped)
+    learner = _guard_learner(digits_experiment, gate_action="drop_lies", gate_norm_cap="none")
+    learner.ready()
+    check = copy.deepcopy(learner.strategy.label_check)
+    lies = check.judge(learner.model, bx, by).lies.cpu()
+    assert (lies & poisoned).sum() >= 0.3 * poisoned.sum() and (lies & ~poisoned).sum() <= 0.1 * (~poisoned).sum()
+    report = learner.step(bx, by)
+    assert report.gate.flagged and report.gate.dropped == tuple(torch.nonzero(lies).flatten().tolist())
+    # shrink on the same batch applies less of the honest samples: its scale covers the lies too
+    shrink = _guard_learner(digits_experiment, gate_action="shrink", gate_norm_cap="none").step(bx, by)
+    assert shrink.gate.flagged and not shrink.gate.dropped
+    assert report.update_scale > shrink.update_scale
+
+
+def test_drop_lies_needs_guard_and_its_label_check():
+    with pytest.raises(ValueError, match="needs label_check"):
+        StrategyConfig(name="guard", gate_action="drop_lies", label_check=False)
+    with pytest.raises(ValueError, match="'drop_lies' is guard's"):
+        StrategyConfig(name="dsc", gate_action="drop_lies")
+
+
 def test_cap_leaves_a_flagged_update_to_the_norm_cap_alone(digits_experiment):
     """gate_action=cap: the trigger is still flagged (and reported), and scaled exactly as the cap scales any update,
     where shrink takes it further down."""

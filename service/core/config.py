@@ -105,11 +105,14 @@ class StrategyConfig(_Section):
                                                                         "best, beyond sampling noise")
     promotion_z: float = Field(3.0, ge=0, description="dsc rolling: sampling noise allowed, in binomial "
                                                         "standard deviations, for the canary and the flagged share")
-    gate_action: Literal["shrink", "skip", "cap", "drop"] = Field(
+    gate_action: Literal["shrink", "skip", "cap", "drop", "drop_lies"] = Field(
         "shrink", description="guard: what a flagged update gets: shrunk onto the threshold, dropped, or only the "
                               "norm cap every update gets ('cap': flagged and reported, not acted on); 'drop' "
                               "(guard only): the batch samples that push the trusted probe uphill most are left out "
-                              "until the rest is at the threshold (first order), and the rest is shrunk if still over")
+                              "until the rest is at the threshold (first order), and the rest is shrunk if still over; "
+                              "'drop_lies' (guard with its label check): the samples the label check finds lying (they "
+                              "look like another trusted class than their label, within its radius) are left out, and "
+                              "the rest is shrunk if still over")
     gate_target_false_flag_rate: float = Field(0.1, gt=0, lt=1,
                                                description="guard: share of clean updates the threshold flags")
     gate_calibration_updates: int = Field(32, ge=1, description="guard: clean trusted updates per calibration")
@@ -180,9 +183,11 @@ class StrategyConfig(_Section):
             raise ValueError(f"auxiliary_window {self.auxiliary_window} is longer than the ring: auxiliary_ring "
                              f"{self.auxiliary_ring} snapshots every auxiliary_every {self.auxiliary_every} batches "
                              f"span {self.auxiliary_ring * self.auxiliary_every}")
-        if self.gate_action == "drop" and self.name != "guard":
-            raise ValueError(f"gate_action 'drop' is guard's (it takes the batch's gradient again); strategy "
-                             f"{self.name!r} takes shrink, skip or cap")
+        if self.gate_action in ("drop", "drop_lies") and self.name != "guard":
+            raise ValueError(f"gate_action {self.gate_action!r} is guard's (it takes the batch's gradient again); "
+                             f"strategy {self.name!r} takes shrink, skip or cap")
+        if self.gate_action == "drop_lies" and not self.label_check:
+            raise ValueError("gate_action 'drop_lies' leaves out what the label check finds: it needs label_check")
         if self.auxiliary_max_age is not None and self.auxiliary_max_age < self.auxiliary_window:
             raise ValueError(f"auxiliary_max_age {self.auxiliary_max_age} is shorter than auxiliary_window "
                              f"{self.auxiliary_window}")

@@ -83,12 +83,14 @@ def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, skip_self: bool 
 @dataclass(frozen=True)
 class LabelVerdict:
     """What the label check made of one batch: the labels the update learns, which of them it changed (to the class
-    the sample looks like), and the samples it leaves out (labelled as a lied-about pair's b, looking like no class
-    of the pair)."""
+    the sample looks like), the samples it leaves out (labelled as a lied-about pair's b, looking like no class
+    of the pair), and the samples that lie still: within the radius, they look like a class other than the label
+    the update learns them with (the gate's action `drop_lies` leaves them out of a flagged update)."""
 
     labels: torch.Tensor
     relabelled: torch.Tensor
     left_out: torch.Tensor
+    lies: torch.Tensor
 
 
 class NeighbourLabelCheck:
@@ -192,7 +194,8 @@ class NeighbourLabelCheck:
         for a in classes:
             lookalikes = (y != a) & (looks == a) & counted  # near enough to be sure: honest drift lies further out
             labels[lookalikes], relabelled = a, relabelled | lookalikes
-        return LabelVerdict(labels, relabelled, left_out & ~relabelled)
+        left_out &= ~relabelled
+        return LabelVerdict(labels, relabelled, left_out, counted & (looks != labels) & ~left_out)
 
     def lies(self) -> tuple[list[tuple[int, int]], list[int]]:
         """The lied-about pairs and classes, from one count of the window (`lied_pairs`, `lied_classes`)."""

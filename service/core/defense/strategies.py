@@ -305,6 +305,7 @@ class TrustedUpdateGuard(Strategy):
                 window=config.label_check_window, share=config.label_check_share,
                 class_share=config.label_check_class_share, min_count=config.label_check_min_count)
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lies: torch.Tensor | None = None
         self._statistics: Statistics | None = None
 
     @classmethod
@@ -328,6 +329,7 @@ class TrustedUpdateGuard(Strategy):
         y = y if verdict is None else verdict.labels
         kept = slice(None) if verdict is None else ~verdict.left_out
         self._batch = (prepared.x[kept], y[kept])  # gate_action 'drop' takes the gradient again on what it keeps
+        self._lies = None if verdict is None else verdict.lies[kept]  # what 'drop_lies' leaves out of a flagged one
         self._statistics = snapshot(model)  # BatchNorm's, before this forward moves them: the gate scales the move
         if verdict is None:
             return super().loss(model, prepared, x, y)
@@ -336,8 +338,9 @@ class TrustedUpdateGuard(Strategy):
         return (losses * kept).sum() / kept.sum().clamp(min=1)
 
     def before_optimizer_step(self, model, optimizer):
-        (batch, statistics), self._batch, self._statistics = (self._batch, self._statistics), None, None
-        return self.gate.judge(model, optimizer, batch=batch, statistics=statistics)
+        (batch, lies, statistics) = self._batch, self._lies, self._statistics
+        self._batch = self._lies = self._statistics = None
+        return self.gate.judge(model, optimizer, batch=batch, statistics=statistics, lies=lies)
 
     def threshold(self, batch_index: int) -> float | None:
         return self.gate.threshold  # None until the first update calibrates it

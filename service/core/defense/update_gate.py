@@ -104,7 +104,7 @@ from service.core.defense.running_statistics import (
 )
 from service.core.randomness import CALIBRATION, key_seed, seeded_draws
 
-ACTIONS = ("shrink", "skip", "cap", "drop")
+ACTIONS = ("shrink", "skip", "cap", "drop", "drop_lies")
 NORMS = {"2": 2.0, "inf": float("inf")}  # the update norms the cap can bound
 CAP_ANCHORS = ("current", "first")  # the cap follows every calibration, or stays at the first one's
 # the threshold's level: 1 - target; chosen across halves of the split at every calibration; or at the first only
@@ -390,14 +390,16 @@ class UpdateGate:
 
     def judge(self, model: nn.Module, optimizer: torch.optim.Optimizer,
               batch: tuple[torch.Tensor, torch.Tensor] | None = None,
-              statistics: Statistics | None = None) -> GateVerdict:
+              statistics: Statistics | None = None, lies: torch.Tensor | None = None) -> GateVerdict:
         """Judge the update in the parameters' `.grad` and scale it in place: onto the norm cap (when the gate has
         one), and, if the update is above the threshold, by the action's choice (the smaller scale wins). The
-        action `drop` needs the `batch` (x, y) the gradient was taken on: it takes it again without the samples it
-        drops (`_drop_uphill`), and judges what is left as `shrink` would. `statistics`: BatchNorm's running
-        statistics as they were before the batch's forward moved them; their move is scaled as the action scales the
-        update (a skipped batch moves none, action 'cap' leaves it whole) and capped at `statistics_cap` whatever the
-        verdict. The verdict is on the weights' update alone, as the threshold was calibrated."""
+        actions `drop` and `drop_lies` need the `batch` (x, y) the gradient was taken on: they take it again without
+        the samples they drop (`drop`: those that push the probe uphill most, `_drop_uphill`; `drop_lies`: the
+        `lies`, a mask over the batch from the label check), and judge what is left as `shrink` would.
+        `statistics`: BatchNorm's running statistics as they were before the batch's forward moved them; their move
+        is scaled as the action scales the update (a skipped batch moves none, action 'cap' leaves it whole) and
+        capped at `statistics_cap` whatever the verdict. The verdict is on the weights' update alone, as the
+        threshold was calibrated."""
         moves = (statistics, snapshot(model)) if statistics else None
         if self.due(optimizer):
             with moved(model, *(moves or (None, None)), 0.0):  # from the model as it was before the batch
@@ -405,16 +407,23 @@ class UpdateGate:
         self.updates_since_calibration += 1
         params, grads, base, increase = self._lookahead(model, optimizer)
         flagged, judged, dropped = increase > self.threshold, increase, ()
-        if flagged and self.action == "drop":
+        if flagged and self.action in ("drop", "drop_lies"):
             if batch is None:
-                raise ValueError("the gate's action 'drop' needs the batch the update was taken on")
-            dropped = tuple(torch.nonzero(~self._drop_uphill(model, params, *batch, increase)).flatten().tolist())
-            params, grads, base, judged = self._lookahead(model, optimizer)
+                raise ValueError(f"the gate's action {self.action!r} needs the batch the update was taken on")
+            if self.action == "drop":
+                keep = self._drop_uphill(model, params, *batch, increase)
+            else:
+                keep = torch.ones(len(batch[1]), dtype=torch.bool) if lies is None else ~lies.cpu()
+                if not keep.all():
+                    keep = self._take_again(model, params, *batch, keep)
+            dropped = tuple(torch.nonzero(~keep).flatten().tolist())
+            if dropped or self.action == "drop":  # 'drop' took the gradient again whatever it left out
+                params, grads, base, judged = self._lookahead(model, optimizer)
         norm, scale = self._cap_scale(model)
         acted = 1.0  # the action's own scale, without the cap's
         if judged > self.threshold and self.action != "cap":
             acted = 0.0
-            if self.action in ("shrink", "drop"):
+            if self.action in ("shrink", "drop", "drop_lies"):
                 probe_scale = self.threshold / judged
                 at_probe = self._statistic(self._losses_after_step(model, optimizer, params, grads, probe_scale)
                                            - base)
@@ -463,6 +472,15 @@ class UpdateGate:
                 if excess <= 0 or shares[i] <= 0:
                     break
                 keep[i], excess = False, excess - float(shares[i])
+        return self._take_again(model, params, x, y, keep)
+
+    @staticmethod
+    def _take_again(model: nn.Module, params, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Put the gradient of the batch's `keep` samples (over the whole batch's size, as the update was) in the
+        parameters' `.grad`, with BatchNorm's statistics as the update's forward left them; returns what was kept (all
+        False, and a zero gradient, where fewer than 2 samples would be)."""
+        device = _device(model)
+        x, y = x.to(device), y.to(device)
         if int(keep.sum()) < 2:  # a batch of one has no batch statistics to normalise with: nothing is kept
             for p in params:
                 p.grad.zero_()
