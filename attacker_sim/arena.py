@@ -282,10 +282,14 @@ def checks(board: Leaderboard, config: ExperimentConfig) -> dict[str, dict]:
               f"{mine.final_acc.mean:.1%} vs best tuned {best:.1%}; recovers {recovered:.0%}")
     for scenario in [s for s in board.scenarios() if s.startswith("backdoor:")]:
         mine, st = board.row(scenario, default), board.row(scenario, "st")
-        if not mine or not st or st.attack_success is None:
+        if not st or st.attack_success is None:
             continue
-        success, st_success = mine.attack_success.mean, st.attack_success.mean
-        gap = st.final_acc.mean - mine.final_acc.mean
+        st_success = st.attack_success.mean
+        check(f"{scenario} is real (ST's attack success >= 50%)", st_success >= 0.5,
+              f"ST's attack success {st_success:.1%}")
+        if not mine:
+            continue
+        success, gap = mine.attack_success.mean, st.final_acc.mean - mine.final_acc.mean
         check(f"{default} at {scenario}: attack success at most half of ST's, clean accuracy within 1 point of ST's",
               success <= 0.5 * st_success and gap <= 0.01,
               f"attack success {success:.1%} vs ST's {st_success:.1%}; clean accuracy {mine.final_acc.mean:.1%} vs "

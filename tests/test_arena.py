@@ -387,6 +387,11 @@ def test_the_backdoor_check_holds_the_default_to_half_of_sts_success_and_its_cle
         return found[name]["passed"]
 
     clean = st.final_acc.mean
+    found = checks(board.model_copy(update={"rows": rows}), tiny_config)
+    assert found[f"{scenario} is real (ST's attack success >= 50%)"]["passed"]  # ST's success is 0.8 here
+    weak = st.model_copy(update={"attack_success": st.attack_success.model_copy(update={"mean": 0.3})})
+    found = checks(board.model_copy(update={"rows": [*rows[:-1], weak]}), tiny_config)
+    assert not found[f"{scenario} is real (ST's attack success >= 50%)"]["passed"]
     assert verdict(0.3, clean) and verdict(0.4, clean - 0.005)
     assert not verdict(0.5, clean)  # more than half of ST's success
     assert not verdict(0.3, clean - 0.02)  # the clean accuracy paid for it
