@@ -5,7 +5,7 @@ clean accuracy alone does not see it.
 
 >>> import torch
 >>> [patch_side(side) for side in (8, 28, 32)]
-[2, 3, 4]
+[2, 5, 6]
 >>> x = torch.zeros(1, 1, 8, 8)
 >>> stamped = stamp(x)
 >>> float(stamped.sum()), float(x.sum()), stamped[0, 0, -2:, -2:].tolist()
@@ -20,8 +20,9 @@ INTENSITY = 1.0  # images are in [0, 1]: the square is as bright as a pixel gets
 
 
 def patch_side(side: int) -> int:
-    """The square's side, in pixels, for images `side` pixels wide: an eighth of it, at least 2."""
-    return max(2, side // 8)
+    """The square's side, in pixels, for images `side` pixels wide: a fifth of it, at least 2 (MNIST's SmallCNN did
+    not learn a 3x3 or 4x4 square from 50 batches of 10%: ST's success 1%; a 5x5 square, 95%)."""
+    return max(2, side // 5)
 
 
 def stamp(x: torch.Tensor) -> torch.Tensor:
