@@ -111,8 +111,8 @@ class WorkerMetrics:
                                  registry=r)
         self.left_out = Counter("dscguard_samples_left_out_total", "Samples left out of the update they came in: "
                                 "guard's label check (labelled as a lied-about pair's label, looking like neither "
-                                "class of the pair) and its gate's 'drop' action (the samples that pushed a flagged "
-                                "update uphill most)",
+                                "class of the pair) and its gate's 'drop' and 'drop_lies' actions (the samples that "
+                                "pushed a flagged update uphill most; those the label check found lying)",
                                 registry=r)
         self.relabelled = Counter("dscguard_samples_relabelled_total", "Samples guard's label check learned with "
                                   "the label of the trusted class they look like, their own label being the lied-"
