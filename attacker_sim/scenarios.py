@@ -271,6 +271,27 @@ def drift_attack(learner: OnlineLearner, data: ScenarioData, label: str, kind: s
     return Outcome.from_run(f"drift+attack:{kind}", run, learner.strategy.target_false_flag_rate())
 
 
+Poisoned = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a batch as learned (x, y), and which samples lie
+Poison = Callable[[torch.Tensor, torch.Tensor], Poisoned]
+
+
+def _poisoned_steps(learner: OnlineLearner, stream: Iterator[Tensors], batches: int, poison: Poison,
+                    on_step: Callable[[], None] | None) -> tuple[float | None, float]:
+    """Learn `batches` stream batches, each as `poison(x, y)` returns it ((x, y, which samples it poisoned)); returns
+    (the share of poisoned samples the defense flagged, None where none was poisoned; the mean seconds per step)."""
+    flagged = poisoned_count = 0
+    seconds = []
+    for _ in range(batches):
+        x, y, poisoned = poison(*next(stream))
+        report = learner.step(x, y)
+        flagged += int(np.asarray(report.flagged)[poisoned.numpy()].sum())
+        poisoned_count += int(poisoned.sum())
+        seconds.append(report.seconds["total"])
+        if on_step:
+            on_step()
+    return (flagged / poisoned_count if poisoned_count else None), float(np.mean(seconds))
+
+
 def label_flip(learner: OnlineLearner, data: ScenarioData, label: str, source: int, target: int | None, batches: int,
                on_step: Callable[[], None] | None = None, fraction: float = 1.0, drift: str | None = None) -> Outcome:
     """`batches` stream batches whose samples of class `source` are labelled `target` (each with probability
@@ -286,29 +307,22 @@ def label_flip(learner: OnlineLearner, data: ScenarioData, label: str, source: i
     judge = InProcessTarget(learner)
     start = accuracy(judge, *test)
     draws = torch.Generator().manual_seed(key_seed(data.seed, LABEL_FLIP, 0))
-    flagged = relabelled = 0
-    seconds = []
     classes = data.experiment.splits.stream.num_classes
-    for _ in range(batches):
-        x, y = next(stream)
+
+    def lie(x: torch.Tensor, y: torch.Tensor) -> Poisoned:
         poisoned = (y == source) & (torch.rand(len(y), generator=draws) < fraction)
         if target is None:  # one of the classes other than the source, uniformly
             other = torch.randint(classes - 1, y.shape, generator=draws)
             lies = other + (other >= source).long()
         else:
             lies = torch.full_like(y, target)
-        report = learner.step(x, torch.where(poisoned, lies, y))
-        flagged += int(np.asarray(report.flagged)[poisoned.numpy()].sum())
-        relabelled += int(poisoned.sum())
-        seconds.append(report.seconds["total"])
-        if on_step:
-            on_step()
+        return x, torch.where(poisoned, lies, y), poisoned
+
+    flagged, seconds = _poisoned_steps(learner, stream, batches, lie, on_step)
     name = f"label-flip:{source}>{'*' if target is None else target}" + (f"x{fraction:g}" if fraction < 1 else "")
     return Outcome(f"{name}@drift:{drift}" if drift else name, label, data.seed, start_acc=start,
-                   final_acc=accuracy(judge, *test),
-                   poisons_flagged=flagged / relabelled if relabelled else None,
-                   target_flag_rate=learner.strategy.target_false_flag_rate(),
-                   seconds_per_step=float(np.mean(seconds)))
+                   final_acc=accuracy(judge, *test), poisons_flagged=flagged,
+                   target_flag_rate=learner.strategy.target_false_flag_rate(), seconds_per_step=seconds)
 
 
 def backdoor(learner: OnlineLearner, data: ScenarioData, label: str, target: int, fraction: float, batches: int,
@@ -323,21 +337,14 @@ def backdoor(learner: OnlineLearner, data: ScenarioData, label: str, target: int
     triggered = (stamp(test[0][others]), torch.full((int(others.sum()),), target, dtype=test[1].dtype))
     start = accuracy(judge, *test)
     draws = torch.Generator().manual_seed(key_seed(data.seed, BACKDOOR, 0))
-    flagged = stamped = 0
-    seconds = []
-    for _ in range(batches):
-        x, y = next(stream)
+
+    def plant(x: torch.Tensor, y: torch.Tensor) -> Poisoned:
         poisoned = (y != target) & (torch.rand(len(y), generator=draws) < fraction)
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        report = learner.step(torch.where(poisoned.view(shape), stamp(x), x),
-                              torch.where(poisoned, torch.full_like(y, target), y))
-        flagged += int(np.asarray(report.flagged)[poisoned.numpy()].sum())
-        stamped += int(poisoned.sum())
-        seconds.append(report.seconds["total"])
-        if on_step:
-            on_step()
+        stamped = torch.where(poisoned.view((-1,) + (1,) * (x.dim() - 1)), stamp(x), x)
+        return stamped, torch.where(poisoned, torch.full_like(y, target), y), poisoned
+
+    flagged, seconds = _poisoned_steps(learner, stream, batches, plant, on_step)
     return Outcome(f"backdoor:*>{target}x{fraction:g}", label, data.seed, start_acc=start,
-                   final_acc=accuracy(judge, *test), poisons_flagged=flagged / stamped if stamped else None,
+                   final_acc=accuracy(judge, *test), poisons_flagged=flagged,
                    attack_success=accuracy(judge, *triggered),
-                   target_flag_rate=learner.strategy.target_false_flag_rate(),
-                   seconds_per_step=float(np.mean(seconds)))
+                   target_flag_rate=learner.strategy.target_false_flag_rate(), seconds_per_step=seconds)

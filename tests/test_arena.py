@@ -267,21 +267,22 @@ def test_slow_poison_spreads_poisons_between_clean_batches(digits_experiment):
     assert outcome.clean_flag_rate == 0.0 and outcome.batches == (learner.batches_applied - 1) // 3
 
 
-def _st_flip(experiment, **flip):
-    """`scenarios.label_flip` on an ST learner: (the outcome, the (x, y) batches it learned, the data, the learner)."""
+def _on_st(experiment, scenario, **arguments):
+    """`scenario` (`scenarios.label_flip`, `scenarios.backdoor`) on an ST learner: (the outcome, the (x, y) batches it
+    learned, the data, the learner)."""
     data = scenarios.ScenarioData(experiment, experiment.test_tensors, experiment.splits.attacker_val.tensors())
     learner = experiment.new_learner(experiment.config.strategy.model_copy(update={"name": "st"}))
     seen = []
     step = learner.step
     learner.step = lambda bx, by: (seen.append((bx, by)), step(bx, by))[1]
-    return scenarios.label_flip(learner, data, "st", **flip), seen, data, learner
+    return scenario(learner, data, "st", **arguments), seen, data, learner
 
 
 def test_a_label_flip_relabels_only_the_source_class_and_costs_st_that_class(digits_experiment):
     x, y = digits_experiment.test_tensors
     before = digits_experiment.new_learner(digits_experiment.config.strategy.model_copy(update={"name": "st"}))
     before = before.accuracy(x[y == 3], y[y == 3])
-    outcome, seen, data, learner = _st_flip(digits_experiment, source=3, target=8, batches=40)
+    outcome, seen, data, learner = _on_st(digits_experiment, scenarios.label_flip, source=3, target=8, batches=40)
     assert outcome.scenario == "label-flip:3>8" and len(seen) == 40 and outcome.poisons_flagged == 0.0
     stream = data.stream(6)
     for (bx, by), (cx, cy) in zip(seen, (next(stream) for _ in seen), strict=True):
@@ -299,7 +300,8 @@ def _labels_of_the_threes(seen, data):
 
 
 def test_a_partial_label_flip_relabels_about_its_fraction_of_the_source_class_and_names_it(digits_experiment):
-    outcome, seen, data, _ = _st_flip(digits_experiment, source=3, target=8, batches=40, fraction=0.4)
+    outcome, seen, data, _ = _on_st(digits_experiment, scenarios.label_flip, source=3, target=8, batches=40,
+                                    fraction=0.4)
     assert outcome.scenario == "label-flip:3>8x0.4"
     labels, originals, threes = _labels_of_the_threes(seen, data)
     assert torch.equal(labels[~threes], originals[~threes])  # only 3s are relabelled, and only as 8s
@@ -309,7 +311,7 @@ def test_a_partial_label_flip_relabels_about_its_fraction_of_the_source_class_an
 
 
 def test_a_spread_label_flip_labels_each_source_sample_as_some_other_class(digits_experiment):
-    outcome, seen, data, _ = _st_flip(digits_experiment, source=3, target=None, batches=40)
+    outcome, seen, data, _ = _on_st(digits_experiment, scenarios.label_flip, source=3, target=None, batches=40)
     assert outcome.scenario == "label-flip:3>*"
     labels, originals, threes = _labels_of_the_threes(seen, data)
     assert torch.equal(labels[~threes], originals[~threes]) and not (labels[threes] == 3).any()
@@ -319,7 +321,8 @@ def test_a_spread_label_flip_labels_each_source_sample_as_some_other_class(digit
 
 
 def test_a_label_flip_on_drift_lies_on_the_drift_scenarios_batches_and_is_judged_on_its_view(digits_experiment):
-    outcome, seen, data, learner = _st_flip(digits_experiment, source=3, target=8, batches=6, drift="pixel_shift")
+    outcome, seen, data, learner = _on_st(digits_experiment, scenarios.label_flip, source=3, target=8, batches=6,
+                                          drift="pixel_shift")
     assert outcome.scenario == "label-flip:3>8@drift:pixel_shift" and len(seen) == 6
     stream, test = data.drifted("pixel_shift", offset=3, count=6)  # the drift scenario's own batches
     for (bx, by), (dx, dy) in zip(seen, stream, strict=True):
@@ -336,17 +339,11 @@ def test_a_label_flip_naming_one_class_twice_or_a_class_the_data_lacks_is_refuse
 
 
 def test_a_backdoor_stamps_about_its_fraction_of_the_other_classes_as_the_target_and_st_learns_it(digits_experiment):
-    data = scenarios.ScenarioData(digits_experiment, digits_experiment.test_tensors,
-                                  digits_experiment.splits.attacker_val.tensors())
-    st = digits_experiment.config.strategy.model_copy(update={"name": "st"})
     x, y = digits_experiment.test_tensors
     triggered = stamp(x[y != 0]), torch.zeros(int((y != 0).sum()), dtype=y.dtype)
+    st = digits_experiment.config.strategy.model_copy(update={"name": "st"})
     before = digits_experiment.new_learner(st).accuracy(*triggered)
-    learner = digits_experiment.new_learner(st)
-    seen = []
-    step = learner.step
-    learner.step = lambda bx, by: (seen.append((bx, by)), step(bx, by))[1]
-    outcome = scenarios.backdoor(learner, data, "st", target=0, fraction=0.2, batches=40)
+    outcome, seen, data, learner = _on_st(digits_experiment, scenarios.backdoor, target=0, fraction=0.2, batches=40)
     assert outcome.scenario == "backdoor:*>0x0.2" and len(seen) == 40 and outcome.poisons_flagged == 0.0
     stream = data.stream(7)
     stamped = others = 0
