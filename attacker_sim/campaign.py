@@ -22,6 +22,7 @@ from attacker_sim.attacks import AccumulativePoison, Budget, TriggerCrafter, bui
 from attacker_sim.attacks.gate_evasion import GateEvasion
 from attacker_sim.targets import StepOutcome, Target
 from service.core.config import AttackConfig, CampaignConfig
+from service.core.device import model_device
 from service.core.randomness import ATTACK, key_seed, seeded_draws
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -151,7 +152,7 @@ class AccumulativeCampaign:
         first = self._attacker_model(target)  # the trigger is crafted on it first; the draws follow its device
         # the attacker's random draws (random starts, dropout in its lookaheads) come from the run's seed, not from
         # whatever the process drew before: a run repeats beside any other, in any order
-        with seeded_draws(next(first.parameters()).device, key_seed(seed, ATTACK)):
+        with seeded_draws(model_device(first), key_seed(seed, ATTACK)):
             x_val, y_val = validation
             accuracies = [accuracy(target, *test)]
             monitor_start = accuracy(target, x_val, y_val)

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from service.core.bundle.architecture import build_model_from_spec
 from service.core.defense.eval_mode import eval_mode
+from service.core.device import model_device
 from service.core.randomness import seeded_draws
 
 SGD_MOMENTUM = 0.9
@@ -97,7 +98,7 @@ def train_surrogate(
 def surrogate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
     """Top-1 accuracy of `model` on (x, y), in eval mode (the model's mode is restored after)."""
     _check_data(x, y, "evaluation")
-    device = next(model.parameters()).device
+    device = model_device(model)
     correct = 0
     with eval_mode(model):
         for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):

@@ -28,6 +28,11 @@ def assert_reproduced(actual, expected, device: torch.device, cpu_relative: floa
     Traceback (most recent call last):
     ...
     AssertionError: [0.1, {'t': 0.2}] != [0.1, {'t': 0.21}] (relative 0.005 on cuda)
+    >>> assert_reproduced(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.001]), torch.device("cuda"))
+    >>> assert_reproduced(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.001]), torch.device("cpu"))
+    Traceback (most recent call last):
+    ...
+    AssertionError: tensor([1., 2.]) != tensor([1.0000, 2.0010]) (relative 0 on cpu)
     """
     relative = cpu_relative if device.type == "cpu" else CUDA_RELATIVE
     if not _close(actual, expected, relative):
@@ -39,6 +44,10 @@ def _close(a, b, relative: float) -> bool:
         return a.keys() == b.keys() and all(_close(a[key], b[key], relative) for key in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_close(x, y, relative) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if not relative:
+            return torch.equal(a, b)
+        return bool(torch.allclose(a, b, rtol=relative, atol=relative * float(b.abs().max()) if b.numel() else 0.0))
     if relative and isinstance(a, float) and isinstance(b, float):
         return a == pytest.approx(b, rel=relative, abs=1e-6)
     return a == b

@@ -30,6 +30,7 @@ from service.core.config import ExperimentConfig
 from service.core.models import Normalized, build_model
 from tests.bundle_factory import tiny_mlp
 from tests.profiles import DIGITS_OVERRIDES
+from tests.reproduce import assert_reproduced
 
 # a trusted set above the 4 samples guard's gate needs, with every digit class, and quick to calibrate on
 TRUSTED_SAMPLES = 20
@@ -77,7 +78,8 @@ def test_a_profile_burn_in_round_trips(digits_config, digits_experiment, cache_d
     report = check_bundle(out)
     learner = digits_experiment.new_learner()  # guard, the default, on the same trusted split and seed
     assert report.online_accuracy == pytest.approx(learner.accuracy(x, y))
-    assert report.gate_threshold == pytest.approx(learner.strategy.gate.calibrate(learner.model, learner.optimizer))
+    assert_reproduced(report.gate_threshold, learner.strategy.gate.calibrate(learner.model, learner.optimizer),
+                      learner.device, cpu_relative=1e-6)
     assert report.trusted_samples == len(x) and report.target_false_flag_rate == (
         digits_config.strategy.gate_target_false_flag_rate)
 

@@ -16,7 +16,7 @@ def test_calibration_hits_its_false_flag_target_on_held_out_clean_data(digits_ex
     cal = calibrate(exp.burnin.model, exp.burnin.auxiliary, x_cal, y_cal, target_false_flag_rate=target,
                     warmup_batches=0)
     held_out, _ = exp.splits.stream.tensors()  # clean, disjoint from the calibration split
-    scores = memorization_discrepancy(exp.burnin.auxiliary, exp.burnin.model, held_out).numpy()
+    scores = memorization_discrepancy(exp.burnin.auxiliary, exp.burnin.model, held_out).cpu().numpy()
     rate = float((scores > cal.threshold(0)).mean())
     # 500 held-out samples: a binomial standard error of ~1.5 points; allow ~3 of them
     assert rate == pytest.approx(target, abs=0.05)

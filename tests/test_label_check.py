@@ -13,6 +13,7 @@ from service.core.config import StrategyConfig
 from service.core.defense.label_check import NeighbourLabelCheck
 from service.core.defense.strategies import build_strategy
 from service.core.learner import OnlineLearner
+from tests.reproduce import assert_reproduced
 
 CENTERS = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0]])
 SPEC = {"name": "blobs", "num_classes": 3, "input_shape": [4]}
@@ -172,13 +173,13 @@ def test_a_restored_learner_judges_and_steps_as_the_original(digits_experiment, 
     for x, y in batches[:3]:  # the window that makes (3, 8) a lied-about pair travels with the checkpoint
         learner.step(x, y)
     learner.save(tmp_path / "ckpt")
-    restored = OnlineLearner.load(tmp_path / "ckpt")
+    restored = OnlineLearner.load(tmp_path / "ckpt", device=learner.device)
     assert restored.strategy.label_check.lied_pairs() == learner.strategy.label_check.lied_pairs() == [(3, 8)]
     original, again = learner.step(*batches[3]), restored.step(*batches[3])
     assert original.relabelled.any() and (original.relabelled == again.relabelled).all()
     assert (original.left_out == again.left_out).all()
     for a, b in zip(learner.model.parameters(), restored.model.parameters(), strict=True):
-        assert torch.equal(a, b)
+        assert_reproduced(a, b, learner.device)
 
 
 def test_bad_label_check_settings_are_refused_naming_the_field():

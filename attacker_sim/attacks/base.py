@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from service.core.defense.discrepancy import divergence_from_logits
 from service.core.defense.eval_mode import eval_mode
 from service.core.defense.projection import Budget
+from service.core.device import model_device
 
 ModelMode = Literal["eval", "train"]
 MODEL_MODES = ("eval", "train")
@@ -153,7 +154,7 @@ class SignedGradientAttack(ABC):
     def _perturb(self, model: nn.Module, x: torch.Tensor, *context) -> torch.Tensor:
         """Craft on the model's device (inputs anywhere); the result goes back to where `x` was."""
         budget = self.budget
-        home, device = x.device, next(model.parameters()).device
+        home, device = x.device, model_device(model)
         x = x.detach().to(device)
         context = _on(device, context)
         with self._crafting(model):

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from service.core.config import StrategyConfig
 from service.core.defense.update_gate import UpdateGate
+from service.core.device import model_device
 
 
 class GateEvasion:
@@ -54,7 +55,8 @@ class GateEvasion:
         """The lookahead of one SGD step on (x, y), measured on the attacker's probe."""
         optimizer = torch.optim.SGD(model.parameters(), lr=self.lr)
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        device = model_device(model)
+        F.cross_entropy(model(x.to(device)), y.to(device)).backward()
         try:
             return self.gate.increase(model, optimizer)
         finally:

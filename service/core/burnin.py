@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from service.core.atomic import atomic_write_bytes, atomic_write_text
 from service.core.config import ExperimentConfig
 from service.core.data import ArrayDataset
+from service.core.device import model_device
 from service.core.models import Normalized, build_model
 from service.core.models.inference import logits_in_chunks
 
@@ -113,7 +114,7 @@ def load_checkpoint_epoch(result: BurnInResult, epoch: int) -> Normalized:
     if not path.is_file():
         kept = sorted(int(p.stem.split("_")[1]) for p in result.directory.glob("epoch_*.safetensors"))
         raise ValueError(f"no burn-in checkpoint for epoch {epoch}; kept epochs: {kept}")
-    return _load(result.directory, epoch, result.model_spec, next(result.model.parameters()).device)
+    return _load(result.directory, epoch, result.model_spec, model_device(result.model))
 
 
 def _load(directory: Path, epoch: int, spec: dict, device) -> Normalized:

@@ -1,8 +1,9 @@
-"""Pick the compute device: CUDA when present, CPU otherwise, unless the config names one."""
+"""Pick the compute device (CUDA when present, CPU otherwise, unless the config names one), and find a model's."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 _EXPECTED = "expected auto (CUDA when present), cpu, cuda, cuda:N or mps"
 
@@ -35,3 +36,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {name!r} asked for, but MPS is not available on this machine; use auto or cpu")
     return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model`'s parameters live: functions that take a model and a batch move the batch there.
+
+    >>> model_device(nn.Linear(2, 2))
+    device(type='cpu')
+    """
+    return next(model.parameters()).device

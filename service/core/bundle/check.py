@@ -18,6 +18,7 @@ from torch import nn
 from service.core.bundle.manifest import BundleError, BundleManifest
 from service.core.bundle.store import apply_optimizer_state, load_bundle
 from service.core.defense.strategies import build_strategy
+from service.core.device import model_device
 from service.core.models.inference import logits_in_chunks
 
 
@@ -63,7 +64,7 @@ def check_bundle(path: str | Path, device: str | torch.device = "cpu", seed: int
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, file: Path) -> float:
-    device = next(model.parameters()).device
+    device = model_device(model)
     logits = logits_in_chunks(model, x, device=device).cpu()
     if not torch.isfinite(logits).all():
         raise BundleError(file, None, "the model's class scores on the trusted set are not all finite")

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from service.core.defense.discrepancy import memorization_discrepancy
+from service.core.device import model_device
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ def calibrate(
     if len(clean_x) < 2:
         raise ValueError("calibration needs at least 2 clean samples")
     level = 1.0 - target_false_flag_rate
+    clean_x, clean_y = clean_x.to(model_device(model)), clean_y.to(model_device(model))
     scores = memorization_discrepancy(auxiliary, model, clean_x, divergence)
 
     def statistic(values: torch.Tensor) -> float:

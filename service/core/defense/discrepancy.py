@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from service.core.defense.eval_mode import eval_mode
+from service.core.device import model_device
 
 DIVERGENCES = ("kl", "reverse_kl", "js")
 
@@ -56,9 +57,9 @@ def memorization_discrepancy(
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {', '.join(DIVERGENCES)}")
-    scores = []
+    scores, device = [], model_device(model)
     with eval_mode(aux, model):
         for start in range(0, len(x), batch_size):
-            chunk = x[start : start + batch_size]
+            chunk = x[start : start + batch_size].to(device)
             scores.append(divergence_from_logits(aux(chunk), model(chunk), divergence))
-    return torch.cat(scores) if scores else x.new_zeros(0)
+    return torch.cat(scores) if scores else x.new_zeros(0, device=device)

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from service.core.defense.eval_mode import eval_mode
+from service.core.device import model_device
 
 _CHUNK = 1024  # rows of a distance matrix at a time: memory bounded for a large trusted split
 
@@ -59,7 +60,7 @@ def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     hook = linears[-1].register_forward_hook(lambda _m, args, _out: captured.append(args[0])) if linears else None
     try:
         with eval_mode(model), torch.no_grad():
-            output = model(x)
+            output = model(x.to(model_device(model)))
     finally:
         if hook is not None:
             hook.remove()
@@ -146,8 +147,7 @@ class NeighbourLabelCheck:
     def refresh(self, model: nn.Module, applied: int = 0) -> None:
         """Place the trusted split in the feature space of `model` as it stands, and measure the radius there."""
         self.model, self._saved = copy.deepcopy(model).eval(), None
-        device = next(model.parameters()).device
-        self.trusted_features = features(self.model, self.trusted_x.to(device))
+        self.trusted_features = features(self.model, self.trusted_x)
         self._measure_trusted()
         self.refreshed_at = applied
 
@@ -178,6 +178,7 @@ class NeighbourLabelCheck:
             self.model = copy.deepcopy(model).eval()
             self.model.load_state_dict(self._saved)
             self._saved = None
+            self.trusted_features = self.trusted_features.to(model_device(model))  # a checkpoint's are on the CPU
         distances, indices = _nearest(features(self.model, x), self.trusted_features, self.neighbours)
         looks = self._looks(indices)
         y = y.to(looks.device)

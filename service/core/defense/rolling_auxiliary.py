@@ -49,6 +49,7 @@ from torch import nn
 
 from service.core.defense.detector import DiscrepancyDetector
 from service.core.defense.eval_mode import eval_mode
+from service.core.device import model_device
 
 REASONS = ("healthy", "max_age", "canary", "flag_rate")  # the first two promote
 
@@ -116,7 +117,7 @@ class RollingAuxiliary:
 
     @torch.no_grad()
     def _logits(self, model: nn.Module) -> torch.Tensor:
-        device = next(model.parameters()).device
+        device = model_device(model)
         with eval_mode(model):
             return model(self.trusted[0].to(device)).float().cpu()
 

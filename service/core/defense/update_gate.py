@@ -102,6 +102,7 @@ from service.core.defense.running_statistics import (
     snapshot,
     tracking_norms,
 )
+from service.core.device import model_device
 from service.core.randomness import CALIBRATION, key_seed, seeded_draws
 
 ACTIONS = ("shrink", "skip", "cap", "drop", "drop_lies")
@@ -196,7 +197,7 @@ class UpdateGate:
         """Per-sample cross-entropy on the probe, as predictions are made (eval mode)."""
         x, y = self.trusted[0][self.probe], self.trusted[1][self.probe]
         with torch.no_grad(), eval_mode(model):
-            return F.cross_entropy(model(x.to(_device(model))), y.to(_device(model)), reduction="none").cpu()
+            return F.cross_entropy(model(x.to(model_device(model))), y.to(model_device(model)), reduction="none").cpu()
 
     def _losses_after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, params, grads,
                            scale: float) -> torch.Tensor:
@@ -229,7 +230,7 @@ class UpdateGate:
         seeded by the gate's seed and the calibration's number, not from torch's global one, so that a calibration
         is the same whatever ran before it (three learners made ready from one MNIST burn-in measured three caps)
         and the stream's own draws are left as they were."""
-        with seeded_draws(_device(model), key_seed(self.seed, CALIBRATION, self.calibrations)):
+        with seeded_draws(model_device(model), key_seed(self.seed, CALIBRATION, self.calibrations)):
             return self._calibrate(model, optimizer)
 
     def _calibrate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
@@ -320,7 +321,7 @@ class UpdateGate:
         trusted split; drawing without replacement from a few hundred samples would shrink the spread of updates),
         the statistics where the batch would have moved BatchNorm's (none moved: a simulation, not an update)."""
         x_ref, y_ref = self.trusted
-        device = _device(model)
+        device = model_device(model)
         pool = torch.arange(len(x_ref)) if pool is None else pool
         for _ in range(count):
             pick = pool[torch.randint(len(pool), (self.batch_size,), generator=self.generator)]
@@ -449,7 +450,7 @@ class UpdateGate:
         the batch, no per-sample gradients). The shares are scaled to sum to the measured increase, and the largest
         go first. Honest drift raises the probe loss across a batch and keeps most of it; a batch that carries a
         few lies (labels flipped, say) carries them in its largest shares."""
-        device = _device(model)
+        device = model_device(model)
         x, y = x.to(device), y.to(device)
         probe_x, probe_y = self.trusted[0][self.probe].to(device), self.trusted[1][self.probe].to(device)
         with eval_mode(model):
@@ -479,7 +480,7 @@ class UpdateGate:
         """Put the gradient of the batch's `keep` samples (over the whole batch's size, as the update was) in the
         parameters' `.grad`, with BatchNorm's statistics as the update's forward left them; returns what was kept (all
         False, and a zero gradient, where fewer than 2 samples would be)."""
-        device = _device(model)
+        device = model_device(model)
         x, y = x.to(device), y.to(device)
         if int(keep.sum()) < 2:  # a batch of one has no batch statistics to normalise with: nothing is kept
             for p in params:
@@ -553,7 +554,3 @@ def _chord_scale(threshold: float, s0: float, at_s0: float, at_one: float) -> fl
     if at_s0 <= threshold:
         return s0 + (1.0 - s0) * (threshold - at_s0) / (at_one - at_s0)
     return s0 * max(threshold, 0.0) / at_s0
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
