@@ -30,18 +30,26 @@ def snapshot(model: nn.Module) -> Statistics:
     return [(m.running_mean.detach().clone(), m.running_var.detach().clone()) for m in tracking_norms(model)]
 
 
-def put(model: nn.Module, before: Statistics, after: Statistics, scale: float) -> None:
-    """Set the running statistics to before + scale * (after - before).
+def put(model: nn.Module, before: Statistics, after: Statistics, scale: float,
+        also: tuple[Statistics, float] | None = None) -> None:
+    """Set the running statistics to before + scale * (after - before), plus share * (other - before) where `also`
+    is (other, share).
 
     >>> model = nn.BatchNorm1d(2)
     >>> put(model, [(torch.zeros(2), torch.ones(2))], [(torch.full((2,), 4.0), torch.ones(2))], 0.25)
     >>> model.running_mean.tolist()
     [1.0, 1.0]
+    >>> put(model, [(torch.zeros(2), torch.ones(2))], [(torch.full((2,), 4.0), torch.ones(2))], 0.25,
+    ...     also=([(torch.full((2,), -8.0), torch.ones(2))], 0.5))
+    >>> model.running_mean.tolist()
+    [-3.0, -3.0]
     """
+    other, share = also if also is not None else (before, 0.0)
     with torch.no_grad():
-        for m, (mean0, var0), (mean1, var1) in zip(tracking_norms(model), before, after, strict=True):
-            m.running_mean.copy_(mean0 + scale * (mean1 - mean0))
-            m.running_var.copy_(var0 + scale * (var1 - var0))
+        for m, (mean0, var0), (mean1, var1), (mean2, var2) in zip(tracking_norms(model), before, after, other,
+                                                                  strict=True):
+            m.running_mean.copy_(mean0 + scale * (mean1 - mean0) + share * (mean2 - mean0))
+            m.running_var.copy_(var0 + scale * (var1 - var0) + share * (var2 - var0))
 
 
 @contextmanager

@@ -65,12 +65,12 @@ whole update, so its verdict and its false-flag rate are the ones it was calibra
 A model with BatchNorm also learns through its running statistics, which the batch's forward moves before any
 verdict. The gate is handed them as they were before (`judge(statistics=...)`), moves them only as far as the action
 lets the update go (a skipped batch moves none), and caps the move as it caps the gradient: no further than clean
-trusted batches' moves at the cap's level, measured with the cap, or, where the weights have moved on since, than a
-clean trusted batch moves them now (`running_statistics`, `_statistics_share`). The verdict stays on the
-weights: judging the move too put the threshold of a briefly trained ResNet-18 at 0 (a clean trusted batch's move
-towards fresh statistics lowers the probe's loss) and flagged half its clean batches. Without the cap, 30 batches of
-white images, never flagged, took a BatchNorm digits CNN from 98% to 42% under guard; with it, to 67%: capped moves
-in one direction still add up (docs/results.md, thirteenth session).
+trusted batches' moves at the cap's level, measured with the cap; what the cap cuts is made up by a clean trusted
+batch's move, so the statistics keep up with the weights (`running_statistics`, `_move_statistics`). The verdict
+stays on the weights: judging the move too put the threshold of a briefly trained ResNet-18 at 0 (a clean trusted
+batch's move towards fresh statistics lowers the probe's loss) and flagged half its clean batches. Without the cap,
+30 batches of white images, never flagged, took a BatchNorm digits CNN from 98% to 42% under guard; with it, to 67%:
+capped moves in one direction still add up (docs/results.md, thirteenth session).
 
 >>> import torch
 >>> _ = torch.manual_seed(0)
@@ -436,24 +436,28 @@ class UpdateGate:
                 for p in params:
                     p.grad.mul_(scale)
         if moves:  # the move of the statistics: as far as the action lets the update go, and no further than the cap
-            put(model, *moves, min(acted, self._statistics_share(model, *moves)))
+            self._move_statistics(model, *moves, acted)
         return GateVerdict(increase, self.threshold, flagged, scale, norm, self.cap, dropped)
 
-    def _statistics_share(self, model: nn.Module, before: Statistics, after: Statistics) -> float:
-        """The share of the batch's move of BatchNorm's running statistics that the cap lets through: all of a move
-        within `statistics_cap`; of a longer one, as far as the cap or as far as a clean trusted batch would move them
-        now, whichever is further. The weights move what the statistics should be: a cap measured on the burn-in's
-        weights alone held a ResNet-18's statistics (CIFAR-10, stream lr 0.1, an H200) where its weights had left
-        them, every clean move looked long against the lagging statistics and was cut again, and clean accuracy
-        fell from 78% to 13% in 30 clean batches (ST: 52%). A trusted batch's move, measured from the same
-        statistics with the same weights, says how far the weights call for; white images still go no further."""
+    def _move_statistics(self, model: nn.Module, before: Statistics, after: Statistics, acted: float) -> None:
+        """Move BatchNorm's running statistics `acted` of the way the batch's forward moved them (the action's share
+        of the update), no further than `statistics_cap`; what the cap cuts of that share is made up by the move a
+        clean trusted batch makes from the same statistics with the same weights. The weights move what the
+        statistics should be: held at the cap alone, a ResNet-18's statistics stayed where its moving weights had
+        left them, every clean move then looked long against them and was cut again, and clean accuracy fell from
+        78% to 13% in 30 clean batches (CIFAR-10, stream lr 0.1, an H200; ST 52%). With the trusted batch's move in
+        the cut's place they keep up with the weights at BatchNorm's own pace, and no stream batch moves them further
+        than the cap (a cap at a trusted batch's move instead let white images push them ever further: the
+        further they went, the longer the trusted move back)."""
         size = move_size(before, after)
-        if self.statistics_cap is None or size <= self.statistics_cap:
-            return 1.0
+        own = min(acted, self.statistics_cap / size) if self.statistics_cap is not None and size > 0 else acted
+        if acted - own <= 1e-12:
+            put(model, before, after, own)
+            return
         trusted = self.trusted[0][self.probe[: self.batch_size]].to(model_device(model))
         with moved(model, before, after, 0.0), training_mode_frozen_stats(model), torch.no_grad():
             _, reference = after_batch(model, lambda: model(trusted))
-        return max(self.statistics_cap, move_size(before, reference)) / size
+        put(model, before, after, own, also=(reference, acted - own))
 
     def _drop_uphill(self, model: nn.Module, params, x: torch.Tensor, y: torch.Tensor,
                      increase: float) -> torch.Tensor:
