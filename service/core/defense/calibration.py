@@ -118,7 +118,8 @@ def calibrate(
     if len(clean_x) < 2:
         raise ValueError("calibration needs at least 2 clean samples")
     level = 1.0 - target_false_flag_rate
-    clean_x, clean_y = clean_x.to(model_device(model)), clean_y.to(model_device(model))
+    device = model_device(model)
+    clean_x, clean_y = clean_x.to(device), clean_y.to(device)
     scores = memorization_discrepancy(auxiliary, model, clean_x, divergence)
 
     def statistic(values: torch.Tensor) -> float:

@@ -196,9 +196,10 @@ class UpdateGate:
 
     def _probe_losses(self, model: nn.Module) -> torch.Tensor:
         """Per-sample cross-entropy on the probe, as predictions are made (eval mode)."""
-        x, y = self.trusted[0][self.probe], self.trusted[1][self.probe]
+        device = model_device(model)
+        x, y = self.trusted[0][self.probe].to(device), self.trusted[1][self.probe].to(device)
         with torch.no_grad(), eval_mode(model):
-            return F.cross_entropy(model(x.to(model_device(model))), y.to(model_device(model)), reduction="none").cpu()
+            return F.cross_entropy(model(x), y, reduction="none").cpu()
 
     def _losses_after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, params, grads,
                            scale: float) -> torch.Tensor:
