@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file, save_model
 
 from service.cli import main
 from service.core.bundle import (
@@ -25,10 +25,11 @@ from service.core.bundle import (
     create_bundle_from_profile,
     load_bundle,
 )
-from service.core.bundle.serving import bundle_config, bundle_experiment, bundle_fingerprint
+from service.core.bundle.serving import TensorSet, bundle_config, bundle_experiment, bundle_fingerprint
 from service.core.config import ExperimentConfig
+from service.core.learner import OnlineLearner
 from service.core.models import Normalized, build_model
-from tests.bundle_factory import tiny_mlp
+from tests.bundle_factory import spare_head_mlp, tied_mlp, tiny_mlp
 from tests.profiles import DIGITS_OVERRIDES
 from tests.reproduce import assert_reproduced
 
@@ -127,6 +128,54 @@ def test_a_user_factory_for_feature_vectors_with_bounds(tmp_path):
     x[0, 3] = 0.5
     with pytest.raises(BundleError, match=r"trusted\.safetensors: x: feature\(s\) 3 fall outside"):
         create_bundle(tmp_path / "bad", manifest, net, (x, y))
+
+
+def _feature_bundle(tmp_path: Path, factory: str, weights, features: int = 4, classes: int = 3) -> Path:
+    manifest = BundleManifest(schema_version=SCHEMA_VERSION,
+                              model={"architecture": f"tests.bundle_factory:{factory}",
+                                     "kwargs": {"features": features, "classes": classes}},
+                              input={"shape": [features], "num_classes": classes}, stream={"batch_size": 10})
+    trusted = (torch.rand(TRUSTED_SAMPLES, features), torch.arange(TRUSTED_SAMPLES) % classes)
+    return create_bundle(tmp_path / factory, manifest, weights, trusted)
+
+
+def _guard_learner(bundle_dir: Path) -> OnlineLearner:
+    """guard's learner on the bundle, made ready (its first calibration taken), over random feature vectors."""
+    bundle = load_bundle(bundle_dir)
+    config = bundle_config(bundle.manifest, ExperimentConfig.from_profile("digits"))
+    data = TensorSet(torch.rand(80, *bundle.manifest.input.shape), torch.arange(80) % bundle.manifest.input.num_classes)
+    return bundle_experiment(bundle, config, data).new_learner().ready()
+
+
+def test_tied_weights_written_once_load_as_a_tie_and_round_trip_through_a_checkpoint(tmp_path):
+    net = tied_mlp(4, 3)
+    save_model(net, str(tmp_path / "tied.safetensors"))  # the user's way to write a tie: one of its names only
+    assert len(load_file(tmp_path / "tied.safetensors")) == len(net.state_dict()) - 1
+    bundle = load_bundle(_feature_bundle(tmp_path, "tied_mlp", tmp_path / "tied.safetensors"))
+    assert bundle.model.second.weight is bundle.model.first.weight
+    assert _states_equal(bundle.model.state_dict(), net.state_dict())
+
+    learner = _guard_learner(bundle.directory)
+    x, y = torch.rand(10, 4), torch.arange(10) % 3
+    learner.step(x, y)
+    learner.save(tmp_path / "checkpoint")  # safetensors refuses tensors that share memory: each name is a copy
+    restored = OnlineLearner.load(tmp_path / "checkpoint")
+    assert restored.model.second.weight is restored.model.first.weight
+    assert _states_equal(restored.model.state_dict(), learner.model.state_dict())
+    learner.step(x.flip(0), y.flip(0))
+    restored.step(x.flip(0), y.flip(0))
+    assert_reproduced(restored.model.state_dict(), learner.model.state_dict(), learner.device)
+
+
+def test_guard_judges_a_network_with_a_parameter_its_forward_never_reaches(tmp_path):
+    learner = _guard_learner(_feature_bundle(tmp_path, "spare_head_mlp", spare_head_mlp(4, 3)))
+    spare = learner.model.spare.weight.detach().clone()
+    for seed in range(3):
+        x = torch.rand(10, 4, generator=torch.Generator().manual_seed(seed))
+        report = learner.step(x, torch.arange(10) % 3)
+    assert learner.batches_applied == 3 and report.batch_index == 2
+    assert learner.strategy.gate.threshold is not None
+    assert torch.equal(learner.model.spare.weight, spare)  # nothing learns what no loss reaches
 
 
 def test_a_torchvision_architecture_at_a_small_size(tmp_path):

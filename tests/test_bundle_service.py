@@ -28,8 +28,9 @@ from service.core.data.digits import load_sklearn_digits
 from service.core.defense import build_strategy
 from service.core.learner import OnlineLearner
 from service.deployment.checkpoint_store import WorkerError, checkpoints
+from service.deployment.codec import MIN_SAMPLES_KEY, InputSpec, decode_json_batch, encode_json_batch, to_stream_fields
 from service.deployment.worker import Worker
-from tests.bundle_factory import tiny_cnn, tiny_mlp
+from tests.bundle_factory import tiny_bn_mlp, tiny_cnn, tiny_mlp
 from tests.service_harness import ADMIN_TOKEN, API_KEY, ApiServer, WorkerProcess, make_settings, needs_redis, wait_ready
 from tests.test_bundle import BAD_BUNDLES, small_bundle  # noqa: F401  (small_bundle: a fixture)
 
@@ -355,3 +356,39 @@ def test_dsc_with_a_frozen_auxiliary_the_bundle_lacks_is_warned_about(auxiliary,
         worker.start()
     worker.shutdown()
     assert ("has no auxiliary" in caplog.text) == (auxiliary == "frozen")
+
+
+@needs_redis
+def test_a_batchnorm_model_is_never_handed_a_batch_of_one_sample(namespace, tmp_path):
+    """In training, BatchNorm refuses a batch of one sample: the API refuses it at ingest (422, nothing queued), and
+    an entry of one sample that reaches the stream anyway is dead-lettered, not a step that kills the worker each
+    time it is replayed. Predicting one sample stays allowed."""
+    manifest = BundleManifest(schema_version=1, model={"architecture": "tests.bundle_factory:tiny_bn_mlp",
+                                                       "kwargs": {"features": 4, "classes": 3}},
+                              input={"shape": [4], "num_classes": 3}, stream=STREAM)
+    trusted = (torch.rand(TRUSTED, 4, generator=torch.Generator().manual_seed(0)), torch.arange(TRUSTED) % 3)
+    bundle = create_bundle(tmp_path / "bundle", manifest, tiny_bn_mlp(4, 3), trusted)
+    settings = make_settings(namespace, tmp_path, bundle=bundle)
+    worker = Worker(settings)
+    worker.start()
+    try:
+        assert worker.learner.min_batch_samples == 2
+        assert worker.queue.model_spec()[MIN_SAMPLES_KEY] == 2
+        x = torch.rand(2, 4, generator=torch.Generator().manual_seed(1))
+        with ApiServer(settings) as api:
+            one = api.client.post("/v1/ingest", json=encode_json_batch("one", x[:1].numpy(), [0]))
+            assert one.status_code == 422 and one.json()["reason"] == "batch_size", one.text
+            assert "BatchNorm" in one.json()["detail"]
+            assert worker.queue.client.xlen(worker.queue.stream) == 0
+            assert api.client.post("/v1/ingest", json=encode_json_batch("two", x.numpy(), [0, 1])).status_code == 202
+            predicted = api.client.post("/v1/predict", json=encode_json_batch(None, x[:1].numpy()))
+            assert predicted.status_code == 200 and len(predicted.json()["labels"]) == 1, predicted.text
+        # an entry of one sample put on the stream past the API (as an older API would have)
+        worker.queue.client.xadd(worker.queue.stream, to_stream_fields(
+            decode_json_batch(encode_json_batch("stray", x[:1].numpy(), [0]), InputSpec((4,), 3, 16))))
+        entries = worker.queue.read(worker.consumer, 10, 100)
+        assert [worker.process(entry_id, fields) for entry_id, fields in entries] == [1, 0]
+        assert worker.queue.batch_state("stray")["state"] == "dead_letter"
+        assert worker.learner.batches_applied == 1
+    finally:
+        worker.shutdown()

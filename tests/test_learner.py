@@ -102,3 +102,20 @@ def test_a_negative_seed_is_refused_naming_it():
         ExperimentConfig(seed=-1)
     with pytest.raises(ValidationError, match=r"seeds\.1\n.*greater than or equal to 0"):
         CampaignConfig(seeds=[0, -2])
+
+
+def test_a_batchnorm_model_refuses_a_batch_of_one_sample_before_anything_changes():
+    from tests.bundle_factory import tiny_bn_mlp, tiny_mlp
+
+    spec = {"name": "mlp", "num_classes": 3, "input_shape": [4]}
+    plain = OnlineLearner(tiny_mlp(4, 3), None, build_strategy("st"), model_spec=spec)
+    learner = OnlineLearner(tiny_bn_mlp(4, 3), None, build_strategy("st"), model_spec=spec)
+    assert (plain.min_batch_samples, learner.min_batch_samples) == (1, 2)
+    plain.step(torch.rand(1, 4), torch.tensor([0]))  # one sample is a batch for a model without BatchNorm
+    before = copy.deepcopy(learner.model.state_dict())
+    with pytest.raises(ValueError, match="BatchNorm layers: a batch to learn from must hold at least 2 samples, got 1"):
+        learner.step(torch.rand(1, 4), torch.tensor([0]))
+    assert learner.batches_applied == 0
+    assert all(torch.equal(before[k], v) for k, v in learner.model.state_dict().items())
+    learner.step(torch.rand(2, 4), torch.tensor([0, 1]))
+    assert learner.batches_applied == 1

@@ -23,6 +23,7 @@ from service.core.data import ArrayDataset
 from service.core.device import model_device
 from service.core.models import Normalized, build_model
 from service.core.models.inference import logits_in_chunks
+from service.core.tied_tensors import storable
 
 
 @dataclass
@@ -104,8 +105,7 @@ def _accuracy(model, data: ArrayDataset, device) -> float:
 
 def _save(directory: Path, epoch: int, model) -> None:
     """The epoch's weights, written atomically and fsynced (`service/core/atomic.py`)."""
-    atomic_write_bytes(directory / f"epoch_{epoch:04d}.safetensors",
-                       save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+    atomic_write_bytes(directory / f"epoch_{epoch:04d}.safetensors", save(storable(model.state_dict())))
 
 
 def load_checkpoint_epoch(result: BurnInResult, epoch: int) -> Normalized:

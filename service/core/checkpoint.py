@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from service.core.atomic import fsync_path
+from service.core.tied_tensors import storable
 
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
@@ -34,7 +35,7 @@ def save_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], met
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / TENSORS_FILE)
+        save_file(storable(tensors), staging / TENSORS_FILE)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         for path in (staging / TENSORS_FILE, staging / META_FILE, staging):  # on disk before the rename
             fsync_path(path)

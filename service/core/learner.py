@@ -140,6 +140,12 @@ class OnlineLearner:
         return int(self.model_spec["num_classes"])
 
     @property
+    def min_batch_samples(self) -> int:
+        """The fewest samples a batch to learn from may hold: 2 for a model with BatchNorm layers (in training a
+        batch of one sample has no batch statistics, and torch refuses it), 1 otherwise."""
+        return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()) else 1
+
+    @property
     def calibration(self) -> Calibration | None:
         """DSC's threshold schedule, as its strategy holds it (None for strategies that need none)."""
         return self.strategy.calibration
@@ -218,6 +224,9 @@ class OnlineLearner:
             raise ValueError(f"x must be shaped [N, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}")
         if len(x) == 0 or len(y) != len(x):
             raise ValueError(f"need a non-empty batch with one label per sample, got {len(x)} inputs, {len(y)} labels")
+        if len(x) < self.min_batch_samples:
+            raise ValueError(f"this model has BatchNorm layers: a batch to learn from must hold at least "
+                             f"{self.min_batch_samples} samples, got {len(x)}")
         return x.to(self.device, torch.float32), y.to(self.device, torch.long)
 
     # -- persistence -------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Two request encodings carry a batch: JSON with the inputs as base64 of raw little-endian bytes plus
 `dtype` and `shape`, and a safetensors body with tensors `x` (and `y`). Both are checked in the same
-order: dtype, shape against the model's input, 1 <= N <= the limit, byte length (computed from the
+order: dtype, shape against the model's input, the fewest samples <= N <= the limit, byte length (computed from the
 declared shape *before* decoding), then the values (finite, in [0, 1]) and the labels (in [0, classes)).
 
 >>> import numpy as np
@@ -37,6 +37,8 @@ BATCH_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 # a batch's header names two tensors and a batch id: a few hundred bytes; anything near this is not a batch
 SAFETENSORS_HEADER_LIMIT = 1 << 20
 _BATCH_ID = re.compile(BATCH_ID_PATTERN)
+# the key beside a model spec, as the worker publishes it, for the fewest samples a batch to learn from may hold
+MIN_SAMPLES_KEY = "min_batch_samples"
 
 
 class BatchRejected(ValueError):
@@ -49,8 +51,9 @@ class BatchRejected(ValueError):
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model accepts: [N, *input_shape] with 1 <= N <= max_samples, labels in [0, num_classes), values in
-    `value_range` and, for a bundle's feature vectors, each feature inside its `feature_bounds` [low, high].
+    """What the model accepts: [N, *input_shape] with min_samples <= N <= max_samples, labels in [0, num_classes),
+    values in `value_range` and, for a bundle's feature vectors, each feature inside its `feature_bounds` [low, high].
+    `min_samples` is 2 for a batch that a model with BatchNorm learns from (the learner's `min_batch_samples`).
 
     >>> spec = InputSpec.from_model_spec({"name": "m", "num_classes": 2, "input_shape": [2], "bundle": {"input": {
     ...     "shape": [2], "value_range": [0, 1], "feature_bounds": [[0, 0.5], [0, 1]], "num_classes": 2}}}, 8)
@@ -66,15 +69,18 @@ class InputSpec:
     max_samples: int
     value_range: tuple[float, float] = (0.0, 1.0)
     feature_bounds: tuple[tuple[float, float], ...] | None = None
+    min_samples: int = 1
 
     @classmethod
     def from_model_spec(cls, model_spec: Mapping, max_samples: int) -> InputSpec:
-        """From a published model spec; a bundle's (its `bundle.input` section) adds the value range and bounds."""
+        """From a published model spec; a bundle's (its `bundle.input` section) adds the value range and bounds, and
+        the worker's `MIN_SAMPLES_KEY` beside it the fewest samples."""
         bundle_input = model_spec.get("bundle", {}).get("input", {})
         bounds = bundle_input.get("feature_bounds")
         return cls(tuple(int(v) for v in model_spec["input_shape"]), int(model_spec["num_classes"]), max_samples,
                    tuple(float(v) for v in bundle_input.get("value_range", (0.0, 1.0))),
-                   tuple((float(lo), float(hi)) for lo, hi in bounds) if bounds is not None else None)
+                   tuple((float(lo), float(hi)) for lo, hi in bounds) if bounds is not None else None,
+                   int(model_spec.get(MIN_SAMPLES_KEY, 1)))
 
 
 @dataclass(frozen=True)
@@ -116,8 +122,10 @@ def check_declared(dtype: str, shape: Sequence[int], spec: InputSpec) -> int:
     if len(shape) != 1 + len(spec.input_shape) or tuple(shape[1:]) != spec.input_shape:
         raise BatchRejected("shape", f"shape must be {expected} for this model, got {list(shape)}")
     n = shape[0]
-    if not 1 <= n <= spec.max_samples:
-        raise BatchRejected("batch_size", f"the batch must hold 1 to {spec.max_samples} samples, got N={n}")
+    if not spec.min_samples <= n <= spec.max_samples:
+        why = " (the model has BatchNorm layers: it learns from 2 samples or more)" if spec.min_samples > 1 else ""
+        raise BatchRejected("batch_size", f"the batch must hold {spec.min_samples} to {spec.max_samples} samples"
+                                          f"{why}, got N={n}")
     return math.prod(shape) * INPUT_DTYPES[dtype].itemsize
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from service.core.bundle.architecture import build_model_from_spec
 from service.core.models.inference import logits_in_chunks
+from service.core.tied_tensors import storable
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,8 @@ class PublishedModel:
 
 
 def weights_to_bytes(model: nn.Module, version: int, spec: dict) -> bytes:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return save_tensors(tensors, metadata={"model_version": str(version), "model_spec": json.dumps(spec)})
+    return save_tensors(storable(model.state_dict()),
+                        metadata={"model_version": str(version), "model_spec": json.dumps(spec)})
 
 
 def model_from_bytes(weights: bytes) -> PublishedModel:

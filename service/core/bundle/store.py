@@ -49,6 +49,7 @@ from service.core.bundle.manifest import (
     read_manifest,
 )
 from service.core.models import Normalized
+from service.core.tied_tensors import storable, with_tied_names
 
 Tensors = Mapping[str, torch.Tensor]
 OptimizerState = dict[str, dict[str, torch.Tensor]]  # parameter name -> {"momentum_buffer": tensor}
@@ -113,6 +114,7 @@ def load_weights(model: nn.Module, tensors: Tensors, file: str | Path, manifest:
     declares; a BundleError naming `file` and the tensor otherwise."""
     expected = model.state_dict()
     architecture = manifest.model.architecture
+    tensors = with_tied_names(model, tensors)  # a tie written once (safetensors.torch.save_model) is read as a tie
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         parts = [f"{label} {_few(names)}" for label, names in (("missing", missing), ("unexpected", unexpected))
@@ -264,7 +266,7 @@ def create_bundle(out_dir: str | Path, manifest: BundleManifest, online: nn.Modu
     contents[files.trusted] = {"x": x, "y": y}
     for name, tensors in contents.items():
         with atomic_writer(out / name) as fh:
-            fh.write(safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+            fh.write(safetensors_bytes(storable(tensors)))
     atomic_write_text(out / SCHEMA_FILE, json.dumps(BundleManifest.model_json_schema(), indent=2))
     # written last: a directory holds a bundle once its manifest is there
     atomic_write_text(out / MANIFEST_FILE, manifest.model_dump_json(indent=2))
@@ -309,7 +311,7 @@ def _checked_weights(source: nn.Module | Tensors | str | Path, network: nn.Modul
         file, tensors = Path(source), read_tensors(source)
     else:
         file, tensors = destination, source.state_dict() if isinstance(source, nn.Module) else dict(source)
-    if isinstance(network, Normalized) and set(tensors) == set(network.net.state_dict()):
+    if isinstance(network, Normalized) and set(with_tied_names(network.net, tensors)) == set(network.net.state_dict()):
         # the weights of the network inside the normalisation: the buffers come from the manifest
         tensors = {**{f"net.{k}": v for k, v in tensors.items()}, "mean": network.mean, "std": network.std}
     return load_weights(network, tensors, file, manifest).state_dict()

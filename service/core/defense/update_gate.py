@@ -333,7 +333,7 @@ class UpdateGate:
             with training_mode_frozen_stats(model):
                 logits, after = after_batch(model, lambda: model(x_ref[pick].to(device)))  # noqa: B023 (called here)
                 loss = F.cross_entropy(logits, y_ref[pick].to(device))
-            yield pick, torch.autograd.grad(loss, params), after
+            yield pick, torch.autograd.grad(loss, params, materialize_grads=True), after
 
     def interval(self, optimizer: torch.optim.Optimizer) -> int:
         """Updates between the last calibration and the next: with momentum, ceil(1 / (1 - momentum)) after the
@@ -474,7 +474,8 @@ class UpdateGate:
         x, y = x.to(device), y.to(device)
         probe_x, probe_y = self.trusted[0][self.probe].to(device), self.trusted[1][self.probe].to(device)
         with eval_mode(model):
-            uphill = torch.autograd.grad(F.cross_entropy(model(probe_x), probe_y), params)
+            uphill = torch.autograd.grad(F.cross_entropy(model(probe_x), probe_y), params,
+                                         materialize_grads=True)
             length = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u) for u in uphill])))
             step = 1e-3 / max(length, 1e-12)
             with torch.no_grad():

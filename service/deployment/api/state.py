@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 from pydantic import ValidationError
@@ -46,18 +46,21 @@ class ApiState:
     metrics: ApiMetrics
     waits: BatchWaits
 
-    def input_spec(self) -> InputSpec:
+    def input_spec(self, learning: bool = True) -> InputSpec:
+        """What a request may carry; a batch to predict may hold one sample whatever the model (BatchNorm's need
+        of two is the learning step's)."""
         spec = self.models.spec()
         if spec is None:
             raise ApiError(503, "no_model", "no model is published yet: start the worker (dscguard worker)",
                            {"Retry-After": str(self.settings.retry_after_seconds)})
-        return InputSpec.from_model_spec(spec, self.settings.max_batch_samples)
+        accepted = InputSpec.from_model_spec(spec, self.settings.max_batch_samples)
+        return accepted if learning else replace(accepted, min_samples=1)
 
     def decode(self, content_type: str, body: bytes, need_labels: bool) -> Batch:
         """A JSON or safetensors body as a validated batch (raises BatchRejected / ApiError)."""
         media_type = content_type.split(";")[0].strip().lower()
         if media_type in SAFETENSORS_MEDIA_TYPES:
-            return decode_safetensors_batch(body, self.input_spec(), need_labels=need_labels)
+            return decode_safetensors_batch(body, self.input_spec(need_labels), need_labels=need_labels)
         if media_type != "application/json":
             raise ApiError(415, "media_type", f"Content-Type must be application/json or "
                                               f"{' or '.join(SAFETENSORS_MEDIA_TYPES)}, got {content_type!r}")
@@ -69,7 +72,7 @@ class ApiState:
                 raise BatchRejected("encoding", "the body is not valid JSON", status_code=400) from exc
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise BatchRejected("schema", problems) from exc
-        return decode_json_batch(payload.model_dump(), self.input_spec(), need_labels=need_labels)
+        return decode_json_batch(payload.model_dump(), self.input_spec(need_labels), need_labels=need_labels)
 
     def ingest(self, content_type: str, body: bytes) -> tuple[str, str, str]:
         """Validate, then enqueue once: (state, batch_id, entry_id); 429 when the queue is full."""

@@ -55,7 +55,7 @@ import torch
 
 from service.core.learner import OnlineLearner, StepReport
 from service.deployment.checkpoint_store import WorkerError
-from service.deployment.codec import BatchRejected, InputSpec, from_stream_fields
+from service.deployment.codec import MIN_SAMPLES_KEY, BatchRejected, InputSpec, from_stream_fields
 from service.deployment.metrics import WorkerMetrics
 from service.deployment.redis_queue import CONTROL_FIELD, RESET, AppliedBatch, RedisQueue, entry_id_key
 from service.deployment.settings import ServiceSettings
@@ -125,8 +125,10 @@ class Worker:
         self.lease.beat_until(self._stop)
         try:
             self._resume()
-            self.spec = InputSpec.from_model_spec(self.learner.model_spec, max_samples=2**31)
-            self.queue.publish_spec(self.learner.model_spec)
+            # entries are checked as the API checks requests, the fewest samples the learner takes included
+            published = {**self.learner.model_spec, MIN_SAMPLES_KEY: self.learner.min_batch_samples}
+            self.spec = InputSpec.from_model_spec(published, max_samples=2**31)
+            self.queue.publish_spec(published)
             self.publish()
             self.metrics.model_info.labels(model=self.learner.model_spec["name"], profile=self.bootstrap.profile(),
                                            strategy=self.learner.strategy.name, device=str(self.learner.device)).set(1)
