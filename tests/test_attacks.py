@@ -449,3 +449,37 @@ def test_a_gate_evading_trigger_is_blended_under_the_attackers_own_threshold():
     assert evasion._increase(net, blended, y) <= threshold
     # Kerckhoffs: the attacker's copy chooses its threshold's level as the shipped gate does
     assert evasion.gate.level_rule == StrategyConfig().gate_level_rule
+
+
+class _RowAttention(nn.Module):
+    """A user's transformer in miniature: the image's 8 rows as tokens, one encoder layer (attention through
+    torch's scaled_dot_product_attention, whose fused CPU kernel has no second derivative)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(x.flatten(1, 2)).mean(1))
+
+
+@pytest.mark.parametrize("name", ["trigger", "accumulative_full", "accumulative_second_order_only"])
+def test_second_order_attacks_craft_against_a_network_with_attention(name):
+    torch.manual_seed(0)
+    model = _RowAttention()
+    (x, y), reference = _batch(6), _batch(6)
+    budget = Budget(epsilon=0.1, steps=2, step_size=0.05)
+    x_adv = _attack(FACTORIES[name](budget), model, x, y, reference)
+    assert (x_adv - x).abs().max() <= budget.epsilon + 1e-6 and (x_adv != x).any()
+
+
+def test_an_operation_without_a_second_derivative_is_named_in_the_attacks_terms():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Hardsigmoid(), nn.Linear(16, 10))  # as MobileNetV3
+    (x, y), reference = _batch(6), _batch(6)
+    budget = Budget(epsilon=0.1, steps=2, step_size=0.05)
+    with pytest.raises(RuntimeError, match=r"^TriggerCrafter differentiates the model's parameter gradient .*"
+                                           r"hardsigmoid_backward.*the first-order attacks"):
+        _attack(FACTORIES["trigger"](budget), model, x, y, reference)
+    x_adv = _attack(FACTORIES["pgd"](budget), model, x, y, reference)  # a first-order attack crafts as ever
+    assert (x_adv - x).abs().max() <= budget.epsilon + 1e-6 and (x_adv != x).any()

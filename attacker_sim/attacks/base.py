@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from service.core.defense.discrepancy import divergence_from_logits
@@ -140,6 +141,9 @@ class SignedGradientAttack(ABC):
     def _crafting(self, model: nn.Module) -> Iterator[None]:
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())  # callers may hold no_grad; crafting needs gradients
+            # attention by its math kernel: the fused ones have no second derivative, which the gradient-matching
+            # attacks take through the model's parameter gradients (a user's transformer failed there)
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             stack.enter_context(model_in_mode(model, self.model_mode))
             if self.auxiliary is not None:
                 stack.enter_context(eval_mode(self.auxiliary))
@@ -157,7 +161,7 @@ class SignedGradientAttack(ABC):
         home, device = x.device, model_device(model)
         x = x.detach().to(device)
         context = _on(device, context)
-        with self._crafting(model):
+        with self._crafting(model), _second_derivatives_named(self):
             objective = self._objective(model, x, *context)
             x_adv = self._start(x)
             for _ in range(budget.steps):
@@ -174,6 +178,20 @@ class SignedGradientAttack(ABC):
                     (grad,) = torch.autograd.grad(value, x_adv)
                 x_adv = budget.project(x_adv + budget.step_size * grad.sign(), x)
         return x_adv.detach().to(home)
+
+
+@contextmanager
+def _second_derivatives_named(attack) -> Iterator[None]:
+    """torch's error for an operation without a second derivative (MobileNetV3's hardsigmoid, for one), said in
+    the attack's terms: only the attacks that differentiate a parameter gradient meet it."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "derivative for" not in str(exc) or "not implemented" not in str(exc):
+            raise
+        raise RuntimeError(f"{type(attack).__name__} differentiates the model's parameter gradient (a second "
+                           f"derivative), which an operation of this model lacks ({exc}); the first-order attacks "
+                           f"(pgd, trades_kl, cw_inf) and every defense work with it") from exc
 
 
 def _on(device: torch.device, value):
