@@ -76,6 +76,25 @@ def test_realised_false_flag_rate_of_a_seeded_synthetic_stream_lands_in_the_band
     assert 0.05 <= rate <= 0.15, f"realised clean false-flag rate {rate:.1%} against a 10% target"
 
 
+def test_the_threshold_is_measured_again_soon_after_the_deployed_state():
+    """A model trained with momentum, streamed without: the stream's optimizer moves it from the state its training
+    left it in, and the first threshold, measured there, is stale within a few dozen updates. Recalibrated after
+    `first_interval` updates (then doubling), the first 50 updates are flagged near the target; after 100 (the
+    schedule without momentum when `first_interval` is unset), not."""
+    rates = {}
+    for first in (10, None):
+        generator = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)),
+                          generator, momentum=0.9)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        gate = UpdateGate(*_blobs(400, generator), batch_size=32, calibration_updates=64, first_interval=first,
+                          seed=1)
+        gate.calibrate(model, optimizer)
+        rates[first] = _flagged_share(model, optimizer, gate, generator, learn=True, batches=50)
+        assert gate.calibrations == (1 + 2 if first == 10 else 1)  # after 10 and 30 updates; or none before 100
+    assert rates[10] <= 0.15 < rates[None], rates
+
 @pytest.mark.parametrize("norm_cap", ["2", "inf"])
 def test_an_update_larger_than_clean_ones_is_capped_at_the_calibrated_norm(norm_cap):
     generator = torch.Generator().manual_seed(0)
@@ -438,6 +457,10 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, action="cap", norm_cap=None)
     with pytest.raises(ValueError, match="cap_updates must be >= 1, got 0"):
         UpdateGate(x, y, batch_size=2, cap_updates=0)
+    with pytest.raises(ValueError, match="first_interval must be >= 1, got 0"):
+        UpdateGate(x, y, batch_size=2, first_interval=0)
+    with pytest.raises(ValueError, match="gate_first_interval"):
+        StrategyConfig(name="guard", gate_first_interval=0)
     with pytest.raises(ValueError, match="calibration_window must be >= 1, got 0"):
         UpdateGate(x, y, batch_size=2, calibration_window=0)
     with pytest.raises(ValueError, match="gate_calibration_window"):

@@ -117,6 +117,10 @@ class StrategyConfig(_Section):
                                                description="guard: share of clean updates the threshold flags")
     gate_calibration_updates: int = Field(32, ge=1, description="guard: clean trusted updates per calibration")
     gate_recalibrate_every: int = Field(100, ge=1, description="guard: updates between recalibrations")
+    gate_first_interval: int | None = Field(
+        None, ge=1, description="guard: when set, updates between the first calibration and the second, at least, "
+                                "with momentum or without (then doubling up to gate_recalibrate_every); unset, "
+                                "ceil(1 / (1 - momentum)) with momentum and gate_recalibrate_every without")
     gate_calibration_window: int = Field(1, ge=1, description="guard: the threshold is the conformal quantile of the "
                                          "clean increases of the last this many calibrations (1: the latest only)")
     gate_probe_winsor: float = Field(0.0, ge=0, lt=0.5, description="guard: each probe sample's loss change is "

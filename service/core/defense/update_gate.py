@@ -43,7 +43,13 @@ sooner at the start: the stream's optimizer is fresh and its buffer fills over a
 updates, while the model leaves the burn-in's state, so the first recalibration comes after
 ceil(1 / (1 - momentum)) updates and the interval doubles after each one up to `recalibrate_every` (a
 threshold kept from the first update for 100 flagged 35% of clean CIFAR-10 batches against a 10% target;
-recalibrated after 40, 5%). Without momentum there is no buffer to fill: every interval is `recalibrate_every`.
+recalibrated after 40, 5%). Without momentum every interval is `recalibrate_every`, unless `first_interval` is set:
+then the schedule starts at that many updates and doubles, with momentum or without. A stream's optimizer moves a
+model from the state its own training left it in whatever its momentum (a user's MLP with dropout, its threshold 0
+at the deployed state where every clean update lowered the probe loss, flagged 65% of clean batches over the next
+60 updates without momentum, 12% with `first_interval=10`); on the digits profile's converged models the early
+recalibrations raised the fresh false flags from 6.6% / 8.6% to 14.5% / 12.8%, so it is not the default
+(docs/results.md, eighteenth session).
 
 Every update is also capped (`norm_cap`, default the inf-norm in the strategy's settings): its gradient is scaled
 down to at most the `cap_level` quantile (0.2 by default) of the norms of clean trusted gradients, measured once
@@ -136,7 +142,7 @@ class UpdateGate:
                  action: str = "shrink", probe_samples: int = 256, norm_cap: str | None = None,
                  cap_level: float = 0.2, cap_anchor: str = "first", cap_updates: int = 256, calibration_window: int = 1,
                  probe_winsor: float = 0.0, level_rule: str = "conformal", level_splits: int = 4,
-                 lookahead_from: str = "momentum_step", seed: int = 0):
+                 lookahead_from: str = "momentum_step", first_interval: int | None = None, seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
@@ -146,7 +152,7 @@ class UpdateGate:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
         counts = {"calibration_updates": calibration_updates, "recalibrate_every": recalibrate_every,
                   "batch_size": batch_size, "cap_updates": cap_updates, "calibration_window": calibration_window,
-                  "level_splits": level_splits}
+                  "level_splits": level_splits, "first_interval": 1 if first_interval is None else first_interval}
         for name, count in counts.items():
             if count < 1:
                 raise ValueError(f"{name} must be >= 1, got {count}")
@@ -179,6 +185,7 @@ class UpdateGate:
         self.level = 1.0 - target_false_flag_rate  # the conformal level of the threshold (cross_half: the last chosen)
         self.level_rule, self.level_splits = level_rule, level_splits
         self.calibration_updates, self.recalibrate_every = calibration_updates, recalibrate_every
+        self.first_interval = first_interval
         self.calibration_window = calibration_window
         self.probe_winsor = probe_winsor
         self.bounds: tuple[float, float] | None = None  # where a probe sample's loss change is clamped (winsor)
@@ -337,7 +344,8 @@ class UpdateGate:
 
     def interval(self, optimizer: torch.optim.Optimizer) -> int:
         """Updates between the last calibration and the next: with momentum, ceil(1 / (1 - momentum)) after the
-        first, doubling after each calibration, at most `recalibrate_every`; without, `recalibrate_every`.
+        first, doubling after each calibration, at most `recalibrate_every`; without, `recalibrate_every`. With
+        `first_interval` set, the first interval is at least that, with momentum or without, and doubles the same way.
 
         >>> gate = UpdateGate(torch.rand(8, 2), torch.randint(0, 2, (8,)), batch_size=2)
         >>> optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
@@ -346,11 +354,15 @@ class UpdateGate:
         ...     schedule.append(gate.interval(optimizer))
         >>> schedule
         [10, 20, 40, 80, 100]
+        >>> gate.first_interval = 4
+        >>> [gate.interval(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)) for gate.calibrations
+        ...  in range(1, 7)]
+        [4, 8, 16, 32, 64, 100]
         """
         momentum = optimizer.param_groups[0].get("momentum", 0.0)
-        if not momentum:
+        if not momentum and self.first_interval is None:
             return self.recalibrate_every
-        first = math.ceil(1.0 / (1.0 - momentum) - 1e-9)
+        first = max(self.first_interval or 1, math.ceil(1.0 / (1.0 - momentum) - 1e-9))
         return min(self.recalibrate_every, first * 2 ** max(self.calibrations - 1, 0))
 
     def due(self, optimizer: torch.optim.Optimizer) -> bool:
