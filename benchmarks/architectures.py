@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import sys
 import tempfile
@@ -26,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from service.cli import main as cli
 from service.core.bundle import BundleManifest, create_bundle
@@ -149,20 +147,12 @@ def __getattr__(name: str):
 
 
 def _train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> tuple[nn.Module, nn.Module]:
-    """SGD (lr 0.05, momentum 0.9, batches of 32, seed 0): the last epoch, and a copy of the middle one."""
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=0.05, momentum=0.9, weight_decay=1e-4)
-    order = torch.Generator().manual_seed(0)
-    middle = net
-    for epoch in range(epochs):
-        net.train()
-        for idx in torch.randperm(len(x), generator=order).split(32):
-            optimizer.zero_grad()
-            F.cross_entropy(net(x[idx]), y[idx]).backward()
-            optimizer.step()
-        if epoch + 1 == max(epochs // 2, 1):
-            middle = copy.deepcopy(net)
-    return net.eval(), middle.eval()
+    """The user's training, as the user-module example trains its network (examples/user_module, `prepare.train`:
+    SGD at lr 0.05, momentum 0.9, batches of 32, seed 0): the last epoch, and a copy of the middle one."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "user_module"))
+    from dscguard_examples.prepare import train
+
+    return train(net, x, y, epochs, lr=0.05)
 
 
 def _summary(results: dict) -> dict:
@@ -213,13 +203,13 @@ def _cell(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(CATALOG), help="these architectures (default: all)")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs on the digits (default 10)")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs on the digits (default 10, at least 2)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to dscguard eval (e.g. strategy.gate_first_interval=10); repeatable")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.epochs < 2:  # the auxiliary is the middle epoch's
+        parser.error(f"--epochs must be >= 2, got {args.epochs}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="dscguard-architectures-") as work:
         for name in args.only or list(CATALOG):

@@ -41,7 +41,7 @@ def test_an_architecture_the_attacks_cannot_differentiate_twice_is_an_error_row(
     monkeypatch.setitem(architectures.CATALOG, "mlp_hardsigmoid", (
         lambda c: nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Hardsigmoid(), nn.Linear(16, c)),
         "hardsigmoid, as MobileNetV3 has"))
-    assert architectures.main(["--only", "mlp_hardsigmoid", "--epochs", "1"]) == 1
+    assert architectures.main(["--only", "mlp_hardsigmoid", "--epochs", "2"]) == 1
     captured = capsys.readouterr()
     assert "differentiates the model's parameter gradient" in captured.err
     assert "| mlp_hardsigmoid |" in captured.out and "exit 1" in captured.out
