@@ -2,10 +2,11 @@
 a user's factory (`architectures:NAME`), and measured by `dscguard eval --bundle` (st and guard, seeds 0, 1, 2), so
 that an architecture the product breaks on shows up as an error row instead of in a user's deployment.
 
-The catalog holds what the built-in profiles lack: LayerNorm and GroupNorm, BatchNorm with a frozen layer, with a
-cumulative average or without running statistics, tied weights, a layer applied twice, a parameter outside the
-forward, attention (a tiny ViT) and a torchvision MobileNetV3. Each took a probe of the eighteenth session to a fault
-or a clear refusal (docs/results.md).
+Each network is trained behind the training part's normalisation, which its bundle declares (`model.normalization`),
+as the user-module example's is. The catalog holds what the built-in profiles lack: LayerNorm and GroupNorm,
+BatchNorm with a frozen layer, with a cumulative average or without running statistics, tied weights, a layer applied
+twice, a parameter outside the forward, attention (a tiny ViT) and a torchvision MobileNetV3. Each took a probe of the
+eighteenth session to a fault or a clear refusal (docs/results.md).
 
     python benchmarks/architectures.py --json architectures.json
     python benchmarks/architectures.py --only tiny_vit mlp_tied --epochs 5
@@ -29,6 +30,7 @@ from torch import nn
 from service.cli import main as cli
 from service.core.bundle import BundleManifest, create_bundle
 from service.core.data.digits import load_sklearn_digits
+from service.core.models import Normalized
 
 TRUSTED, HELD_OUT = 200, 800  # the rest of the 1,797 digits trains the network
 
@@ -176,12 +178,16 @@ def run_one(name: str, epochs: int, work: Path, sets: list[str]) -> dict:
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     trusted, held = order[:TRUSTED], order[TRUSTED:TRUSTED + HELD_OUT]
     training = order[TRUSTED + HELD_OUT:]
-    online, auxiliary = _train(__getattr__(name)(), x[training], y[training], epochs)
+    # trained behind the training part's normalisation, which the bundle declares (the user-module example's way)
+    mean, std = [round(float(x[training].mean()), 6)], [round(float(x[training].std()), 6)]
+    online, auxiliary = _train(Normalized(__getattr__(name)(), mean, std), x[training], y[training], epochs)
     with torch.no_grad():
         trained = float((online(x[held]).argmax(1) == y[held]).float().mean())
-    manifest = BundleManifest(schema_version=1, model={"architecture": f"architectures:{name}"},
+    manifest = BundleManifest(schema_version=1, model={"architecture": f"architectures:{name}",
+                                                       "normalization": {"mean": mean, "std": std}},
                               input={"shape": [1, 8, 8], "num_classes": 10})
-    bundle = create_bundle(work / name / "bundle", manifest, online, (x[trusted], y[trusted]), auxiliary=auxiliary)
+    bundle = create_bundle(work / name / "bundle", manifest, online.net, (x[trusted], y[trusted]),
+                           auxiliary=auxiliary.net)
     np.savez(work / name / "data.npz", x=x[held].numpy(), y=y[held].numpy())
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # eval's own tables go with the progress; stdout is the summary

@@ -47,9 +47,9 @@ recalibrated after 40, 5%). Without momentum every interval is `recalibrate_ever
 then the schedule starts at that many updates and doubles, with momentum or without. A stream's optimizer moves a
 model from the state its own training left it in whatever its momentum (a user's MLP with dropout, its threshold 0
 at the deployed state where every clean update lowered the probe loss, flagged 65% of clean batches over the next
-60 updates without momentum, 12% with `first_interval=10`); on the digits profile's converged models the early
-recalibrations raised the fresh false flags from 6.6% / 8.6% to 14.5% / 12.8%, so it is not the default
-(docs/results.md, eighteenth session).
+60 updates without momentum, 12% recalibrated every 10; 49% and 22% of its eval's clean batches without and with
+`first_interval=10`); on the digits profile's converged models the early recalibrations raised the fresh false flags
+from 6.6% / 8.6% to 14.5% / 12.8%, so it is not the default (docs/results.md, eighteenth session).
 
 Every update is also capped (`norm_cap`, default the inf-norm in the strategy's settings): its gradient is scaled
 down to at most the `cap_level` quantile (0.2 by default) of the norms of clean trusted gradients, measured once
