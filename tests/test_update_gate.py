@@ -95,6 +95,29 @@ def test_the_threshold_is_measured_again_soon_after_the_deployed_state():
         assert gate.calibrations == (1 + 2 if first == 10 else 1)  # after 10 and 30 updates; or none before 100
     assert rates[10] <= 0.15 < rates[None], rates
 
+def test_a_threshold_of_zero_is_measured_again_within_ten_updates_then_less_often():
+    """An untrained model lowers the probe loss on nearly every clean update, so its threshold is 0, which flags
+    every update that raises the probe loss at all once the stream has moved the model on. The gate measures again
+    after 10 updates while the threshold is 0, then at doubling intervals: no stretch of 50 updates is flagged
+    far above the target, where the plain schedule (100 updates without momentum) flagged 28% of one."""
+    worst, thresholds = {}, {}
+    for after_zero in (None, 10):
+        generator = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))  # untrained
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        gate = UpdateGate(*_blobs(400, generator), batch_size=32, calibration_updates=64,
+                          recalibrate_after_zero=after_zero, seed=1)
+        gate.calibrate(model, optimizer)
+        assert gate.threshold == 0.0
+        flagged = [_flagged_share(model, optimizer, gate, generator, learn=True, batches=50) for _ in range(6)]
+        worst[after_zero] = max(flagged)
+        thresholds[after_zero] = [entry["threshold"] for entry in gate.history]
+    zeros = thresholds[10].index(next(t for t in thresholds[10] if t > 0))
+    assert zeros > 1 and all(t == 0.0 for t in thresholds[10][:zeros])  # measured again every 10 updates while 0
+    assert len(thresholds[10]) > len(thresholds[None])
+    assert worst[10] <= 0.2 < worst[None], worst
+
 @pytest.mark.parametrize("norm_cap", ["2", "inf"])
 def test_an_update_larger_than_clean_ones_is_capped_at_the_calibrated_norm(norm_cap):
     generator = torch.Generator().manual_seed(0)
@@ -461,6 +484,10 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, first_interval=0)
     with pytest.raises(ValueError, match="gate_first_interval"):
         StrategyConfig(name="guard", gate_first_interval=0)
+    with pytest.raises(ValueError, match="recalibrate_after_zero must be >= 1, got 0"):
+        UpdateGate(x, y, batch_size=2, recalibrate_after_zero=0)
+    with pytest.raises(ValueError, match="gate_recalibrate_after_zero"):
+        StrategyConfig(name="guard", gate_recalibrate_after_zero=0)
     with pytest.raises(ValueError, match="calibration_window must be >= 1, got 0"):
         UpdateGate(x, y, batch_size=2, calibration_window=0)
     with pytest.raises(ValueError, match="gate_calibration_window"):

@@ -121,6 +121,10 @@ class StrategyConfig(_Section):
         None, ge=1, description="guard: when set, updates between the first calibration and the second, at least, "
                                 "with momentum or without (then doubling up to gate_recalibrate_every); unset, "
                                 "ceil(1 / (1 - momentum)) with momentum and gate_recalibrate_every without")
+    gate_recalibrate_after_zero: int | None = Field(
+        10, ge=1, description="guard: after a calibration that sets a threshold of 0 (nearly every clean trusted "
+                              "update lowered the probe loss: the model is still learning), the next within this "
+                              "many updates; None: the schedule as usual")
     gate_calibration_window: int = Field(1, ge=1, description="guard: the threshold is the conformal quantile of the "
                                          "clean increases of the last this many calibrations (1: the latest only)")
     gate_probe_winsor: float = Field(0.0, ge=0, lt=0.5, description="guard: each probe sample's loss change is "

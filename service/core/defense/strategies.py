@@ -382,7 +382,8 @@ def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed
                       cap_updates=config.gate_cap_updates, calibration_window=config.gate_calibration_window,
                       probe_winsor=config.gate_probe_winsor, level_rule=config.gate_level_rule,
                       lookahead_from=config.gate_lookahead_from,
-                      level_splits=config.gate_level_splits, first_interval=config.gate_first_interval, seed=seed)
+                      level_splits=config.gate_level_splits, first_interval=config.gate_first_interval,
+                      recalibrate_after_zero=config.gate_recalibrate_after_zero, seed=seed)
 
 
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {

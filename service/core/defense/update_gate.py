@@ -10,46 +10,47 @@ batch's own gradient g causes,
              - CE_probe(theta - lr * (momentum * buffer + decay * theta)),
 
 (the mean over probe samples of each one's loss change; with `probe_winsor` = q > 0 each change is first clamped to
-the q and 1 - q quantiles of the changes the last calibration's clean updates caused, so that no hard trusted
-sample decides a verdict alone: tried at 0.01 against the false flags late in a memorised stream, within noise),
-the second term being where the step goes without the batch (momentum and weight decay are the optimizer's,
-the same whatever the batch: judging them too would flag every update of a model whose momentum points
-uphill, and calibrations taken with an empty buffer would not fit the stream's; `lookahead_from="model"` leaves
-them out of both points instead, so that delta measures the batch's own step from the model as it stands, whatever
-the buffer's phase: tried on MNIST, docs/results.md). It judges the batch against
-a threshold calibrated on that split: `threshold` is the finite-sample (conformal) upper quantile, at level
-(1 - target_false_flag_rate), of delta(1) over updates on clean batches drawn from the trusted split the way
-the stream draws them (same batch size, with replacement: a fresh population, not a reshuffle of a couple of
-hundred samples), each measured on the trusted samples *not* in its batch (cross-fitting: a stream batch is
-never in the probe either), from the current model. With `level_rule="cross_half_first"` (the strategy's default)
-the level is chosen at the first calibration instead, and kept (`"cross_half"`: at every calibration, 2.5x the step
-cost on digits for the same rates), at least (1 - target_false_flag_rate): a few hundred trusted images
-set a threshold that another draw of images would set elsewhere, and the realised rate, bounded below by 0,
-averages above the target over such draws (digits, 20 development seeds: 17% late in a stream, for 10%). So the
-split is halved `level_splits` times; a threshold from one half's updates is judged on the other half's; the level is
-the lowest whose rate, extrapolated from a half to the whole split, meets the target (`_level_for`; 20 development
-seeds: 6% early, 12% late). An update above the threshold is *flagged*, and the
-action shrinks it (`shrink`), drops it (`skip`) or leaves it to the norm cap like any update (`cap`: the
-flag is reported, not acted on; on digits' development seeds within noise of `shrink`, docs/results.md).
-Shrinking measures one more point, s0 = threshold /
-delta(1), and takes the largest s that the chords through (0, 0), (s0, delta(s0)) and (1, delta(1)) keep under
-the threshold: where the probe loss curves upward along the update (as around a trained model, and more so
-around one an accumulative attack has made fragile) a chord lies above the curve, so the shrunk update stays
-under the threshold without a search (one forward, where halving took up to six). An update under the
-threshold is not shrunk (only capped, below), so honest drift is learned at a clean batch's pace. The threshold
-is recalibrated every
-`recalibrate_every` updates, since clean updates change size as the model converges or drifts. With momentum,
-sooner at the start: the stream's optimizer is fresh and its buffer fills over about 1 / (1 - momentum)
-updates, while the model leaves the burn-in's state, so the first recalibration comes after
-ceil(1 / (1 - momentum)) updates and the interval doubles after each one up to `recalibrate_every` (a
-threshold kept from the first update for 100 flagged 35% of clean CIFAR-10 batches against a 10% target;
-recalibrated after 40, 5%). Without momentum every interval is `recalibrate_every`, unless `first_interval` is set:
-then the schedule starts at that many updates and doubles, with momentum or without. A stream's optimizer moves a
-model from the state its own training left it in whatever its momentum (a user's MLP with dropout, its threshold 0
-at the deployed state where every clean update lowered the probe loss, flagged 65% of clean batches over the next
-60 updates without momentum, 12% recalibrated every 10; 49% and 22% of its eval's clean batches without and with
-`first_interval=10`); on the digits profile's converged models the early recalibrations raised the fresh false flags
-from 6.6% / 8.6% to 14.5% / 12.8%, so it is not the default (docs/results.md, eighteenth session).
+the q and 1 - q quantiles of the changes the last calibration's clean updates caused, so that no hard trusted sample
+decides a verdict alone: tried at 0.01 against the false flags late in a memorised stream, within noise), the second
+term being where the step goes without the batch (momentum and weight decay are the optimizer's, the same whatever
+the batch: judging them too would flag every update of a model whose momentum points uphill, and calibrations taken
+with an empty buffer would not fit the stream's; `lookahead_from="model"` leaves them out of both points instead, so
+that delta measures the batch's own step from the model as it stands, whatever the buffer's phase: tried on MNIST,
+docs/results.md). It judges the batch against a threshold calibrated on that split: `threshold` is the finite-sample
+(conformal) upper quantile, at level (1 - target_false_flag_rate), of delta(1) over updates on clean batches drawn
+from the trusted split the way the stream draws them (same batch size, with replacement: a fresh population, not a
+reshuffle of a couple of hundred samples), each measured on the trusted samples *not* in its batch (cross-fitting: a
+stream batch is never in the probe either), from the current model. With `level_rule="cross_half_first"` (the
+strategy's default) the level is chosen at the first calibration instead, and kept (`"cross_half"`: at every
+calibration, 2.5x the step cost on digits for the same rates), at least (1 - target_false_flag_rate): a few hundred
+trusted images set a threshold that another draw of images would set elsewhere, and the realised rate, bounded below
+by 0, averages above the target over such draws (digits, 20 development seeds: 17% late in a stream, for 10%). So
+the split is halved `level_splits` times; a threshold from one half's updates is judged on the other half's; the
+level is the lowest whose rate, extrapolated from a half to the whole split, meets the target (`_level_for`; 20
+development seeds: 6% early, 12% late). An update above the threshold is *flagged*, and the action shrinks it
+(`shrink`), drops it (`skip`) or leaves it to the norm cap like any update (`cap`: the flag is reported, not acted
+on; on digits' development seeds within noise of `shrink`, docs/results.md). Shrinking measures one more point, s0 =
+threshold / delta(1), and takes the largest s that the chords through (0, 0), (s0, delta(s0)) and (1, delta(1)) keep
+under the threshold: where the probe loss curves upward along the update (as around a trained model, and more so
+around one an accumulative attack has made fragile) a chord lies above the curve, so the shrunk update stays under
+the threshold without a search (one forward, where halving took up to six). An update under the threshold is not
+shrunk (only capped, below), so honest drift is learned at a clean batch's pace. The threshold is recalibrated every
+`recalibrate_every` updates, since clean updates change size as the model converges or drifts. With momentum, sooner
+at the start: the stream's optimizer is fresh and its buffer fills over about 1 / (1 - momentum) updates, while the
+model leaves the burn-in's state, so the first recalibration comes after ceil(1 / (1 - momentum)) updates and the
+interval doubles after each one up to `recalibrate_every` (a threshold kept from the first update for 100 flagged
+35% of clean CIFAR-10 batches against a 10% target; recalibrated after 40, 5%). Without momentum every interval is
+`recalibrate_every`, unless `first_interval` is set: then the schedule starts at that many updates and doubles, with
+momentum or without. A stream's optimizer moves a model from the state its own training left it in whatever its
+momentum (a user's MLP with dropout, its threshold 0 at the deployed state where every clean update lowered the
+probe loss, flagged 65% of clean batches over the next 60 updates without momentum, 12% recalibrated every 10; 49%
+and 22% of its eval's clean batches without and with `first_interval=10`); on the digits profile's converged models
+the early recalibrations raised the fresh false flags from 6.6% / 8.6% to 14.5% / 12.8%, so it is not the default
+(docs/results.md, eighteenth session). A calibration whose threshold is 0, though, is always followed by the next
+within `recalibrate_after_zero` updates (10 by default), the interval doubling from there: a threshold of 0 says
+that nearly every clean trusted update lowered the probe loss, a state of the model the stream soon ends, and until
+it is measured again every update that raises the probe loss at all is flagged (a user's CNN: 71% of 100 clean
+batches; 12% recalibrated after 10).
 
 Every update is also capped (`norm_cap`, default the inf-norm in the strategy's settings): its gradient is scaled
 down to at most the `cap_level` quantile (0.2 by default) of the norms of clean trusted gradients, measured once
@@ -142,7 +143,8 @@ class UpdateGate:
                  action: str = "shrink", probe_samples: int = 256, norm_cap: str | None = None,
                  cap_level: float = 0.2, cap_anchor: str = "first", cap_updates: int = 256, calibration_window: int = 1,
                  probe_winsor: float = 0.0, level_rule: str = "conformal", level_splits: int = 4,
-                 lookahead_from: str = "momentum_step", first_interval: int | None = None, seed: int = 0):
+                 lookahead_from: str = "momentum_step", first_interval: int | None = None,
+                 recalibrate_after_zero: int | None = 10, seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
@@ -152,7 +154,8 @@ class UpdateGate:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
         counts = {"calibration_updates": calibration_updates, "recalibrate_every": recalibrate_every,
                   "batch_size": batch_size, "cap_updates": cap_updates, "calibration_window": calibration_window,
-                  "level_splits": level_splits, "first_interval": 1 if first_interval is None else first_interval}
+                  "level_splits": level_splits, "first_interval": 1 if first_interval is None else first_interval,
+                  "recalibrate_after_zero": 1 if recalibrate_after_zero is None else recalibrate_after_zero}
         for name, count in counts.items():
             if count < 1:
                 raise ValueError(f"{name} must be >= 1, got {count}")
@@ -185,7 +188,7 @@ class UpdateGate:
         self.level = 1.0 - target_false_flag_rate  # the conformal level of the threshold (cross_half: the last chosen)
         self.level_rule, self.level_splits = level_rule, level_splits
         self.calibration_updates, self.recalibrate_every = calibration_updates, recalibrate_every
-        self.first_interval = first_interval
+        self.first_interval, self.recalibrate_after_zero = first_interval, recalibrate_after_zero
         self.calibration_window = calibration_window
         self.probe_winsor = probe_winsor
         self.bounds: tuple[float, float] | None = None  # where a probe sample's loss change is clamped (winsor)
@@ -346,6 +349,8 @@ class UpdateGate:
         """Updates between the last calibration and the next: with momentum, ceil(1 / (1 - momentum)) after the
         first, doubling after each calibration, at most `recalibrate_every`; without, `recalibrate_every`. With
         `first_interval` set, the first interval is at least that, with momentum or without, and doubles the same way.
+        After a calibration whose threshold is 0, at most `recalibrate_after_zero`, doubling after each calibration
+        since (a model still learning is measured again soon, and less often as it settles).
 
         >>> gate = UpdateGate(torch.rand(8, 2), torch.randint(0, 2, (8,)), batch_size=2)
         >>> optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
@@ -358,12 +363,24 @@ class UpdateGate:
         >>> [gate.interval(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)) for gate.calibrations
         ...  in range(1, 7)]
         [4, 8, 16, 32, 64, 100]
+        >>> gate.history = [{"threshold": 0.0}]
+        >>> gate.interval(optimizer)
+        10
+        >>> gate.history += [{"threshold": 0.01}, {"threshold": 0.02}]
+        >>> gate.interval(optimizer)
+        40
         """
         momentum = optimizer.param_groups[0].get("momentum", 0.0)
-        if not momentum and self.first_interval is None:
-            return self.recalibrate_every
-        first = max(self.first_interval or 1, math.ceil(1.0 / (1.0 - momentum) - 1e-9))
-        return min(self.recalibrate_every, first * 2 ** max(self.calibrations - 1, 0))
+        interval = self.recalibrate_every
+        if momentum or self.first_interval is not None:
+            first = max(self.first_interval or 1, math.ceil(1.0 / (1.0 - momentum) - 1e-9))
+            interval = min(interval, first * 2 ** max(self.calibrations - 1, 0))
+        if self.recalibrate_after_zero is not None:
+            # calibrations since the last that set a threshold of 0 (none among those the history keeps: no limit)
+            since = next((k for k, entry in enumerate(reversed(self.history)) if entry["threshold"] == 0.0), None)
+            if since is not None:
+                interval = min(interval, self.recalibrate_after_zero * 2 ** since)
+        return interval
 
     def due(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the next update is judged after a new calibration (the first, or one at the interval's end)."""
