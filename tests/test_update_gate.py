@@ -478,20 +478,11 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         StrategyConfig(name="guard", gate_norm_cap="1")
     with pytest.raises(ValueError, match="action 'cap' .* needs norm_cap"):
         UpdateGate(x, y, batch_size=2, action="cap", norm_cap=None)
-    with pytest.raises(ValueError, match="cap_updates must be >= 1, got 0"):
-        UpdateGate(x, y, batch_size=2, cap_updates=0)
-    with pytest.raises(ValueError, match="first_interval must be >= 1, got 0"):
-        UpdateGate(x, y, batch_size=2, first_interval=0)
-    with pytest.raises(ValueError, match="gate_first_interval"):
-        StrategyConfig(name="guard", gate_first_interval=0)
-    with pytest.raises(ValueError, match="recalibrate_after_zero must be >= 1, got 0"):
-        UpdateGate(x, y, batch_size=2, recalibrate_after_zero=0)
-    with pytest.raises(ValueError, match="gate_recalibrate_after_zero"):
-        StrategyConfig(name="guard", gate_recalibrate_after_zero=0)
-    with pytest.raises(ValueError, match="calibration_window must be >= 1, got 0"):
-        UpdateGate(x, y, batch_size=2, calibration_window=0)
-    with pytest.raises(ValueError, match="gate_calibration_window"):
-        StrategyConfig(name="guard", gate_calibration_window=0)
+    for count in ("cap_updates", "first_interval", "recalibrate_after_zero", "calibration_window"):
+        with pytest.raises(ValueError, match=f"{count} must be >= 1, got 0"):
+            UpdateGate(x, y, batch_size=2, **{count: 0})
+        with pytest.raises(ValueError, match=f"gate_{count}"):
+            StrategyConfig(name="guard", **{f"gate_{count}": 0})
     with pytest.raises(ValueError, match="probe_winsor must be in \\[0, 0.5\\), got 0.5"):
         UpdateGate(x, y, batch_size=2, probe_winsor=0.5)
     with pytest.raises(ValueError, match="gate_probe_winsor"):
