@@ -202,8 +202,8 @@ def run_one(name: str, epochs: int, work: Path, sets: list[str]) -> dict:
     return row
 
 
-def _cell(value) -> str:
-    return "–" if value is None else f"{value}"
+def _cell(value, unit: str = "") -> str:
+    return "–" if value is None else f"{value}{unit}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         status = "ok" if r["exit_code"] == 0 else f"exit {r['exit_code']} (the error is above)"
         print(f"| {r['architecture']} | {r['holds']} | {r['trained']} | {_cell(r.get('st_clean_final'))} / "
               f"{_cell(r.get('st_after_trigger'))} | {_cell(r.get('guard_clean_final'))} / "
-              f"{_cell(r.get('guard_after_trigger'))} | {_cell(r.get('guard_clean_flagged'))}% / "
-              f"{_cell(r.get('guard_poisons_flagged'))}% | {status} |")
+              f"{_cell(r.get('guard_after_trigger'))} | {_cell(r.get('guard_clean_flagged'), '%')} / "
+              f"{_cell(r.get('guard_poisons_flagged'), '%')} | {status} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0 if all(r["exit_code"] == 0 for r in rows) else 1
