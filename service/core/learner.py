@@ -121,6 +121,10 @@ class OnlineLearner:
                 if isinstance(part, ReversePGD):
                     part.box = box
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        # the fewest samples a batch to learn from may hold: in training BatchNorm has no statistics of one sample,
+        # and torch refuses it (found once here, not on every step)
+        self.min_batch_samples = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                          for m in self.model.modules()) else 1
         self.batches_applied = 0
         self.model_version = 0
 
@@ -138,12 +142,6 @@ class OnlineLearner:
     @property
     def num_classes(self) -> int:
         return int(self.model_spec["num_classes"])
-
-    @property
-    def min_batch_samples(self) -> int:
-        """The fewest samples a batch to learn from may hold: 2 for a model with BatchNorm layers (in training a
-        batch of one sample has no batch statistics, and torch refuses it), 1 otherwise."""
-        return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()) else 1
 
     @property
     def calibration(self) -> Calibration | None:

@@ -123,7 +123,8 @@ def check_declared(dtype: str, shape: Sequence[int], spec: InputSpec) -> int:
         raise BatchRejected("shape", f"shape must be {expected} for this model, got {list(shape)}")
     n = shape[0]
     if not spec.min_samples <= n <= spec.max_samples:
-        why = " (the model has BatchNorm layers: it learns from 2 samples or more)" if spec.min_samples > 1 else ""
+        why = (f" (the model has BatchNorm layers: it learns from {spec.min_samples} samples or more)"
+               if spec.min_samples > 1 else "")
         raise BatchRejected("batch_size", f"the batch must hold {spec.min_samples} to {spec.max_samples} samples"
                                           f"{why}, got N={n}")
     return math.prod(shape) * INPUT_DTYPES[dtype].itemsize

@@ -10,47 +10,50 @@ batch's own gradient g causes,
              - CE_probe(theta - lr * (momentum * buffer + decay * theta)),
 
 (the mean over probe samples of each one's loss change; with `probe_winsor` = q > 0 each change is first clamped to
-the q and 1 - q quantiles of the changes the last calibration's clean updates caused, so that no hard trusted sample
-decides a verdict alone: tried at 0.01 against the false flags late in a memorised stream, within noise), the second
-term being where the step goes without the batch (momentum and weight decay are the optimizer's, the same whatever
-the batch: judging them too would flag every update of a model whose momentum points uphill, and calibrations taken
-with an empty buffer would not fit the stream's; `lookahead_from="model"` leaves them out of both points instead, so
-that delta measures the batch's own step from the model as it stands, whatever the buffer's phase: tried on MNIST,
-docs/results.md). It judges the batch against a threshold calibrated on that split: `threshold` is the finite-sample
-(conformal) upper quantile, at level (1 - target_false_flag_rate), of delta(1) over updates on clean batches drawn
-from the trusted split the way the stream draws them (same batch size, with replacement: a fresh population, not a
-reshuffle of a couple of hundred samples), each measured on the trusted samples *not* in its batch (cross-fitting: a
-stream batch is never in the probe either), from the current model. With `level_rule="cross_half_first"` (the
-strategy's default) the level is chosen at the first calibration instead, and kept (`"cross_half"`: at every
-calibration, 2.5x the step cost on digits for the same rates), at least (1 - target_false_flag_rate): a few hundred
-trusted images set a threshold that another draw of images would set elsewhere, and the realised rate, bounded below
-by 0, averages above the target over such draws (digits, 20 development seeds: 17% late in a stream, for 10%). So
-the split is halved `level_splits` times; a threshold from one half's updates is judged on the other half's; the
-level is the lowest whose rate, extrapolated from a half to the whole split, meets the target (`_level_for`; 20
-development seeds: 6% early, 12% late). An update above the threshold is *flagged*, and the action shrinks it
-(`shrink`), drops it (`skip`) or leaves it to the norm cap like any update (`cap`: the flag is reported, not acted
-on; on digits' development seeds within noise of `shrink`, docs/results.md). Shrinking measures one more point, s0 =
-threshold / delta(1), and takes the largest s that the chords through (0, 0), (s0, delta(s0)) and (1, delta(1)) keep
-under the threshold: where the probe loss curves upward along the update (as around a trained model, and more so
-around one an accumulative attack has made fragile) a chord lies above the curve, so the shrunk update stays under
-the threshold without a search (one forward, where halving took up to six). An update under the threshold is not
-shrunk (only capped, below), so honest drift is learned at a clean batch's pace. The threshold is recalibrated every
-`recalibrate_every` updates, since clean updates change size as the model converges or drifts. With momentum, sooner
-at the start: the stream's optimizer is fresh and its buffer fills over about 1 / (1 - momentum) updates, while the
-model leaves the burn-in's state, so the first recalibration comes after ceil(1 / (1 - momentum)) updates and the
-interval doubles after each one up to `recalibrate_every` (a threshold kept from the first update for 100 flagged
-35% of clean CIFAR-10 batches against a 10% target; recalibrated after 40, 5%). Without momentum every interval is
-`recalibrate_every`, unless `first_interval` is set: then the schedule starts at that many updates and doubles, with
-momentum or without. A stream's optimizer moves a model from the state its own training left it in whatever its
-momentum (a user's MLP with dropout, its threshold 0 at the deployed state where every clean update lowered the
-probe loss, flagged 65% of clean batches over the next 60 updates without momentum, 12% recalibrated every 10; 49%
-and 22% of its eval's clean batches without and with `first_interval=10`); on the digits profile's converged models
-the early recalibrations raised the fresh false flags from 6.6% / 8.6% to 14.5% / 12.8%, so it is not the default
-(docs/results.md, eighteenth session). A calibration whose threshold is 0, though, is always followed by the next
-within `recalibrate_after_zero` updates (10 by default), the interval doubling from there: a threshold of 0 says
-that nearly every clean trusted update lowered the probe loss, a state of the model the stream soon ends, and until
-it is measured again every update that raises the probe loss at all is flagged (a user's CNN: 71% of 100 clean
-batches; 12% recalibrated after 10).
+the q and 1 - q quantiles of the changes the last calibration's clean updates caused, so that no hard trusted
+sample decides a verdict alone: tried at 0.01 against the false flags late in a memorised stream, within noise),
+the second term being where the step goes without the batch (momentum and weight decay are the optimizer's,
+the same whatever the batch: judging them too would flag every update of a model whose momentum points
+uphill, and calibrations taken with an empty buffer would not fit the stream's; `lookahead_from="model"` leaves
+them out of both points instead, so that delta measures the batch's own step from the model as it stands, whatever
+the buffer's phase: tried on MNIST, docs/results.md). It judges the batch against
+a threshold calibrated on that split: `threshold` is the finite-sample (conformal) upper quantile, at level
+(1 - target_false_flag_rate), of delta(1) over updates on clean batches drawn from the trusted split the way
+the stream draws them (same batch size, with replacement: a fresh population, not a reshuffle of a couple of
+hundred samples), each measured on the trusted samples *not* in its batch (cross-fitting: a stream batch is
+never in the probe either), from the current model. With `level_rule="cross_half_first"` (the strategy's default)
+the level is chosen at the first calibration instead, and kept (`"cross_half"`: at every calibration, 2.5x the step
+cost on digits for the same rates), at least (1 - target_false_flag_rate): a few hundred trusted images
+set a threshold that another draw of images would set elsewhere, and the realised rate, bounded below by 0,
+averages above the target over such draws (digits, 20 development seeds: 17% late in a stream, for 10%). So the
+split is halved `level_splits` times; a threshold from one half's updates is judged on the other half's; the level is
+the lowest whose rate, extrapolated from a half to the whole split, meets the target (`_level_for`; 20 development
+seeds: 6% early, 12% late). An update above the threshold is *flagged*, and the
+action shrinks it (`shrink`), drops it (`skip`) or leaves it to the norm cap like any update (`cap`: the
+flag is reported, not acted on; on digits' development seeds within noise of `shrink`, docs/results.md).
+Shrinking measures one more point, s0 = threshold /
+delta(1), and takes the largest s that the chords through (0, 0), (s0, delta(s0)) and (1, delta(1)) keep under
+the threshold: where the probe loss curves upward along the update (as around a trained model, and more so
+around one an accumulative attack has made fragile) a chord lies above the curve, so the shrunk update stays
+under the threshold without a search (one forward, where halving took up to six). An update under the
+threshold is not shrunk (only capped, below), so honest drift is learned at a clean batch's pace. The threshold
+is recalibrated every
+`recalibrate_every` updates, since clean updates change size as the model converges or drifts. With momentum,
+sooner at the start: the stream's optimizer is fresh and its buffer fills over about 1 / (1 - momentum)
+updates, while the model leaves the burn-in's state, so the first recalibration comes after
+ceil(1 / (1 - momentum)) updates and the interval doubles after each one up to `recalibrate_every` (a
+threshold kept from the first update for 100 flagged 35% of clean CIFAR-10 batches against a 10% target;
+recalibrated after 40, 5%). Without momentum every interval is `recalibrate_every`, unless `first_interval` is set:
+then the schedule starts at that many updates and doubles, with momentum or without. A stream's optimizer moves a
+model from the state its own training left it in whatever its momentum (a user's MLP with dropout, its threshold 0
+at the deployed state where every clean update lowered the probe loss, flagged 65% of clean batches over the next 60
+updates without momentum, 12% recalibrated every 10; 49% and 22% of its eval's clean batches without and with
+`first_interval=10`); on the digits profile's converged models the early recalibrations raised the fresh false flags
+from 6.6% / 8.6% to 14.5% / 12.8%, so it is not the default (docs/results.md, eighteenth session). A calibration
+whose threshold is 0, though, is always followed by the next within `recalibrate_after_zero` updates (10 by
+default), the interval doubling from there: a threshold of 0 says that nearly every clean trusted update lowered the
+probe loss, a state of the model the stream soon ends, and until it is measured again every update that raises the
+probe loss at all is flagged (a user's CNN: 71% of 100 clean batches; 12% recalibrated after 10).
 
 Every update is also capped (`norm_cap`, default the inf-norm in the strategy's settings): its gradient is scaled
 down to at most the `cap_level` quantile (0.2 by default) of the norms of clean trusted gradients, measured once
