@@ -48,14 +48,14 @@ def _burnt_in(model, generator, momentum=0.0):
     return model
 
 
-def _flagged_share(model, optimizer, gate, generator, learn=False, batches=300):
-    """Share of fresh clean blob batches whose update the gate flags (each then learned when `learn`)."""
+def _flagged_share(model, optimizer, gate, generator, learn=False, batches=300, size=32):
+    """Share of fresh clean blob batches of `size` whose update the gate flags (each then learned when `learn`)."""
     flagged = []
     for _ in range(batches):
-        x, y = _blobs(32, generator)
+        x, y = _blobs(size, generator)
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        flagged.append(gate.judge(model, optimizer).flagged)
+        flagged.append(gate.judge(model, optimizer, size=size).flagged)
         if learn:
             optimizer.step()
     return float(np.mean(flagged))
@@ -74,6 +74,36 @@ def test_realised_false_flag_rate_of_a_seeded_synthetic_stream_lands_in_the_band
     # fresh clean batches from the same distribution, judged against that calibration
     rate = _flagged_share(model, optimizer, gate, generator)
     assert 0.05 <= rate <= 0.15, f"realised clean false-flag rate {rate:.1%} against a 10% target"
+
+
+def test_a_batch_of_another_size_is_judged_by_a_threshold_calibrated_at_its_size():
+    """Clean batches of 4 samples, against a gate calibrated on batches of 32: their updates spread wider, and the
+    threshold of 32 flags far more than its target of them; calibrated at their own rung, the rate holds, and batches
+    of 128 are flagged as often as those of 32. The gate of 32 is left as it was (its threshold, its schedule), and
+    every rung shares its cap."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trusted = _blobs(1000, generator)
+    rates = {}
+    for rule in ("configured", "rungs"):
+        for size in (4, 32, 128):
+            gate = UpdateGate(*trusted, batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
+                              recalibrate_every=10_000, norm_cap="inf", size_rule=rule, seed=1)
+            threshold = gate.calibrate(model, optimizer)
+            rates[rule, size] = _flagged_share(model, optimizer, gate, torch.Generator().manual_seed(2), size=size)
+            own = rule == "configured" or size == 32  # judged by the gate of 32
+            assert gate.threshold == threshold and gate.updates_since_calibration == (300 if own else 0)
+            assert list(gate.sized) == ([] if own else [gate.rung(size)])
+            for sized in gate.sized.values():
+                assert sized.batch_size == gate.rung(size) and sized.cap == gate.cap
+                assert sized.threshold != threshold and sized.calibrations == 1
+    assert rates["configured", 32] == rates["rungs", 32]
+    assert rates["configured", 4] > 0.25, f"{rates['configured', 4]:.1%} of clean batches of 4 flagged at the " \
+                                          "threshold of 32 (expected far above its target)"
+    assert 0.05 <= rates["rungs", 4] <= 0.15, f"{rates['rungs', 4]:.1%} of clean batches of 4 flagged at their rung"
+    assert abs(rates["rungs", 128] - rates["rungs", 32]) <= 0.05, rates
 
 
 def test_the_threshold_is_measured_again_soon_after_the_deployed_state():
@@ -379,6 +409,30 @@ def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path
                       cpu_relative=1e-6)
 
 
+def test_the_gates_of_other_batch_sizes_round_trip_through_a_checkpoint(digits_experiment, tmp_path):
+    """A worker restarted after batches of two sizes judges the next small batch as the original would: the rung's
+    gate, its threshold, schedule and draws travel with the checkpoint."""
+    learner = _guard_learner(digits_experiment, gate_size_rule="rungs", gate_recalibrate_every=3,
+                             gate_level_splits=1)
+    batches = list(digits_experiment.stream_batches(7, seed=9))
+    for k, (x, y) in enumerate(batches[:6]):
+        learner.step(*((x[:10], y[:10]) if k % 2 else (x, y)))
+    learner.save(tmp_path / "ckpt")
+    restored = OnlineLearner.load(tmp_path / "ckpt")
+    gate, back = learner.strategy.gate, restored.strategy.gate
+    assert list(back.sized) == list(gate.sized) == [gate.rung(10)]
+    sized, sized_back = gate.sized[gate.rung(10)], back.sized[gate.rung(10)]
+    assert (sized_back.threshold, sized_back.batch_size, sized_back.cap, sized_back.updates_since_calibration) == (
+        sized.threshold, sized.batch_size, sized.cap, sized.updates_since_calibration)
+    shown = restored.strategy.health(restored.batches_applied)["gate_thresholds_by_batch_size"]  # in /v1/status
+    assert shown == {str(gate.rung(10)): sized.threshold}
+    x, y = batches[6]
+    a, b = learner.step(x[:10], y[:10]), restored.step(x[:10], y[:10])  # the rung's second calibration is due
+    assert a.gate.threshold != gate.threshold
+    assert_reproduced((a.threshold, a.update_scale, a.loss), (b.threshold, b.update_scale, b.loss), learner.device,
+                      cpu_relative=1e-6)
+
+
 def test_a_learner_made_ready_then_copied_steps_exactly_as_a_fresh_one(digits_experiment):
     """The arena makes one guard learner ready (its first calibration, 256 gradients for the anchored cap) and
     copies it for every scenario: each copy must step as a learner that calibrated at its own first update."""
@@ -502,6 +556,10 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, lookahead_from="buffer")
     with pytest.raises(ValueError, match="gate_lookahead_from"):
         StrategyConfig(name="guard", gate_lookahead_from="buffer")
+    with pytest.raises(ValueError, match="size_rule must be one of configured, rungs, got 'each'"):
+        UpdateGate(x, y, batch_size=2, size_rule="each")
+    with pytest.raises(ValueError, match="gate_size_rule"):
+        StrategyConfig(name="guard", gate_size_rule="each")
     with pytest.raises(ValueError, match="gate_action 'drop' is guard's"):
         StrategyConfig(name="dsc", flag_action="gate", gate_action="drop")
     gate = UpdateGate(x, y, batch_size=2, action="drop")

@@ -125,6 +125,10 @@ class StrategyConfig(_Section):
         10, ge=1, description="guard: after a calibration that sets a threshold of 0 (nearly every clean trusted "
                               "update lowered the probe loss: the model is still learning), the next within this "
                               "many updates; None: the schedule as usual")
+    gate_size_rule: Literal["configured", "rungs"] = Field(
+        "configured", description="guard: a batch of another size than stream.batch_size is judged by the threshold "
+                                  "calibrated at stream.batch_size ('configured'), or by one calibrated at its own "
+                                  "size, rounded to a rung of batch_size * 2 ** (k / 2) ('rungs')")
     gate_calibration_window: int = Field(1, ge=1, description="guard: the threshold is the conformal quantile of the "
                                          "clean increases of the last this many calibrations (1: the latest only)")
     gate_probe_winsor: float = Field(0.0, ge=0, lt=0.5, description="guard: each probe sample's loss change is "

@@ -36,8 +36,8 @@ import torch
 
 # what the draws are for: the second part of every key, so that no two purposes share a sequence (ATTACK: the
 # simulated attacker's run against a target; LABEL_FLIP: which samples a partial label flip relabels; BACKDOOR: which
-# stream samples a backdoor stamps)
-UPDATE, CALIBRATION, FRESH_JUDGE, ATTACK, LABEL_FLIP, BACKDOOR = 0, 1, 2, 3, 4, 5
+# stream samples a backdoor stamps; SIZE_RUNG: the clean batches a gate of another batch size draws)
+UPDATE, CALIBRATION, FRESH_JUDGE, ATTACK, LABEL_FLIP, BACKDOOR, SIZE_RUNG = 0, 1, 2, 3, 4, 5, 6
 
 
 def key_seed(*key: int) -> int:

@@ -307,6 +307,7 @@ class TrustedUpdateGuard(Strategy):
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lies: torch.Tensor | None = None
         self._statistics: Statistics | None = None
+        self._size: int | None = None
 
     @classmethod
     def from_context(cls, config: StrategyConfig, context: StrategyContext) -> Strategy:
@@ -329,6 +330,7 @@ class TrustedUpdateGuard(Strategy):
         y = y if verdict is None else verdict.labels
         kept = slice(None) if verdict is None else ~verdict.left_out
         self._batch = (prepared.x[kept], y[kept])  # gate_action 'drop' takes the gradient again on what it keeps
+        self._size = len(x)  # as received: the size whose threshold judges it (gate_size_rule 'rungs')
         self._lies = None if verdict is None else verdict.lies[kept]  # what 'drop_lies' leaves out of a flagged one
         self._statistics = snapshot(model)  # BatchNorm's, before this forward moves them: the gate scales the move
         if verdict is None:
@@ -338,9 +340,9 @@ class TrustedUpdateGuard(Strategy):
         return (losses * kept).sum() / kept.sum().clamp(min=1)
 
     def before_optimizer_step(self, model, optimizer):
-        (batch, lies, statistics) = self._batch, self._lies, self._statistics
-        self._batch = self._lies = self._statistics = None
-        return self.gate.judge(model, optimizer, batch=batch, statistics=statistics, lies=lies)
+        (batch, lies, statistics, size) = self._batch, self._lies, self._statistics, self._size
+        self._batch = self._lies = self._statistics = self._size = None
+        return self.gate.judge(model, optimizer, batch=batch, statistics=statistics, lies=lies, size=size)
 
     def threshold(self, batch_index: int) -> float | None:
         return self.gate.threshold  # None until the first update calibrates it
@@ -355,8 +357,10 @@ class TrustedUpdateGuard(Strategy):
         checked = {} if self.label_check is None else {"label_check_radius": self.label_check.radius,
                                                         "label_check_lied_pairs": self.label_check.lied_pairs(),
                                                         "label_check_lied_classes": self.label_check.lied_classes()}
+        sized = {"gate_thresholds_by_batch_size": {str(rung): gate.threshold for rung, gate in self.gate.sized.items()}
+                 } if self.gate.sized else {}  # gate_size_rule 'rungs': the other sizes' gates, by rung
         return {"gate_threshold": self.gate.threshold, "gate_cap": self.gate.cap, "gate_level": self.gate.level,
-                "gate_calibrations": self.gate.calibrations, **checked}
+                "gate_calibrations": self.gate.calibrations, **sized, **checked}
 
     def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         if state.get("gate"):
@@ -383,7 +387,8 @@ def _gate(config: StrategyConfig, trusted: Trusted, batch_size: int | None, seed
                       probe_winsor=config.gate_probe_winsor, level_rule=config.gate_level_rule,
                       lookahead_from=config.gate_lookahead_from,
                       level_splits=config.gate_level_splits, first_interval=config.gate_first_interval,
-                      recalibrate_after_zero=config.gate_recalibrate_after_zero, seed=seed)
+                      recalibrate_after_zero=config.gate_recalibrate_after_zero, size_rule=config.gate_size_rule,
+                      seed=seed)
 
 
 _STRATEGY_CLASSES: dict[str, type[Strategy]] = {

@@ -95,6 +95,7 @@ capped moves in one direction still add up (docs/results.md, thirteenth session)
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -114,7 +115,7 @@ from service.core.defense.running_statistics import (
     tracking_norms,
 )
 from service.core.device import model_device
-from service.core.randomness import CALIBRATION, key_seed, seeded_draws
+from service.core.randomness import CALIBRATION, SIZE_RUNG, key_seed, seeded_draws
 
 ACTIONS = ("shrink", "skip", "cap", "drop", "drop_lies")
 NORMS = {"2": 2.0, "inf": float("inf")}  # the update norms the cap can bound
@@ -123,6 +124,9 @@ CAP_ANCHORS = ("current", "first")  # the cap follows every calibration, or stay
 LEVEL_RULES = ("conformal", "cross_half", "cross_half_first")
 # where the lookahead starts: the optimizer's step without the batch (momentum and decay), or the model itself
 LOOKAHEAD_FROM = ("momentum_step", "model")
+# which threshold judges a batch of another size than `batch_size`: the one calibrated at `batch_size`, or one
+# calibrated at the batch's own size, rounded to a rung of batch_size * 2 ** (k / 2)
+SIZE_RULES = ("configured", "rungs")
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ class UpdateGate:
                  cap_level: float = 0.2, cap_anchor: str = "first", cap_updates: int = 256, calibration_window: int = 1,
                  probe_winsor: float = 0.0, level_rule: str = "conformal", level_splits: int = 4,
                  lookahead_from: str = "momentum_step", first_interval: int | None = None,
-                 recalibrate_after_zero: int | None = 10, seed: int = 0):
+                 recalibrate_after_zero: int | None = 10, size_rule: str = "configured", seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
@@ -178,6 +182,8 @@ class UpdateGate:
             raise ValueError(f"lookahead_from must be one of {', '.join(LOOKAHEAD_FROM)}, got {lookahead_from!r}")
         if cap_anchor not in CAP_ANCHORS:
             raise ValueError(f"cap_anchor must be one of {', '.join(CAP_ANCHORS)}, got {cap_anchor!r}")
+        if size_rule not in SIZE_RULES:
+            raise ValueError(f"size_rule must be one of {', '.join(SIZE_RULES)}, got {size_rule!r}")
         self.trusted = (trusted_x, trusted_y)
         # the probe: at most `probe_samples` trusted samples, fixed once, so that a lookahead costs a bounded
         # forward whatever the size of the trusted split (1,000 MNIST images made a step 23x ST's)
@@ -206,6 +212,8 @@ class UpdateGate:
         self.updates_since_calibration = 0
         self.calibrations = 0
         self.history: list[dict] = []  # one entry per calibration: when, the threshold, the clean increases seen
+        self.size_rule = size_rule
+        self.sized: dict[int, UpdateGate] = {}  # size_rule 'rungs': the gates of the other rungs, by rung
 
     def _probe_losses(self, model: nn.Module) -> torch.Tensor:
         """Per-sample cross-entropy on the probe, as predictions are made (eval mode)."""
@@ -425,7 +433,8 @@ class UpdateGate:
 
     def judge(self, model: nn.Module, optimizer: torch.optim.Optimizer,
               batch: tuple[torch.Tensor, torch.Tensor] | None = None,
-              statistics: Statistics | None = None, lies: torch.Tensor | None = None) -> GateVerdict:
+              statistics: Statistics | None = None, lies: torch.Tensor | None = None,
+              size: int | None = None) -> GateVerdict:
         """Judge the update in the parameters' `.grad` and scale it in place: onto the norm cap (when the gate has
         one), and, if the update is above the threshold, by the action's choice (the smaller scale wins). The
         actions `drop` and `drop_lies` need the `batch` (x, y) the gradient was taken on: they take it again without
@@ -434,11 +443,24 @@ class UpdateGate:
         `statistics`: BatchNorm's running statistics as they were before the batch's forward moved them; their move
         is scaled as the action scales the update (a skipped batch moves none, action 'cap' leaves it whole) and
         capped at `statistics_cap` whatever the verdict. The verdict is on the weights' update alone, as the
-        threshold was calibrated."""
+        threshold was calibrated. `size`: the samples the batch was received with (default: the `batch`'s, else
+        `batch_size`); with `size_rule="rungs"` a batch of another rung is judged by that rung's gate (`for_size`)."""
         moves = (statistics, snapshot(model)) if statistics else None
+        size = size if size is not None else (len(batch[1]) if batch is not None else self.batch_size)
+        if self.rung(size) == self.batch_size:
+            return self._judge(model, optimizer, batch, moves, lies)
+        if self.threshold is None:  # this gate's first calibration measures the cap and the level every rung shares
+            self._calibrate_before(model, optimizer, moves)
+        return self.for_size(size)._judge(model, optimizer, batch, moves, lies)
+
+    def _calibrate_before(self, model: nn.Module, optimizer: torch.optim.Optimizer, moves) -> None:
+        """Calibrate from the model as it was before the batch (BatchNorm's statistics put back for it)."""
+        with moved(model, *(moves or (None, None)), 0.0):
+            self.calibrate(model, optimizer)  # autograd.grad: the batch's .grad is left as it is
+
+    def _judge(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch, moves, lies) -> GateVerdict:
         if self.due(optimizer):
-            with moved(model, *(moves or (None, None)), 0.0):  # from the model as it was before the batch
-                self.calibrate(model, optimizer)  # autograd.grad: the batch's .grad is left as it is
+            self._calibrate_before(model, optimizer, moves)
         self.updates_since_calibration += 1
         params, grads, base, increase = self._lookahead(model, optimizer)
         flagged, judged, dropped = increase > self.threshold, increase, ()
@@ -471,6 +493,42 @@ class UpdateGate:
         if moves:  # the move of the statistics: as far as the action lets the update go, and no further than the cap
             self._move_statistics(model, *moves, acted)
         return GateVerdict(increase, self.threshold, flagged, scale, norm, self.cap, dropped)
+
+    def rung(self, size: int) -> int:
+        """The batch size whose threshold judges a batch of `size` samples: `batch_size` under the size rule
+        'configured'; under 'rungs', `size` rounded to the nearest rung of batch_size * 2 ** (k / 2), k an integer
+        (within a factor of 2 ** (1 / 4) of it: a clean update's spread goes with 1 / sqrt(size), so about 9%), and
+        never under 2 for a batch of 2 or more (BatchNorm's least).
+
+        >>> gate = UpdateGate(torch.rand(8, 2), torch.randint(0, 2, (8,)), batch_size=50, size_rule="rungs")
+        >>> [gate.rung(size) for size in (1, 2, 10, 25, 44, 50, 58, 100, 1024)]
+        [1, 2, 9, 25, 50, 50, 50, 100, 1131]
+        """
+        if self.size_rule == "configured" or size == self.batch_size:
+            return self.batch_size
+        k = round(2 * math.log2(size / self.batch_size))
+        return self.batch_size if k == 0 else max(min(size, 2), round(self.batch_size * 2 ** (k / 2)))
+
+    def for_size(self, size: int) -> UpdateGate:
+        """The gate that judges a batch of `size` samples: this one at its own rung, else that rung's (`_child`)."""
+        rung = self.rung(size)
+        return self if rung == self.batch_size else self._child(rung)
+
+    def _child(self, rung: int) -> UpdateGate:
+        """The gate of batches of `rung` samples, made on first use: this gate's settings, trusted split and probe, and
+        the cap, BatchNorm statistics' cap and level its first calibration measured (one speed limit for every update,
+        whatever its size); its own threshold, calibrated on clean trusted batches of `rung` samples, and its own
+        schedule, counted in the updates it judges."""
+        if rung not in self.sized:
+            child = copy.copy(self)
+            child.batch_size, child.size_rule, child.sized = rung, "configured", {}
+            if self.level_rule == "cross_half_first":  # the level chosen once, at this gate's first calibration
+                child.level_rule = "conformal"
+            child.generator = torch.Generator().manual_seed(key_seed(self.seed, SIZE_RUNG, rung))
+            child.threshold, child.bounds, child.increases, child.history = None, None, [], []
+            child.updates_since_calibration = child.calibrations = 0
+            self.sized[rung] = child
+        return self.sized[rung]
 
     def _move_statistics(self, model: nn.Module, before: Statistics, after: Statistics, acted: float) -> None:
         """Move BatchNorm's running statistics `acted` of the way the batch's forward moved them (the action's share
@@ -554,7 +612,8 @@ class UpdateGate:
                 "calibrations": self.calibrations,
                 "history": self.history[-20:], "increases": self.increases,
                 "generator": self.generator.get_state().tolist(), "batch_size": self.batch_size,
-                "probe": self.probe.tolist(), "seed": self.seed}
+                "probe": self.probe.tolist(), "seed": self.seed,
+                **({"sized": {str(rung): gate.state() for rung, gate in self.sized.items()}} if self.sized else {})}
 
     def restore(self, state: dict) -> None:
         self.batch_size = int(state["batch_size"])
@@ -570,6 +629,9 @@ class UpdateGate:
         self.history = list(state["history"])
         self.increases = [list(values) for values in state.get("increases", [])]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.sized = {}
+        for rung, sized in state.get("sized", {}).items():
+            self._child(int(rung)).restore(sized)
 
 
 def _level_for(half_rates: torch.Tensor, target: float) -> float:
