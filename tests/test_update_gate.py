@@ -2,6 +2,7 @@
 clean batches, a trigger's update is flagged and shrunk, the state survives a checkpoint, bad input is refused."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -104,6 +105,53 @@ def test_a_batch_of_another_size_is_judged_by_a_threshold_calibrated_at_its_size
                                           "threshold of 32 (expected far above its target)"
     assert 0.05 <= rates["rungs", 4] <= 0.15, f"{rates['rungs', 4]:.1%} of clean batches of 4 flagged at their rung"
     assert abs(rates["rungs", 128] - rates["rungs", 32]) <= 0.05, rates
+
+
+def test_a_client_of_small_batches_moves_the_model_at_a_full_batchs_pace_per_sample(digits_experiment):
+    """`campaign.client_batch_size`: the simulated clients send batches of 10 to a learner configured for 50; guard
+    (default `gate_size_rule`, 'pace') applies each at 10/50 of its gradient, as the step report says, while ST takes
+    the whole step. A size under 1 is refused, naming the field."""
+    client = dataclasses.replace(digits_experiment, config=digits_experiment.config.with_field(
+        "campaign", "client_batch_size", 10))
+    assert client.config.stream.batch_size == 50
+    x, y = next(client.stream_batches(1, seed=3))
+    assert len(x) == len(y) == 10
+    report = client.new_learner(StrategyConfig(name="guard")).ready().step(x, y)
+    assert 0 < report.update_scale <= 10 / 50
+    with pytest.raises(ValueError, match="client_batch_size"):
+        digits_experiment.config.with_field("campaign", "client_batch_size", 0)
+
+
+def test_a_batch_under_the_gates_size_is_applied_at_its_share_of_a_full_batch_under_pace():
+    """gate_size_rule 'pace': a batch of 4 under a gate of 32 moves the model 4/32 as far as its mean gradient would
+    (no sample further than one of a full batch), is judged so against the threshold of 32, and its verdict's scale
+    says so; clean batches of 4 are then flagged no more than the target, where the threshold of 32 flagged far more
+    of their whole updates. A batch of 32 or more is judged as under 'configured'."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gate = UpdateGate(*_blobs(1000, generator), batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
+                      recalibrate_every=10_000, norm_cap="inf", size_rule="pace", seed=1)
+    gate.calibrate(model, optimizer)
+    x, y = _blobs(4, torch.Generator().manual_seed(3))
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+    verdict = gate.judge(model, optimizer, size=4)
+    assert verdict.scale <= 4 / 32
+    for p, g in zip(model.parameters(), whole, strict=True):
+        torch.testing.assert_close(p.grad, g * verdict.scale)
+    assert not gate.sized
+    rate = _flagged_share(model, optimizer, gate, torch.Generator().manual_seed(2), size=4)
+    assert rate <= 0.15, f"{rate:.1%} of clean batches of 4 flagged at their pace"
+    same = UpdateGate(*gate.trusted, batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
+                      recalibrate_every=10_000, norm_cap="inf", size_rule="configured", seed=1)
+    same.calibrate(model, optimizer)
+    assert same.threshold == gate.threshold
+    for size in (32, 128):
+        assert _flagged_share(model, optimizer, gate, torch.Generator().manual_seed(4), size=size, batches=50) == \
+            _flagged_share(model, optimizer, same, torch.Generator().manual_seed(4), size=size, batches=50)
 
 
 def test_the_threshold_is_measured_again_soon_after_the_deployed_state():
@@ -556,7 +604,7 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, lookahead_from="buffer")
     with pytest.raises(ValueError, match="gate_lookahead_from"):
         StrategyConfig(name="guard", gate_lookahead_from="buffer")
-    with pytest.raises(ValueError, match="size_rule must be one of configured, rungs, got 'each'"):
+    with pytest.raises(ValueError, match="size_rule must be one of configured, rungs, pace, got 'each'"):
         UpdateGate(x, y, batch_size=2, size_rule="each")
     with pytest.raises(ValueError, match="gate_size_rule"):
         StrategyConfig(name="guard", gate_size_rule="each")

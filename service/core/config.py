@@ -125,10 +125,12 @@ class StrategyConfig(_Section):
         10, ge=1, description="guard: after a calibration that sets a threshold of 0 (nearly every clean trusted "
                               "update lowered the probe loss: the model is still learning), the next within this "
                               "many updates; None: the schedule as usual")
-    gate_size_rule: Literal["configured", "rungs"] = Field(
-        "configured", description="guard: a batch of another size than stream.batch_size is judged by the threshold "
-                                  "calibrated at stream.batch_size ('configured'), or by one calibrated at its own "
-                                  "size, rounded to a rung of batch_size * 2 ** (k / 2) ('rungs')")
+    gate_size_rule: Literal["configured", "rungs", "pace"] = Field(
+        "pace", description="guard: a batch of another size than stream.batch_size is judged by the threshold "
+                                  "calibrated at stream.batch_size ('configured'); by one calibrated at its own size, "
+                                  "rounded to a rung of batch_size * 2 ** (k / 2) ('rungs'); or, under batch_size, "
+                                  "applied at size / batch_size of its gradient, so that no sample moves the model "
+                                  "further than one of a full batch ('pace')")
     gate_calibration_window: int = Field(1, ge=1, description="guard: the threshold is the conformal quantile of the "
                                          "clean increases of the last this many calibrations (1: the latest only)")
     gate_probe_winsor: float = Field(0.0, ge=0, lt=0.5, description="guard: each probe sample's loss change is "
@@ -243,6 +245,10 @@ class CampaignConfig(_Section):
     max_batches: int = Field(20, ge=1, description="accumulative batches before the trigger at the latest")
     monitor_drop: float = Field(0.05, gt=0, lt=1, description="fire once monitor accuracy fell this much")
     clean_batches: int | None = Field(None, ge=1, description="clean-oracle length (default: max_batches + 1)")
+    client_batch_size: int | None = Field(
+        None, ge=1, description="samples per batch the simulated clients send (the clean stream and the attacker's "
+                                "batches; drift batches and fresh judged batches stay at stream.batch_size); "
+                                "default: stream.batch_size, the size the learner is configured for")
     seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1, 2])
 
 

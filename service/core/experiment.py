@@ -84,9 +84,10 @@ class Experiment:
         )
 
     def stream_batches(self, count: int, seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`count` batches of fresh stream data, reshuffled with the seed each time the pool runs out."""
+        """`count` batches of fresh stream data, reshuffled with the seed each time the pool runs out; of
+        `campaign.client_batch_size` samples (default: `stream.batch_size`)."""
         x, y = self.splits.stream.tensors()
-        size = self.config.stream.batch_size
+        size = self.config.campaign.client_batch_size or self.config.stream.batch_size
         generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
         order = torch.randperm(len(x), generator=generator)
         position = 0

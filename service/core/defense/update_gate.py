@@ -96,6 +96,7 @@ capped moves in one direction still add up (docs/results.md, thirteenth session)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -124,9 +125,11 @@ CAP_ANCHORS = ("current", "first")  # the cap follows every calibration, or stay
 LEVEL_RULES = ("conformal", "cross_half", "cross_half_first")
 # where the lookahead starts: the optimizer's step without the batch (momentum and decay), or the model itself
 LOOKAHEAD_FROM = ("momentum_step", "model")
-# which threshold judges a batch of another size than `batch_size`: the one calibrated at `batch_size`, or one
-# calibrated at the batch's own size, rounded to a rung of batch_size * 2 ** (k / 2)
-SIZE_RULES = ("configured", "rungs")
+# a batch of another size than `batch_size`: judged by the threshold calibrated at `batch_size` ('configured'); by one
+# calibrated at its own size, rounded to a rung of batch_size * 2 ** (k / 2) ('rungs'); or, under `batch_size`, applied
+# at size / batch_size of its mean gradient, so that no sample moves the model further than one of a full batch, and
+# judged so by the threshold of `batch_size` ('pace')
+SIZE_RULES = ("configured", "rungs", "pace")
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ class UpdateGate:
                  cap_level: float = 0.2, cap_anchor: str = "first", cap_updates: int = 256, calibration_window: int = 1,
                  probe_winsor: float = 0.0, level_rule: str = "conformal", level_splits: int = 4,
                  lookahead_from: str = "momentum_step", first_interval: int | None = None,
-                 recalibrate_after_zero: int | None = 10, size_rule: str = "configured", seed: int = 0):
+                 recalibrate_after_zero: int | None = 10, size_rule: str = "pace", seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
@@ -444,11 +447,20 @@ class UpdateGate:
         is scaled as the action scales the update (a skipped batch moves none, action 'cap' leaves it whole) and
         capped at `statistics_cap` whatever the verdict. The verdict is on the weights' update alone, as the
         threshold was calibrated. `size`: the samples the batch was received with (default: the `batch`'s, else
-        `batch_size`); with `size_rule="rungs"` a batch of another rung is judged by that rung's gate (`for_size`)."""
+        `batch_size`); with `size_rule="rungs"` a batch of another rung is judged by that rung's gate (`for_size`); with
+        `size_rule="pace"` a batch under `batch_size` is judged and applied at size / batch_size of its gradient (the
+        verdict's scale includes that share)."""
         moves = (statistics, snapshot(model)) if statistics else None
         size = size if size is not None else (len(batch[1]) if batch is not None else self.batch_size)
+        pace = size / self.batch_size if self.size_rule == "pace" and size < self.batch_size else 1.0
+        if pace < 1.0:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(pace)
         if self.rung(size) == self.batch_size:
-            return self._judge(model, optimizer, batch, moves, lies)
+            verdict = self._judge(model, optimizer, batch, moves, lies, pace)
+            return verdict if pace == 1.0 else dataclasses.replace(verdict, scale=verdict.scale * pace)
         if self.threshold is None:  # this gate's first calibration measures the cap and the level every rung shares
             self._calibrate_before(model, optimizer, moves)
         return self.for_size(size)._judge(model, optimizer, batch, moves, lies)
@@ -458,7 +470,8 @@ class UpdateGate:
         with moved(model, *(moves or (None, None)), 0.0):
             self.calibrate(model, optimizer)  # autograd.grad: the batch's .grad is left as it is
 
-    def _judge(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch, moves, lies) -> GateVerdict:
+    def _judge(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch, moves, lies,
+               pace: float = 1.0) -> GateVerdict:
         if self.due(optimizer):
             self._calibrate_before(model, optimizer, moves)
         self.updates_since_calibration += 1
@@ -468,11 +481,11 @@ class UpdateGate:
             if batch is None:
                 raise ValueError(f"the gate's action {self.action!r} needs the batch the update was taken on")
             if self.action == "drop":
-                keep = self._drop_uphill(model, params, *batch, increase)
+                keep = self._drop_uphill(model, params, *batch, increase, pace)
             else:
                 keep = torch.ones(len(batch[1]), dtype=torch.bool) if lies is None else ~lies.cpu()
                 if not keep.all():
-                    keep = self._take_again(model, params, *batch, keep)
+                    keep = self._take_again(model, params, *batch, keep, pace)
             dropped = tuple(torch.nonzero(~keep).flatten().tolist())
             if dropped or self.action == "drop":  # 'drop' took the gradient again whatever it left out
                 params, grads, base, judged = self._lookahead(model, optimizer)
@@ -491,20 +504,20 @@ class UpdateGate:
                 for p in params:
                     p.grad.mul_(scale)
         if moves:  # the move of the statistics: as far as the action lets the update go, and no further than the cap
-            self._move_statistics(model, *moves, acted)
+            self._move_statistics(model, *moves, acted * pace)
         return GateVerdict(increase, self.threshold, flagged, scale, norm, self.cap, dropped)
 
     def rung(self, size: int) -> int:
-        """The batch size whose threshold judges a batch of `size` samples: `batch_size` under the size rule
-        'configured'; under 'rungs', `size` rounded to the nearest rung of batch_size * 2 ** (k / 2), k an integer
-        (within a factor of 2 ** (1 / 4) of it: a clean update's spread goes with 1 / sqrt(size), so about 9%), and
-        never under 2 for a batch of 2 or more (BatchNorm's least).
+        """The batch size whose threshold judges a batch of `size` samples: `batch_size` under the size rules
+        'configured' and 'pace'; under 'rungs', `size` rounded to the nearest rung of batch_size * 2 ** (k / 2), k an
+        integer (within a factor of 2 ** (1 / 4) of it: a clean update's spread goes with 1 / sqrt(size), so about
+        9%), and never under 2 for a batch of 2 or more (BatchNorm's least).
 
         >>> gate = UpdateGate(torch.rand(8, 2), torch.randint(0, 2, (8,)), batch_size=50, size_rule="rungs")
         >>> [gate.rung(size) for size in (1, 2, 10, 25, 44, 50, 58, 100, 1024)]
         [1, 2, 9, 25, 50, 50, 50, 100, 1131]
         """
-        if self.size_rule == "configured" or size == self.batch_size:
+        if self.size_rule != "rungs" or size == self.batch_size:
             return self.batch_size
         k = round(2 * math.log2(size / self.batch_size))
         return self.batch_size if k == 0 else max(min(size, 2), round(self.batch_size * 2 ** (k / 2)))
@@ -551,7 +564,7 @@ class UpdateGate:
         put(model, before, after, own, also=(reference, acted - own))
 
     def _drop_uphill(self, model: nn.Module, params, x: torch.Tensor, y: torch.Tensor,
-                     increase: float) -> torch.Tensor:
+                     increase: float, pace: float = 1.0) -> torch.Tensor:
         """Take the batch's gradient again without the samples whose own descent raises the probe loss most, until
         the rest's first-order increase is at the threshold; returns which samples were kept.
 
@@ -584,13 +597,15 @@ class UpdateGate:
                 if excess <= 0 or shares[i] <= 0:
                     break
                 keep[i], excess = False, excess - float(shares[i])
-        return self._take_again(model, params, x, y, keep)
+        return self._take_again(model, params, x, y, keep, pace)
 
     @staticmethod
-    def _take_again(model: nn.Module, params, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Put the gradient of the batch's `keep` samples (over the whole batch's size, as the update was) in the
-        parameters' `.grad`, with BatchNorm's statistics as the update's forward left them; returns what was kept (all
-        False, and a zero gradient, where fewer than 2 samples would be)."""
+    def _take_again(model: nn.Module, params, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor,
+                    pace: float = 1.0) -> torch.Tensor:
+        """Put the gradient of the batch's `keep` samples (over the whole batch's size, as the update was, times the
+        `pace` of a batch under the gate's size) in the parameters' `.grad`, with BatchNorm's statistics as the
+        update's forward left them; returns what was kept (all False, and a zero gradient, where fewer than 2 samples
+        would be)."""
         device = model_device(model)
         x, y = x.to(device), y.to(device)
         if int(keep.sum()) < 2:  # a batch of one has no batch statistics to normalise with: nothing is kept
@@ -599,7 +614,7 @@ class UpdateGate:
             return torch.zeros(len(x), dtype=torch.bool)
         with training_mode_frozen_stats(model):  # the update's own forward already moved the running statistics
             losses = F.cross_entropy(model(x[keep.to(device)]), y[keep.to(device)], reduction="none")
-            grads = torch.autograd.grad(losses.sum() / len(x), params)
+            grads = torch.autograd.grad(losses.sum() * pace / len(x), params)
         for p, g in zip(params, grads, strict=True):
             p.grad.copy_(g)
         return keep
