@@ -296,9 +296,10 @@ def test_metrics_count_the_gate_flagging_apart_from_the_cap():
     metrics = WorkerMetrics()
     verdicts = [GateVerdict(0.5, 0.1, True, 0.2, 3.0, 1.0, dropped=(0, 2)),  # flagged: two samples dropped, shrunk
                 GateVerdict(0.05, 0.1, False, 0.5, 2.0, 1.0),  # not flagged, capped
-                GateVerdict(0.05, 0.1, False, 1.0, 0.5, 1.0)]  # applied whole
-    left_out = [None, None, np.array([True, False, False, False])]  # the label check left one sample out
-    relabelled = [None, None, np.array([False, True, True, False])]  # and relabelled two
+                GateVerdict(0.05, 0.1, False, 1.0, 0.5, 1.0),  # applied whole
+                GateVerdict(0.05, 0.1, False, 0.4, 0.5, 1.0)]  # a small batch at its pace: neither flagged nor capped
+    left_out = [None, None, np.array([True, False, False, False]), None]  # the label check left one sample out
+    relabelled = [None, None, np.array([False, True, True, False]), None]  # and relabelled two
     for i, (verdict, before, changed) in enumerate(zip(verdicts, left_out, relabelled, strict=True)):
         report = StepReport(batch_index=i, samples=4, strategy="guard", loss=0.1, grad_norm=1.0, gate=verdict,
                             update_scale=verdict.scale, left_out=before, relabelled=changed)

@@ -198,8 +198,8 @@ class WorkerMetrics:
                 self.gate_cap.set(report.gate.cap)
             if report.gate.flagged:
                 self.updates_shrunk.inc()
-            elif report.update_scale < 1.0:
-                self.updates_capped.inc()
+            elif report.gate.cap is not None and report.gate.norm is not None and report.gate.norm > report.gate.cap:
+                self.updates_capped.inc()  # not a small batch's pace (gate_size_rule 'pace'), which no cap decided
         if report.promotion is not None:
             self.promotions.labels(decision=report.promotion.reason).inc()
         if defense.get("auxiliary_age") is not None:

@@ -330,7 +330,7 @@ class TrustedUpdateGuard(Strategy):
         y = y if verdict is None else verdict.labels
         kept = slice(None) if verdict is None else ~verdict.left_out
         self._batch = (prepared.x[kept], y[kept])  # gate_action 'drop' takes the gradient again on what it keeps
-        self._size = len(x)  # as received: the size whose threshold judges it (gate_size_rule 'rungs')
+        self._size = len(x)  # as received: what gate_size_rule paces (or which rung's threshold judges it)
         self._lies = None if verdict is None else verdict.lies[kept]  # what 'drop_lies' leaves out of a flagged one
         self._statistics = snapshot(model)  # BatchNorm's, before this forward moves them: the gate scales the move
         if verdict is None:
