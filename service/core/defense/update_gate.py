@@ -470,12 +470,10 @@ class UpdateGate:
                 for p in model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(pace)
-        if self.rung(size) == self.batch_size:
-            verdict = self._judge(model, optimizer, batch, moves, lies, pace)
-            return verdict if pace == 1.0 else dataclasses.replace(verdict, scale=verdict.scale * pace)
-        if self.threshold is None:  # this gate's first calibration measures the cap and the level every rung shares
-            self._calibrate_before(model, optimizer, moves)
-        return self.for_size(size)._judge(model, optimizer, batch, moves, lies)
+        if self.rung(size) != self.batch_size and self.threshold is None:
+            self._calibrate_before(model, optimizer, moves)  # it measures the cap and the level every rung shares
+        verdict = self.for_size(size)._judge(model, optimizer, batch, moves, lies, pace)
+        return verdict if pace == 1.0 else dataclasses.replace(verdict, scale=verdict.scale * pace)
 
     def _calibrate_before(self, model: nn.Module, optimizer: torch.optim.Optimizer, moves) -> None:
         """Calibrate from the model as it was before the batch (BatchNorm's statistics put back for it)."""
