@@ -49,6 +49,12 @@ def _burnt_in(model, generator, momentum=0.0):
     return model
 
 
+def _blob_gate(trusted, **settings) -> UpdateGate:
+    """The gate the blob tests calibrate: batches of 32, a 10% target, 400 calibration updates, no recalibration."""
+    return UpdateGate(*trusted, batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
+                      recalibrate_every=10_000, **settings)
+
+
 def _flagged_share(model, optimizer, gate, generator, learn=False, batches=300, size=32):
     """Share of fresh clean blob batches of `size` whose update the gate flags (each then learned when `learn`)."""
     flagged = []
@@ -69,8 +75,7 @@ def test_realised_false_flag_rate_of_a_seeded_synthetic_stream_lands_in_the_band
     torch.manual_seed(0)
     model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    gate = UpdateGate(*_blobs(1000, generator), batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
-                      recalibrate_every=10_000, norm_cap=norm_cap, seed=1)
+    gate = _blob_gate(_blobs(1000, generator), norm_cap=norm_cap, seed=1)
     gate.calibrate(model, optimizer)
     # fresh clean batches from the same distribution, judged against that calibration
     rate = _flagged_share(model, optimizer, gate, generator)
@@ -90,8 +95,7 @@ def test_a_batch_of_another_size_is_judged_by_a_threshold_calibrated_at_its_size
     rates = {}
     for rule in ("configured", "rungs"):
         for size in (4, 32, 128):
-            gate = UpdateGate(*trusted, batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
-                              recalibrate_every=10_000, norm_cap="inf", size_rule=rule, seed=1)
+            gate = _blob_gate(trusted, norm_cap="inf", size_rule=rule, seed=1)
             threshold = gate.calibrate(model, optimizer)
             rates[rule, size] = _flagged_share(model, optimizer, gate, torch.Generator().manual_seed(2), size=size)
             own = rule == "configured" or size == 32  # judged by the gate of 32
@@ -131,8 +135,7 @@ def test_a_batch_under_the_gates_size_is_applied_at_its_share_of_a_full_batch_un
     torch.manual_seed(0)
     model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    gate = UpdateGate(*_blobs(1000, generator), batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
-                      recalibrate_every=10_000, norm_cap="inf", size_rule="pace", seed=1)
+    gate = _blob_gate(_blobs(1000, generator), norm_cap="inf", size_rule="pace", seed=1)
     gate.calibrate(model, optimizer)
     x, y = _blobs(4, torch.Generator().manual_seed(3))
     optimizer.zero_grad()
@@ -145,8 +148,7 @@ def test_a_batch_under_the_gates_size_is_applied_at_its_share_of_a_full_batch_un
     assert not gate.sized
     rate = _flagged_share(model, optimizer, gate, torch.Generator().manual_seed(2), size=4)
     assert rate <= 0.15, f"{rate:.1%} of clean batches of 4 flagged at their pace"
-    same = UpdateGate(*gate.trusted, batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
-                      recalibrate_every=10_000, norm_cap="inf", size_rule="configured", seed=1)
+    same = _blob_gate(gate.trusted, norm_cap="inf", size_rule="configured", seed=1)
     same.calibrate(model, optimizer)
     assert same.threshold == gate.threshold
     for size in (32, 128):
@@ -693,8 +695,7 @@ def test_the_false_flag_rate_holds_on_a_stream_that_learns_with_momentum(momentu
     model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator,
                       momentum)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)  # the stream's own, fresh
-    gate = UpdateGate(*_blobs(1000, generator), batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
-                      recalibrate_every=10_000, lookahead_from=lookahead_from, seed=1)
+    gate = _blob_gate(_blobs(1000, generator), lookahead_from=lookahead_from, seed=1)
     rate = _flagged_share(model, optimizer, gate, generator, learn=True)
     assert 0.05 <= rate <= 0.15, f"realised clean false-flag rate {rate:.1%} against a 10% target"
 
@@ -727,8 +728,7 @@ def _dropout_false_flag_rate(seed: int) -> float:
     layers = (torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
     model = _burnt_in(torch.nn.Sequential(*layers), generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    gate = UpdateGate(*_blobs(1000, generator), batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
-                      recalibrate_every=10_000, seed=seed + 1)
+    gate = _blob_gate(_blobs(1000, generator), seed=seed + 1)
     gate.calibrate(model, optimizer)
     return _flagged_share(model, optimizer, gate, generator)
 
