@@ -84,10 +84,11 @@ class ScenarioData:
         return self.experiment.stream_batches(100_000, seed=self.seed * 7919 + 1 + offset)
 
     def drifted(self, kind: str, offset: int, count: int) -> tuple[Iterator[Tensors], Tensors]:
-        """`count` honest batches drifted by `kind` (`offset` picks the stream), and the drifted test view."""
+        """`count` honest batches drifted by `kind` (`offset` picks the stream), of the clients' batch size, and the
+        drifted test view."""
         drifter = build_drift(kind)
-        batches = drifter.batches(*self.experiment.splits.stream.tensors(), self.experiment.config.stream.batch_size,
-                                  count, seed=self.seed * 7919 + offset)
+        batches = drifter.batches(*self.experiment.splits.stream.tensors(), self.experiment.client_batch_size, count,
+                                  seed=self.seed * 7919 + offset)
         return batches, drifter.test_view(*self.test, seed=self.seed)
 
     @property

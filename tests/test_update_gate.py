@@ -10,6 +10,7 @@ import torch
 
 from attacker_sim.arena import VARIANTS
 from attacker_sim.evaluation import build_campaign
+from attacker_sim.scenarios import ScenarioData
 from service.core.config import StrategyConfig
 from service.core.defense.calibration import conformal_quantile
 from service.core.defense.eval_mode import training_mode_frozen_stats
@@ -114,12 +115,15 @@ def test_a_batch_of_another_size_is_judged_by_a_threshold_calibrated_at_its_size
 def test_a_client_of_small_batches_moves_the_model_at_a_full_batchs_pace_per_sample(digits_experiment):
     """`campaign.client_batch_size`: the simulated clients send batches of 10 to a learner configured for 50; guard
     (default `gate_size_rule`, 'pace') applies each at 10/50 of its gradient, as the step report says, while ST takes
-    the whole step. A size under 1 is refused, naming the field."""
+    the whole step. The drifted batches come at the clients' size too. A size under 1 is refused, naming the field."""
     client = dataclasses.replace(digits_experiment, config=digits_experiment.config.with_field(
         "campaign", "client_batch_size", 10))
     assert client.config.stream.batch_size == 50
     x, y = next(client.stream_batches(1, seed=3))
     assert len(x) == len(y) == 10
+    data = ScenarioData(client, client.test_tensors, client.splits.attacker_val.tensors())
+    drifted, _ = data.drifted("pixel_shift", offset=3, count=2)
+    assert [len(xb) for xb, _ in drifted] == [10, 10]
     report = client.new_learner(StrategyConfig(name="guard")).ready().step(x, y)
     assert 0 < report.update_scale <= 10 / 50
     with pytest.raises(ValueError, match="client_batch_size"):

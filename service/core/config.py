@@ -245,9 +245,10 @@ class CampaignConfig(_Section):
     monitor_drop: float = Field(0.05, gt=0, lt=1, description="fire once monitor accuracy fell this much")
     clean_batches: int | None = Field(None, ge=1, description="clean-oracle length (default: max_batches + 1)")
     client_batch_size: int | None = Field(
-        None, ge=1, description="samples per batch the simulated clients send (the clean stream and the attacker's "
-                                "batches; drift batches and fresh judged batches stay at stream.batch_size); "
-                                "default: stream.batch_size, the size the learner is configured for")
+        None, ge=1, description="samples per batch the simulated clients send (the clean stream, the attacker's and "
+                                "the drifted batches; fresh judged batches stay at stream.batch_size, the size the "
+                                "calibration's target is for); default: stream.batch_size, the size the learner is "
+                                "configured for")
     seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1, 2])
 
 

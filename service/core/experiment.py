@@ -83,11 +83,16 @@ class Experiment:
             momentum=stream.momentum, weight_decay=stream.weight_decay, device=self.device, seed=self.config.seed,
         )
 
+    @property
+    def client_batch_size(self) -> int:
+        """Samples per batch the simulated clients send: `campaign.client_batch_size`, default `stream.batch_size`."""
+        return self.config.campaign.client_batch_size or self.config.stream.batch_size
+
     def stream_batches(self, count: int, seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """`count` batches of fresh stream data, reshuffled with the seed each time the pool runs out; of
-        `campaign.client_batch_size` samples (default: `stream.batch_size`)."""
+        `client_batch_size` samples."""
         x, y = self.splits.stream.tensors()
-        size = self.config.campaign.client_batch_size or self.config.stream.batch_size
+        size = self.client_batch_size
         generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
         order = torch.randperm(len(x), generator=generator)
         position = 0
