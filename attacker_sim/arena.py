@@ -301,10 +301,12 @@ def checks(board: Leaderboard, config: ExperimentConfig) -> dict[str, dict]:
               f"attack success {success:.1%} vs ST's {st_success:.1%}; clean accuracy {mine.final_acc.mean:.1%} vs "
               f"ST's {st.final_acc.mean:.1%}")
     for scenario in drifts:
-        row = board.row(scenario, default)
-        if row and row.drift_gain_share:
+        row, st = board.row(scenario, default), board.row(scenario, "st")
+        if row and row.drift_gain_share:  # a share is only taken against an ST row
+            # the gains start where each strategy's stream left it: the final accuracies say where each ends
             check(f"{default} learns {scenario} (gain >= 80% of ST's)", row.drift_gain_share.mean >= 0.8,
-                  f"{row.drift_gain_share.mean:.0%} of ST's gain")
+                  f"{row.drift_gain_share.mean:.0%} of ST's gain; on the drifted test set {row.start_acc.mean:.1%} -> "
+                  f"{row.final_acc.mean:.1%} vs ST's {st.start_acc.mean:.1%} -> {st.final_acc.mean:.1%}")
     mine = board.row("clean", default)
     if mine and st_clean:
         gap = st_clean.final_acc.mean - mine.final_acc.mean

@@ -394,6 +394,21 @@ def test_the_backdoor_check_holds_the_default_to_half_of_sts_success_and_its_cle
     assert not verdict(0.3, clean - 0.02)  # the clean accuracy paid for it
 
 
+def test_the_drift_check_says_where_each_strategy_starts_and_ends_on_the_drifted_test_set(board, tiny_config):
+    """The share compares gains that start where each strategy's stream left it (a defense already better on the
+    drifted view has less to gain): the check's detail gives both strategies' accuracies before and after."""
+    board, _ = board
+    scenario = "drift:pixel_shift"
+    gc, st = board.row(scenario, "gc"), board.row(scenario, "st")
+    share = (gc.drift_gain_share or gc.drift_gain).model_copy(update={"mean": 0.5})
+    mine = gc.model_copy(update={"strategy": DEFAULT_STRATEGY, "drift_gain_share": share})
+    found = checks(board.model_copy(update={"rows": [*board.rows, mine]}), tiny_config)
+    result = found[f"{DEFAULT_STRATEGY} learns {scenario} (gain >= 80% of ST's)"]
+    assert not result["passed"]
+    assert result["detail"] == (f"50% of ST's gain; on the drifted test set {gc.start_acc.mean:.1%} -> "
+                                f"{gc.final_acc.mean:.1%} vs ST's {st.start_acc.mean:.1%} -> {st.final_acc.mean:.1%}")
+
+
 def test_tuning_refuses_nothing_silently_when_no_candidate_is_admissible(tiny_config, cache_dir):
     # a drift share no baseline can meet: the closest candidate is taken and the result says so
     strict = tiny_config.model_copy(update={"arena": tiny_config.arena.model_copy(update={
