@@ -182,7 +182,7 @@ def _settings(strategy: StrategyConfig) -> dict:
 
 def _attackers(experiment: Experiment) -> dict[str, AccumulativeCampaign]:
     """White box, black box (`config.attack`'s surrogate, trained by default), the adaptive betas (to DSC's
-    discrepancy) and the attacker adaptive to guard's gate."""
+    discrepancy) and the attacker adaptive to guard's gate (knowing the config's `strategy.gate_size_rule`)."""
     config = experiment.config
     attackers = {"white": build_campaign(experiment)}
     if config.arena.black_box:
@@ -195,7 +195,8 @@ def _attackers(experiment: Experiment) -> dict[str, AccumulativeCampaign]:
     if config.arena.gate_evasion:
         attack = config.attack.model_copy(update={"gate_evasion_batches": config.campaign.max_batches})
         attackers["adaptive:gate"] = AccumulativeCampaign(attack, config.campaign, stream_lr=config.stream.lr,
-                                                          batch_size=config.stream.batch_size)
+                                                          batch_size=config.stream.batch_size,
+                                                          gate_size_rule=config.strategy.gate_size_rule)
     return attackers
 
 

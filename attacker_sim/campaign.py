@@ -21,7 +21,7 @@ from torch import nn
 from attacker_sim.attacks import AccumulativePoison, Budget, TriggerCrafter, build_attack
 from attacker_sim.attacks.gate_evasion import GateEvasion
 from attacker_sim.targets import StepOutcome, Target
-from service.core.config import AttackConfig, CampaignConfig
+from service.core.config import AttackConfig, CampaignConfig, StrategyConfig
 from service.core.device import model_device
 from service.core.randomness import ATTACK, key_seed, seeded_draws
 
@@ -104,7 +104,8 @@ class AccumulativeCampaign:
     """The attacker of Pang et al., configured once, run against a target with `run`."""
 
     def __init__(self, attack: AttackConfig, campaign: CampaignConfig, surrogate: nn.Module | None = None,
-                 auxiliary: nn.Module | None = None, stream_lr: float | None = None, batch_size: int | None = None):
+                 auxiliary: nn.Module | None = None, stream_lr: float | None = None, batch_size: int | None = None,
+                 gate_size_rule: str = StrategyConfig().gate_size_rule):
         if attack.setting == "black_box" and surrogate is None:
             raise ValueError("a black-box attack needs a surrogate model")
         if attack.gate_evasion_batches and (stream_lr is None or batch_size is None):
@@ -124,7 +125,7 @@ class AccumulativeCampaign:
             self.poison = build_attack(attack.kind, budget, model_mode=attack.model_mode, **adaptive)
         self.trigger = TriggerCrafter(Budget(attack.epsilon, attack.trigger_steps, attack.trigger_step_size),
                                       model_mode=attack.model_mode, **adaptive)
-        self.stream_lr, self.batch_size = stream_lr, batch_size
+        self.stream_lr, self.batch_size, self.gate_size_rule = stream_lr, batch_size, gate_size_rule
 
     def _attacker_model(self, target: Target) -> nn.Module:
         return self.surrogate if self.attack.setting == "black_box" else target.white_box_model()
@@ -194,7 +195,8 @@ class AccumulativeCampaign:
                seed: int) -> StepOutcome:
         """`gate_evasion_batches` triggers, each crafted on a fresh stream batch against the model as it stands and
         blended to stay under the attacker's copy of guard's gate; returns their outcomes summed."""
-        evasion = GateEvasion(*validation, lr=self.stream_lr, batch_size=self.batch_size, seed=seed)
+        evasion = GateEvasion(*validation, lr=self.stream_lr, batch_size=self.batch_size,
+                              size_rule=self.gate_size_rule, seed=seed)
         evasion.calibrate(self._attacker_model(target))
         total = StepOutcome(samples=0, flagged=0, corrected=0, threshold=None, seconds=0.0)
         for _ in range(self.attack.gate_evasion_batches):

@@ -449,6 +449,15 @@ def test_a_gate_evading_trigger_is_blended_under_the_attackers_own_threshold():
     assert evasion._increase(net, blended, y) <= threshold
     # Kerckhoffs: the attacker's copy chooses its threshold's level as the shipped gate does
     assert evasion.gate.level_rule == StrategyConfig().gate_level_rule
+    # a batch under the stream's size: the shipped gate applies it at its pace (15/20), and the attacker's lookahead
+    # measures it so, where an attacker that looked ahead at a whole step would blend less in than the gate lets pass
+    assert evasion.gate.size_rule == StrategyConfig().gate_size_rule == "pace"
+    whole = GateEvasion(x_val, y_val, lr=1.0, batch_size=20, calibration_updates=16, size_rule="configured", seed=0)
+    whole.calibrate(net)
+    x_few, y_few, x_few_trigger = x[:15], y[:15], x_trigger[:15]
+    assert whole._increase(net, x_few_trigger, y_few) > whole.gate.threshold  # flagged judged as a whole step
+    assert evasion._increase(net, x_few_trigger, y_few) < whole._increase(net, x_few_trigger, y_few)
+    assert evasion.blend(net, x_few, x_few_trigger, y_few)[1] > whole.blend(net, x_few, x_few_trigger, y_few)[1]
 
 
 class _RowAttention(nn.Module):

@@ -145,7 +145,10 @@ def test_a_batch_under_the_gates_size_is_applied_at_its_share_of_a_full_batch_un
     optimizer.zero_grad()
     torch.nn.functional.cross_entropy(model(x), y).backward()
     whole = [p.grad.clone() for p in model.parameters()]
+    ahead = gate.increase(model, optimizer, size=4)  # what an attacker who knows the gate measures: the same delta
+    assert ahead != pytest.approx(gate.increase(model, optimizer))  # ... and not the whole step's
     verdict = gate.judge(model, optimizer, size=4)
+    assert verdict.increase == pytest.approx(ahead)
     assert verdict.scale <= 4 / 32
     for p, g in zip(model.parameters(), whole, strict=True):
         torch.testing.assert_close(p.grad, g * verdict.scale)

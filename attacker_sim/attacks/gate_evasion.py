@@ -1,9 +1,10 @@
 """An attacker that knows guard's update gate and keeps every batch it sends under the gate's threshold.
 
 Kerckhoffs: it knows the algorithm (`service/core/defense/update_gate.py`, with the threshold level's rule the
-product ships: `StrategyConfig().gate_level_rule`), its false-flag target and the stream's learning rate, not the
-defender's trusted split. So it runs the same gate on its own validation split: calibrates a threshold there, and
-before sending a trigger batch it blends the trigger with the clean
+product ships: `StrategyConfig().gate_level_rule`, and the rule for batches of another size the defender runs,
+`gate_size_rule`: a batch under the stream's size is looked ahead at its pace, as the gate applies it), its false-flag
+target and the stream's learning rate, not the defender's trusted split. So it runs the same gate on its own
+validation split: calibrates a threshold there, and before sending a trigger batch it blends the trigger with the clean
 batch it came from, x = x_clean + alpha * (x_trigger - x_clean), taking the largest alpha (by bisection)
 whose update its own lookahead puts under its own threshold. A gate that judges one update at a time then
 lets every such batch through whole; the attacker sends many of them, each re-crafted against the model
@@ -40,11 +41,13 @@ class GateEvasion:
 
     def __init__(self, x_val: torch.Tensor, y_val: torch.Tensor, *, lr: float, batch_size: int,
                  target_false_flag_rate: float = 0.1, calibration_updates: int = 32, bisections: int = 6,
-                 level_rule: str = StrategyConfig().gate_level_rule, seed: int = 0):
+                 level_rule: str = StrategyConfig().gate_level_rule,
+                 size_rule: str = StrategyConfig().gate_size_rule, seed: int = 0):
         if lr <= 0 or bisections < 1:
             raise ValueError(f"lr must be > 0 and bisections >= 1, got lr={lr}, bisections={bisections}")
         self.gate = UpdateGate(x_val, y_val, batch_size=batch_size, target_false_flag_rate=target_false_flag_rate,
-                               calibration_updates=calibration_updates, level_rule=level_rule, seed=seed)
+                               calibration_updates=calibration_updates, level_rule=level_rule, size_rule=size_rule,
+                               seed=seed)
         self.lr, self.bisections = lr, bisections
 
     def calibrate(self, model: nn.Module) -> float:
@@ -58,7 +61,7 @@ class GateEvasion:
         device = model_device(model)
         F.cross_entropy(model(x.to(device)), y.to(device)).backward()
         try:
-            return self.gate.increase(model, optimizer)
+            return self.gate.increase(model, optimizer, size=len(y))
         finally:
             optimizer.zero_grad(set_to_none=True)
 

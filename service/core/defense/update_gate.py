@@ -417,13 +417,13 @@ class UpdateGate:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, NORMS[self.norm_cap])
                                                             for g in grads]), NORMS[self.norm_cap]))
 
-    def _lookahead(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        """The update in the parameters' `.grad` as (params, grads, base, delta(1)): `base` holds the per-sample
+    def _lookahead(self, model: nn.Module, optimizer: torch.optim.Optimizer, scale: float = 1.0):
+        """The update in the parameters' `.grad` as (params, grads, base, delta(scale)): `base` holds the per-sample
         probe losses where the step goes without the batch."""
         params = [p for p in model.parameters() if p.grad is not None]
         grads = [p.grad.detach() for p in params]
         base = self._losses_after_step(model, optimizer, params, grads, 0.0)
-        increase = self._statistic(self._losses_after_step(model, optimizer, params, grads, 1.0) - base)
+        increase = self._statistic(self._losses_after_step(model, optimizer, params, grads, scale) - base)
         return params, grads, base, increase
 
     def _statistic(self, changes: torch.Tensor) -> float:
@@ -441,10 +441,16 @@ class UpdateGate:
         norm = self._norm([p.grad.detach() for p in model.parameters() if p.grad is not None])
         return norm, (min(1.0, self.cap / norm) if norm > 0 else 1.0)
 
-    def increase(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
-        """delta(1) of the update in the parameters' `.grad`, judged by nothing (what an attacker who knows the
-        gate can measure on its own data)."""
-        return self._lookahead(model, optimizer)[3]
+    def pace(self, size: int) -> float:
+        """The share of its mean gradient a batch of `size` samples is applied at: size / batch_size under
+        `size_rule="pace"` for a batch under `batch_size`, else 1."""
+        return size / self.batch_size if self.size_rule == "pace" and size < self.batch_size else 1.0
+
+    def increase(self, model: nn.Module, optimizer: torch.optim.Optimizer, size: int | None = None) -> float:
+        """delta of the update in the parameters' `.grad` as `judge` would measure it for a batch of `size` samples
+        (default `batch_size`: delta(1); a smaller batch under `size_rule="pace"`: delta at its pace), judged by
+        nothing (what an attacker who knows the gate can measure on its own data)."""
+        return self._lookahead(model, optimizer, self.pace(self.batch_size if size is None else size))[3]
 
     def judge(self, model: nn.Module, optimizer: torch.optim.Optimizer,
               batch: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -464,7 +470,7 @@ class UpdateGate:
         verdict's scale includes that share)."""
         moves = (statistics, snapshot(model)) if statistics else None
         size = size if size is not None else (len(batch[1]) if batch is not None else self.batch_size)
-        pace = size / self.batch_size if self.size_rule == "pace" and size < self.batch_size else 1.0
+        pace = self.pace(size)
         if pace < 1.0:
             with torch.no_grad():
                 for p in model.parameters():
