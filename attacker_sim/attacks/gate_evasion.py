@@ -70,13 +70,16 @@ class GateEvasion:
         """The trigger blended into its clean batch as far as the attacker's gate lets through, and alpha."""
         if self.gate.threshold is None:
             self.calibrate(model)
+        sized = self.gate.for_size(len(y))  # the gate of the batch's size (itself, but under the rung size rules)
+        if sized.threshold is None:
+            sized.calibrate(model, torch.optim.SGD(model.parameters(), lr=self.lr))
         model = copy.deepcopy(model).train()  # lookaheads on a copy: the attacker's model is left as it is
         low, high = 0.0, 1.0
-        if self._increase(model, x_trigger, y) <= self.gate.threshold:
+        if self._increase(model, x_trigger, y) <= sized.threshold:
             return x_trigger, 1.0
         for _ in range(self.bisections):
             mid = (low + high) / 2
-            if self._increase(model, x_clean + mid * (x_trigger - x_clean), y) <= self.gate.threshold:
+            if self._increase(model, x_clean + mid * (x_trigger - x_clean), y) <= sized.threshold:
                 low = mid
             else:
                 high = mid

@@ -140,8 +140,10 @@ LOOKAHEAD_FROM = ("momentum_step", "model")
 # a batch of another size than `batch_size`: judged by the threshold calibrated at `batch_size` ('configured'); by one
 # calibrated at its own size, rounded to a rung of batch_size * 2 ** (k / 2) ('rungs'); or, under `batch_size`, applied
 # at size / batch_size of its mean gradient, so that no sample moves the model further than one of a full batch, and
-# judged so by the threshold of `batch_size` ('pace')
-SIZE_RULES = ("configured", "rungs", "pace")
+# judged so by the threshold of `batch_size` ('pace'), or by one calibrated on clean batches of its rung applied at the
+# same share ('pace_rungs')
+SIZE_RULES = ("configured", "rungs", "pace", "pace_rungs")
+PACED = ("pace", "pace_rungs")  # the rules that apply a small batch at its share of a full one
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,8 @@ class UpdateGate:
         self.calibrations = 0
         self.history: list[dict] = []  # one entry per calibration: when, the threshold, the clean increases seen
         self.size_rule = size_rule
-        self.sized: dict[int, UpdateGate] = {}  # size_rule 'rungs': the gates of the other rungs, by rung
+        self.sized: dict[int, UpdateGate] = {}  # size_rule 'rungs', 'pace_rungs': the gates of the other rungs
+        self.clean_scale = 1.0  # the share of their gradient the calibration's clean updates take ('pace_rungs')
 
     def _probe_losses(self, model: nn.Module) -> torch.Tensor:
         """Per-sample cross-entropy on the probe, as predictions are made (eval mode)."""
@@ -324,9 +327,10 @@ class UpdateGate:
         for pick, grads, after in self._clean_gradients(model, params, count, pool):
             keep = torch.ones(len(self.trusted[0]), dtype=torch.bool)
             keep[pick] = False
-            changes.append((self._losses_after_step(model, optimizer, params, grads, 1.0) - base)[keep[self.probe]])
+            changes.append((self._losses_after_step(model, optimizer, params, grads, self.clean_scale)
+                            - base)[keep[self.probe]])
             if self.norm_cap and norms is not None:
-                norms.append(self._norm(grads))
+                norms.append(self.clean_scale * self._norm(grads))
             if moves is not None:
                 moves.append(move_size(before, after))
         return changes
@@ -444,7 +448,7 @@ class UpdateGate:
     def pace(self, size: int) -> float:
         """The share of its mean gradient a batch of `size` samples is applied at: size / batch_size under
         `size_rule="pace"` for a batch under `batch_size`, else 1."""
-        return size / self.batch_size if self.size_rule == "pace" and size < self.batch_size else 1.0
+        return size / self.batch_size if self.size_rule in PACED and size < self.batch_size else 1.0
 
     def increase(self, model: nn.Module, optimizer: torch.optim.Optimizer, size: int | None = None) -> float:
         """delta of the update in the parameters' `.grad` as `judge` would measure it for a batch of `size` samples
@@ -525,18 +529,22 @@ class UpdateGate:
 
     def rung(self, size: int) -> int:
         """The batch size whose threshold judges a batch of `size` samples: `batch_size` under the size rules
-        'configured' and 'pace'; under 'rungs', `size` rounded to the nearest rung of batch_size * 2 ** (k / 2), k an
-        integer (within a factor of 2 ** (1 / 4) of it: a clean update's spread goes with 1 / sqrt(size), so about
-        9%), and never under 2 for a batch of 2 or more (BatchNorm's least).
+        'configured' and 'pace'; under 'rungs' (and under 'pace_rungs' for a batch under `batch_size`), `size` rounded
+        to the nearest rung of batch_size * 2 ** (k / 2), k an integer (within a factor of 2 ** (1 / 4) of it: a clean
+        update's spread goes with 1 / sqrt(size), so about 9%), and never under 2 for a batch of 2 or more
+        (BatchNorm's least).
 
         >>> gate = UpdateGate(torch.rand(8, 2), torch.randint(0, 2, (8,)), batch_size=50, size_rule="rungs")
         >>> [gate.rung(size) for size in (1, 2, 10, 25, 44, 50, 58, 100, 1024)]
         [1, 2, 9, 25, 50, 50, 50, 100, 1131]
+        >>> gate.size_rule = "pace_rungs"
+        >>> [gate.rung(size) for size in (1, 2, 10, 25, 44, 50, 58, 100, 1024)]
+        [1, 2, 9, 25, 50, 50, 50, 50, 50]
         """
-        if self.size_rule != "rungs" or size == self.batch_size:
-            return self.batch_size
-        k = round(2 * math.log2(size / self.batch_size))
-        return self.batch_size if k == 0 else max(min(size, 2), round(self.batch_size * 2 ** (k / 2)))
+        if self.size_rule == "rungs" or (self.size_rule == "pace_rungs" and size < self.batch_size):
+            k = round(2 * math.log2(size / self.batch_size))
+            return self.batch_size if k == 0 else max(min(size, 2), round(self.batch_size * 2 ** (k / 2)))
+        return self.batch_size
 
     def for_size(self, size: int) -> UpdateGate:
         """The gate that judges a batch of `size` samples: this one at its own rung, else that rung's (`_child`)."""
@@ -551,6 +559,8 @@ class UpdateGate:
         if rung not in self.sized:
             child = copy.copy(self)
             child.batch_size, child.size_rule, child.sized = rung, "configured", {}
+            # 'pace_rungs': the rung's batches are applied at rung / batch_size, and calibrated so
+            child.clean_scale = rung / self.batch_size if self.size_rule == "pace_rungs" else 1.0
             if self.level_rule == "cross_half_first":  # the level chosen once, at this gate's first calibration
                 child.level_rule = "conformal"
             child.generator = torch.Generator().manual_seed(key_seed(self.seed, SIZE_RUNG, rung))
