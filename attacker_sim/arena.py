@@ -85,7 +85,7 @@ VARIANTS: dict[str, dict] = {
     # each size judged by a threshold calibrated at its own rung: in the target band at every size, but a trigger in
     # batches of 10 then passes unshrunk (MNIST, 2026-11-28)
     "guard-rungs": {"name": "guard", "gate_size_rule": "rungs"},
-    "guard-pace-rungs": {"name": "guard", "gate_size_rule": "pace_rungs"},
+    "guard-pace": {"name": "guard", "gate_size_rule": "pace"},
 }
 DEFAULT_STRATEGY = "guard"  # the product's default defense, the one the checks hold to the bar
 

@@ -449,15 +449,26 @@ def test_a_gate_evading_trigger_is_blended_under_the_attackers_own_threshold():
     assert evasion._increase(net, blended, y) <= threshold
     # Kerckhoffs: the attacker's copy chooses its threshold's level as the shipped gate does
     assert evasion.gate.level_rule == StrategyConfig().gate_level_rule
-    # a batch under the stream's size: the shipped gate applies it at its pace (15/20), and the attacker's lookahead
-    # measures it so, where an attacker that looked ahead at a whole step would blend less in than the gate lets pass
-    assert evasion.gate.size_rule == StrategyConfig().gate_size_rule == "pace"
-    whole = GateEvasion(x_val, y_val, lr=1.0, batch_size=20, calibration_updates=16, size_rule="configured", seed=0)
-    whole.calibrate(net)
+    # a batch under the stream's size: under 'pace' the gate applies it at its share (15/20) and the attacker's
+    # lookahead measures it so, where one that looked ahead at a whole step would blend less in than the gate lets pass
+    assert evasion.gate.size_rule == StrategyConfig().gate_size_rule
+    paced, whole = (GateEvasion(x_val, y_val, lr=1.0, batch_size=20, calibration_updates=16, size_rule=rule, seed=0)
+                    for rule in ("pace", "configured"))
+    assert paced.calibrate(net) == whole.calibrate(net) == threshold
     x_few, y_few, x_few_trigger = x[:15], y[:15], x_trigger[:15]
     assert whole._increase(net, x_few_trigger, y_few) > whole.gate.threshold  # flagged judged as a whole step
-    assert evasion._increase(net, x_few_trigger, y_few) < whole._increase(net, x_few_trigger, y_few)
-    assert evasion.blend(net, x_few, x_few_trigger, y_few)[1] > whole.blend(net, x_few, x_few_trigger, y_few)[1]
+    assert paced._increase(net, x_few_trigger, y_few) < whole._increase(net, x_few_trigger, y_few)
+    assert paced.blend(net, x_few, x_few_trigger, y_few)[1] > whole.blend(net, x_few, x_few_trigger, y_few)[1]
+    # under 'pace_rungs' (the default) the blend stays under the threshold of the batch's rung (calibrated on paced
+    # clean batches of that size on first use; set here between the clean batch's increase and the trigger's)
+    rungs = GateEvasion(x_val, y_val, lr=1.0, batch_size=20, calibration_updates=16, size_rule="pace_rungs", seed=0)
+    rungs.calibrate(net)
+    assert rungs.blend(net, x_few, x_few_trigger, y_few)[1] == 1.0 and rungs.gate.sized  # the rung's gate, made
+    clean, trigger = rungs._increase(net, x_few, y_few), rungs._increase(net, x_few_trigger, y_few)
+    sized = rungs.gate.for_size(15)
+    sized.threshold = (clean + trigger) / 2
+    blended, alpha = rungs.blend(net, x_few, x_few_trigger, y_few)
+    assert 0.0 < alpha < 1.0 and rungs._increase(net, blended, y_few) <= sized.threshold < rungs.gate.threshold
 
 
 class _RowAttention(nn.Module):

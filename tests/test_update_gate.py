@@ -163,6 +163,35 @@ def test_a_batch_under_the_gates_size_is_applied_at_its_share_of_a_full_batch_un
             _flagged_share(model, optimizer, same, torch.Generator().manual_seed(4), size=size, batches=50)
 
 
+def test_a_small_batch_under_pace_rungs_is_judged_by_its_rungs_threshold_of_paced_clean_updates():
+    """gate_size_rule 'pace_rungs': a batch of 4 under a gate of 32 is applied at 4/32, as under 'pace', but judged by
+    a threshold calibrated on clean trusted batches of its rung applied at the same share: tighter than the full
+    batch's (a gate-aware attacker of small batches blended its triggers up to that one), and clean batches of 4 are
+    flagged near the target, where the full batch's threshold flagged few. Batches of 32 and more are judged as under
+    'pace', and every rung shares the cap."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trusted = _blobs(1000, generator)
+    gate = _blob_gate(trusted, norm_cap="inf", size_rule="pace_rungs", seed=1)
+    paced = _blob_gate(trusted, norm_cap="inf", size_rule="pace", seed=1)
+    assert gate.calibrate(model, optimizer) == paced.calibrate(model, optimizer)
+    rate = _flagged_share(model, optimizer, gate, torch.Generator().manual_seed(2), size=4)
+    assert list(gate.sized) == [4]
+    small = gate.sized[4]
+    assert small.clean_scale == 4 / 32 and small.cap == gate.cap and small.threshold < gate.threshold
+    assert 0.05 <= rate <= 0.15, f"{rate:.1%} of clean batches of 4 flagged at their rung's paced threshold"
+    x, y = _blobs(4, torch.Generator().manual_seed(3))
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert gate.judge(model, optimizer, size=4).scale <= 4 / 32
+    for size in (32, 128):
+        assert _flagged_share(model, optimizer, gate, torch.Generator().manual_seed(4), size=size, batches=50) == \
+            _flagged_share(model, optimizer, paced, torch.Generator().manual_seed(4), size=size, batches=50)
+    assert list(gate.sized) == [4]
+
+
 def test_the_threshold_is_measured_again_soon_after_the_deployed_state():
     """A model trained with momentum, streamed without: the stream's optimizer moves it from the state its training
     left it in, and the first threshold, measured there, is stale within a few dozen updates. Recalibrated after
@@ -467,10 +496,11 @@ def test_gate_state_round_trips_through_a_checkpoint(digits_experiment, tmp_path
                       cpu_relative=1e-6)
 
 
-def test_the_gates_of_other_batch_sizes_round_trip_through_a_checkpoint(digits_experiment, tmp_path):
+@pytest.mark.parametrize("rule", ["rungs", "pace_rungs"])
+def test_the_gates_of_other_batch_sizes_round_trip_through_a_checkpoint(digits_experiment, tmp_path, rule):
     """A worker restarted after batches of two sizes judges the next small batch as the original would: the rung's
     gate, its threshold, schedule and draws travel with the checkpoint."""
-    learner = _guard_learner(digits_experiment, gate_size_rule="rungs", gate_recalibrate_every=3,
+    learner = _guard_learner(digits_experiment, gate_size_rule=rule, gate_recalibrate_every=3,
                              gate_level_splits=1)
     batches = list(digits_experiment.stream_batches(7, seed=9))
     for k, (x, y) in enumerate(batches[:6]):
@@ -480,8 +510,9 @@ def test_the_gates_of_other_batch_sizes_round_trip_through_a_checkpoint(digits_e
     gate, back = learner.strategy.gate, restored.strategy.gate
     assert list(back.sized) == list(gate.sized) == [gate.rung(10)]
     sized, sized_back = gate.sized[gate.rung(10)], back.sized[gate.rung(10)]
-    assert (sized_back.threshold, sized_back.batch_size, sized_back.cap, sized_back.updates_since_calibration) == (
-        sized.threshold, sized.batch_size, sized.cap, sized.updates_since_calibration)
+    assert (sized_back.threshold, sized_back.batch_size, sized_back.cap, sized_back.updates_since_calibration,
+            sized_back.clean_scale) == (sized.threshold, sized.batch_size, sized.cap, sized.updates_since_calibration,
+                                        sized.clean_scale)
     shown = restored.strategy.health(restored.batches_applied)["gate_thresholds_by_batch_size"]  # in /v1/status
     assert shown == {str(gate.rung(10)): sized.threshold}
     x, y = batches[6]
@@ -614,7 +645,7 @@ def test_bad_gate_settings_and_missing_trusted_data_are_refused():
         UpdateGate(x, y, batch_size=2, lookahead_from="buffer")
     with pytest.raises(ValueError, match="gate_lookahead_from"):
         StrategyConfig(name="guard", gate_lookahead_from="buffer")
-    with pytest.raises(ValueError, match="size_rule must be one of configured, rungs, pace, got 'each'"):
+    with pytest.raises(ValueError, match="size_rule must be one of configured, rungs, pace, pace_rungs, got 'each'"):
         UpdateGate(x, y, batch_size=2, size_rule="each")
     with pytest.raises(ValueError, match="gate_size_rule"):
         StrategyConfig(name="guard", gate_size_rule="each")
