@@ -129,9 +129,9 @@ class StrategyConfig(_Section):
         "pace_rungs", description="guard: a batch under stream.batch_size is applied at size / batch_size of its "
                                   "gradient, so that no sample moves the model further than one of a full batch, and "
                                   "judged so by a threshold calibrated on clean batches of its size applied at the "
-                                  "same share ('pace_rungs') or by the threshold of a full batch ('pace'); judged whole "
-                                  "by the threshold of a full batch ('configured'); or by one calibrated at its own "
-                                  "size, rounded to a rung of batch_size * 2 ** (k / 2) ('rungs')")
+                                  "same share ('pace_rungs') or by the threshold of a full batch ('pace'); judged "
+                                  "whole by the threshold of a full batch ('configured'); or by one calibrated at its "
+                                  "own size, rounded to a rung of batch_size * 2 ** (k / 2) ('rungs')")
     gate_calibration_window: int = Field(1, ge=1, description="guard: the threshold is the conformal quantile of the "
                                          "clean increases of the last this many calibrations (1: the latest only)")
     gate_probe_winsor: float = Field(0.0, ge=0, lt=0.5, description="guard: each probe sample's loss change is "
