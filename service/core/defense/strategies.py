@@ -358,7 +358,7 @@ class TrustedUpdateGuard(Strategy):
                                                         "label_check_lied_pairs": self.label_check.lied_pairs(),
                                                         "label_check_lied_classes": self.label_check.lied_classes()}
         sized = {"gate_thresholds_by_batch_size": {str(rung): gate.threshold for rung, gate in self.gate.sized.items()}
-                 } if self.gate.sized else {}  # gate_size_rule 'rungs': the other sizes' gates, by rung
+                 } if self.gate.sized else {}  # gate_size_rule 'pace_rungs', 'rungs': the other sizes' gates
         return {"gate_threshold": self.gate.threshold, "gate_cap": self.gate.cap, "gate_level": self.gate.level,
                 "gate_calibrations": self.gate.calibrations, **sized, **checked}
 
