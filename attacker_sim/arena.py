@@ -177,7 +177,8 @@ def _settings(strategy: StrategyConfig) -> dict:
                 "guard": ["gate_action", "gate_target_false_flag_rate", "gate_calibration_updates",
                           "gate_recalibrate_every", "gate_calibration_window", "gate_norm_cap", "gate_cap_level",
                           "gate_cap_anchor", "gate_cap_updates", "gate_probe_samples", "gate_probe_winsor",
-                          "gate_level_rule", "label_check", "label_check_share", "label_check_class_share"]}
+                          "gate_level_rule", "gate_size_rule", "label_check", "label_check_share",
+                          "label_check_class_share"]}
     return {"name": strategy.name, **{k: getattr(strategy, k) for k in relevant[strategy.name]}}
 
 
