@@ -84,9 +84,10 @@ it. Under `"pace_rungs"` (the strategy's default) the paced update is judged ins
 (`rung`), calibrated on clean trusted batches of that size applied at the same share (`clean_scale`) on first use,
 sharing the cap and the level of the first calibration: clean batches of 10 and 3 flagged 7-12% (digits), the
 gate-aware attacker of batches of 10 held at 95.7% where `pace` held it at 94.4% (digits, development seeds;
-docs/results.md, twentieth session). `"rungs"` calibrates a threshold for each size on whole steps: clean batches of 10 were flagged 13-17%, but
-a trigger of batches of 10 passed unshrunk (87.4%): a small batch's whole step is as noisy as its threshold is loose.
-A batch of `batch_size` or more is judged as under `"configured"` by every rule but `"rungs"`.
+docs/results.md, twentieth session). `"rungs"` calibrates a threshold for each size on whole steps: clean batches of
+10 were flagged 13-17%, but a trigger of batches of 10 passed unshrunk (87.4%): a small batch's whole step is as noisy
+as its threshold is loose. A batch of `batch_size` or more is judged as under `"configured"` by every rule but
+`"rungs"`.
 
 A model with BatchNorm also learns through its running statistics, which the batch's forward moves before any
 verdict. The gate is handed them as they were before (`judge(statistics=...)`), moves them only as far as the action
