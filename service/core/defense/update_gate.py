@@ -452,14 +452,15 @@ class UpdateGate:
         return norm, (min(1.0, self.cap / norm) if norm > 0 else 1.0)
 
     def pace(self, size: int) -> float:
-        """The share of its mean gradient a batch of `size` samples is applied at: size / batch_size under
-        `size_rule="pace"` for a batch under `batch_size`, else 1."""
+        """The share of its mean gradient a batch of `size` samples is applied at: size / batch_size under the paced
+        rules ('pace', 'pace_rungs') for a batch under `batch_size`, else 1."""
         return size / self.batch_size if self.size_rule in PACED and size < self.batch_size else 1.0
 
     def increase(self, model: nn.Module, optimizer: torch.optim.Optimizer, size: int | None = None) -> float:
         """delta of the update in the parameters' `.grad` as `judge` would measure it for a batch of `size` samples
-        (default `batch_size`: delta(1); a smaller batch under `size_rule="pace"`: delta at its pace), judged by
-        nothing (what an attacker who knows the gate can measure on its own data)."""
+        (default `batch_size`: delta(1); a smaller batch under a paced rule: delta at its pace), judged by nothing
+        (what an attacker who knows the gate can measure on its own data; the threshold it is judged by:
+        `for_size(size)`'s)."""
         return self._lookahead(model, optimizer, self.pace(self.batch_size if size is None else size))[3]
 
     def judge(self, model: nn.Module, optimizer: torch.optim.Optimizer,
