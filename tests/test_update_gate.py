@@ -50,6 +50,15 @@ def _burnt_in(model, generator, momentum=0.0):
     return model
 
 
+def _blob_model():
+    """(model, optimizer, generator): a small classifier burnt in on blobs (torch seeded 0), its stream optimizer (SGD
+    at lr 0.1), and the generator that drew its batches, which the test draws its trusted split from next."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), generator
+
+
 def _blob_gate(trusted, **settings) -> UpdateGate:
     """The gate the blob tests calibrate: batches of 32, a 10% target, 400 calibration updates, no recalibration."""
     return UpdateGate(*trusted, batch_size=32, target_false_flag_rate=0.1, calibration_updates=400,
@@ -72,10 +81,7 @@ def _flagged_share(model, optimizer, gate, generator, learn=False, batches=300, 
 @pytest.mark.parametrize("norm_cap", [None, "2", "inf"])
 def test_realised_false_flag_rate_of_a_seeded_synthetic_stream_lands_in_the_band(norm_cap):
     """With a norm cap the lookahead judges the capped update, calibrated on capped clean updates: the rate holds."""
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, generator = _blob_model()
     gate = _blob_gate(_blobs(1000, generator), norm_cap=norm_cap, seed=1)
     gate.calibrate(model, optimizer)
     # fresh clean batches from the same distribution, judged against that calibration
@@ -88,10 +94,7 @@ def test_a_batch_of_another_size_is_judged_by_a_threshold_calibrated_at_its_size
     threshold of 32 flags far more than its target of them; calibrated at their own rung, the rate holds, and batches
     of 128 are flagged as often as those of 32. The gate of 32 is left as it was (its threshold, its schedule), and
     every rung shares its cap."""
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, generator = _blob_model()
     trusted = _blobs(1000, generator)
     rates = {}
     for rule in ("configured", "rungs"):
@@ -114,8 +117,9 @@ def test_a_batch_of_another_size_is_judged_by_a_threshold_calibrated_at_its_size
 
 def test_a_client_of_small_batches_moves_the_model_at_a_full_batchs_pace_per_sample(digits_experiment):
     """`campaign.client_batch_size`: the simulated clients send batches of 10 to a learner configured for 50; guard
-    (default `gate_size_rule`, 'pace') applies each at 10/50 of its gradient, as the step report says, while ST takes
-    the whole step. The drifted batches come at the clients' size too. A size under 1 is refused, naming the field."""
+    (default `gate_size_rule`, 'pace_rungs') applies each at 10/50 of its gradient, as the step report says, while ST
+    takes the whole step. The drifted batches come at the clients' size too. A size under 1 is refused, naming the
+    field."""
     client = dataclasses.replace(digits_experiment, config=digits_experiment.config.with_field(
         "campaign", "client_batch_size", 10))
     assert client.config.stream.batch_size == 50
@@ -135,10 +139,7 @@ def test_a_batch_under_the_gates_size_is_applied_at_its_share_of_a_full_batch_un
     (no sample further than one of a full batch), is judged so against the threshold of 32, and its verdict's scale
     says so; clean batches of 4 are then flagged no more than the target, where the threshold of 32 flagged far more
     of their whole updates. A batch of 32 or more is judged as under 'configured'."""
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, generator = _blob_model()
     gate = _blob_gate(_blobs(1000, generator), norm_cap="inf", size_rule="pace", seed=1)
     gate.calibrate(model, optimizer)
     x, y = _blobs(4, torch.Generator().manual_seed(3))
@@ -169,10 +170,7 @@ def test_a_small_batch_under_pace_rungs_is_judged_by_its_rungs_threshold_of_pace
     batch's (a gate-aware attacker of small batches blended its triggers up to that one), and clean batches of 4 are
     flagged near the target, where the full batch's threshold flagged few. Batches of 32 and more are judged as under
     'pace', and every rung shares the cap."""
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, generator = _blob_model()
     trusted = _blobs(1000, generator)
     gate = _blob_gate(trusted, norm_cap="inf", size_rule="pace_rungs", seed=1)
     paced = _blob_gate(trusted, norm_cap="inf", size_rule="pace", seed=1)
@@ -236,10 +234,7 @@ def test_a_threshold_of_zero_is_measured_again_within_ten_updates_then_less_ofte
 
 @pytest.mark.parametrize("norm_cap", ["2", "inf"])
 def test_an_update_larger_than_clean_ones_is_capped_at_the_calibrated_norm(norm_cap):
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, generator = _blob_model()
     gate = UpdateGate(*_blobs(400, generator), batch_size=32, calibration_updates=64, norm_cap=norm_cap, seed=1)
     gate.calibrate(model, optimizer)
     x, y = _blobs(32, generator)
@@ -257,10 +252,7 @@ def test_the_cap_follows_the_model_or_stays_at_the_first_calibration(anchor):
     """Clean updates change size as the model changes (on digits they shrink as the stream is memorised, and a cap
     that follows them stiffens the model against drift too); anchored, the cap stays where the deployed model's
     first calibration put it."""
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, generator = _blob_model()
     gate = UpdateGate(*_blobs(400, generator), batch_size=32, calibration_updates=64, norm_cap="inf",
                       cap_anchor=anchor, seed=1)
     gate.calibrate(model, optimizer)
@@ -279,10 +271,7 @@ def test_the_threshold_pools_the_clean_increases_of_the_last_calibrations():
     """With calibration_window=3 the threshold is the conformal quantile over the last three calibrations' clean
     increases (96 values, not 32), the pool never holds more, and it travels with the state: a gate restored
     mid-stream sets the same next threshold."""
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, generator = _blob_model()
     trusted = _blobs(400, generator)
     gate = UpdateGate(*trusted, batch_size=32, calibration_window=3, seed=1)
     single = UpdateGate(*trusted, batch_size=32, seed=1)  # the same draws, the latest calibration only
@@ -308,11 +297,9 @@ def test_one_hard_probe_sample_moves_the_verdict_no_further_than_clean_updates_m
     """The statistic is the mean change of the probe's losses; winsorised (`probe_winsor`), each sample's change is
     clamped to the 1% and 99% quantiles of the clean changes the calibration saw, so a sample whose loss jumps (a
     hard or mislabelled trusted sample, or one a trigger targets alone) adds at most what clean updates add."""
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
+    model, optimizer, generator = _blob_model()
     gate = UpdateGate(*_blobs(400, generator), batch_size=32, probe_samples=100, probe_winsor=winsor, seed=1)
-    gate.calibrate(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    gate.calibrate(model, optimizer)
     changes = torch.zeros(100)
     changes[0] = 100.0  # one probe sample's loss jumps
     if winsor:

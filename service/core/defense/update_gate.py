@@ -173,8 +173,7 @@ class UpdateGate:
                  cap_level: float = 0.2, cap_anchor: str = "first", cap_updates: int = 256, calibration_window: int = 1,
                  probe_winsor: float = 0.0, level_rule: str = "conformal", level_splits: int = 4,
                  lookahead_from: str = "momentum_step", first_interval: int | None = None,
-                 recalibrate_after_zero: int | None = 10, size_rule: str = "pace_rungs",
-                 seed: int = 0):
+                 recalibrate_after_zero: int | None = 10, size_rule: str = "pace_rungs", seed: int = 0):
         if len(trusted_x) < 4 or len(trusted_x) != len(trusted_y):
             raise ValueError(f"the gate needs at least 4 labelled trusted samples, got {len(trusted_x)} inputs "
                              f"and {len(trusted_y)} labels")
