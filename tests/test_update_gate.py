@@ -50,12 +50,14 @@ def _burnt_in(model, generator, momentum=0.0):
     return model
 
 
-def _blob_model():
-    """(model, optimizer, generator): a small classifier burnt in on blobs (torch seeded 0), its stream optimizer (SGD
-    at lr 0.1), and the generator that drew its batches, which the test draws its trusted split from next."""
+def _blob_model(momentum: float = 0.0):
+    """(model, optimizer, generator): a small classifier burnt in on blobs (torch seeded 0; the burn-in's SGD at
+    `momentum`), its stream optimizer (SGD at lr 0.1, no momentum), and the generator that drew its batches, which the
+    test draws its trusted split from next."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator)
+    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator,
+                      momentum)
     return model, torch.optim.SGD(model.parameters(), lr=0.1), generator
 
 
@@ -197,11 +199,7 @@ def test_the_threshold_is_measured_again_soon_after_the_deployed_state():
     schedule without momentum when `first_interval` is unset), not."""
     rates = {}
     for first in (10, None):
-        generator = torch.Generator().manual_seed(0)
-        torch.manual_seed(0)
-        model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)),
-                          generator, momentum=0.9)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, optimizer, generator = _blob_model(momentum=0.9)
         gate = UpdateGate(*_blobs(400, generator), batch_size=32, calibration_updates=64, first_interval=first,
                           seed=1)
         gate.calibrate(model, optimizer)
@@ -715,10 +713,7 @@ def test_the_false_flag_rate_holds_on_a_stream_that_learns_with_momentum(momentu
     """The stream's optimizer is fresh (empty momentum buffer) when the gate first calibrates; judged on the
     batch's own contribution, from the momentum step or from the model, the realised rate still lands in the band
     (judging the momentum carry-over too gave 39% at momentum 0.9)."""
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = _burnt_in(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)), generator,
-                      momentum)
+    model, _, generator = _blob_model(momentum)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)  # the stream's own, fresh
     gate = _blob_gate(_blobs(1000, generator), lookahead_from=lookahead_from, seed=1)
     rate = _flagged_share(model, optimizer, gate, generator, learn=True)
